@@ -1,0 +1,34 @@
+# Quick start: `make demo` (install + the whole pipeline on embedded phantoms), `make test` (install + tests).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision pinned to the builds this project is tested with; everything else comes from setup.cfg.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo train test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test,dist]'
+	touch $@
+
+demo: install
+	$(PY) -m harness.pipeline --config jobs/phantoms_demo.yaml
+
+train: install
+	$(VENV)/bin/accelerate launch --config_file launch/accelerate/cpu_1proc.yaml harness/train_dae.py
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check harness tests jobs benchmarks
+
+bench: install
+	$(PY) benchmarks/train_throughput.py --small
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,125 @@
+"""Encode / invert / decode with a trained DAE: the API the method half of the project builds on.
+
+``DiffusionAutoencoder`` pairs a DAE network with its noise schedule and exposes the three operations of the
+paper's Section 3.2: ``encode(x) -> z_sem``, ``invert(x, z, steps) -> x_T`` (deterministic DDIM inversion) and
+``decode(z, x_T, steps) -> x``. Inputs of any batch size are processed in chunks of ``batch_size`` on the
+autoencoder's device and returned on the caller's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from harness.checkpoint import CheckpointError, load_state_dict
+from harness.config import RunConfig, load_config
+from harness.diffusion import alphas_cumprod, ddim_invert, ddim_sample, linear_betas
+from harness.models import DAE, build_dae
+
+
+def _chunked(fn: Callable[..., Tensor], batch_size: int, *tensors: Tensor) -> Tensor:
+    """Apply ``fn`` to aligned slices of ``tensors`` and concatenate along the batch dimension."""
+    n = tensors[0].shape[0]
+    outputs = [fn(*(t[i:i + batch_size] for t in tensors)) for i in range(0, n, batch_size)]
+    return torch.cat(outputs, dim=0)
+
+
+class DiffusionAutoencoder:
+    """A DAE with its schedule; device-agnostic and batched. All images are (B, C, H, W) in [-1, 1]."""
+
+    def __init__(self, dae: DAE, alpha_bar: Tensor, device: str | torch.device | None = None,
+                 batch_size: int = 64, invert_steps: int = 250, decode_steps: int = 100,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dae = dae.to(self.device).eval()
+        self.alpha_bar = alpha_bar
+        self.batch_size = batch_size
+        self.invert_steps = invert_steps
+        self.decode_steps = decode_steps
+        self.dtype = dtype
+
+    @classmethod
+    def from_config(cls, dae: DAE, config: RunConfig, **kwargs) -> "DiffusionAutoencoder":
+        d = config.diffusion
+        alpha_bar = alphas_cumprod(linear_betas(d.num_timesteps, d.beta_start, d.beta_end))
+        kwargs.setdefault("invert_steps", d.invert_steps)
+        kwargs.setdefault("decode_steps", d.decode_steps)
+        return cls(dae, alpha_bar, **kwargs)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, **kwargs) -> "DiffusionAutoencoder":
+        """From an exported model folder (``<run>/final``), a checkpoint folder, or an MLflow model URI."""
+        dae, config = load_dae(model_dir)
+        return cls.from_config(dae, config, **kwargs)
+
+    def _denoiser(self, z: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+        return lambda x_t, t: self.dae(x_t, t, z_sem=z)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> z_sem (B, D)."""
+        out_device = x.device
+
+        def run(xb: Tensor) -> Tensor:
+            return self.dae.encode(xb.to(self.device, self.dtype)).float()
+
+        return _chunked(run, self.batch_size, x).to(out_device)
+
+    @torch.no_grad()
+    def invert(self, x: Tensor, z: Tensor, steps: int | None = None) -> Tensor:
+        """Deterministic DDIM inversion x_0 -> x_T conditioned on z_sem. (B, C, H, W)."""
+        steps = steps or self.invert_steps
+        out_device = x.device
+
+        def run(xb: Tensor, zb: Tensor) -> Tensor:
+            xb, zb = xb.to(self.device, self.dtype), zb.to(self.device, self.dtype)
+            return ddim_invert(self._denoiser(zb), xb, self.alpha_bar, steps).float()
+
+        return _chunked(run, self.batch_size, x, z).to(out_device)
+
+    @torch.no_grad()
+    def decode(self, z: Tensor, x_T: Tensor, steps: int | None = None) -> Tensor:
+        """DDIM sampling x_T -> x_0 conditioned on z_sem. (B, C, H, W), clipped to [-1, 1]."""
+        steps = steps or self.decode_steps
+        out_device = x_T.device
+
+        def run(zb: Tensor, xb: Tensor) -> Tensor:
+            xb, zb = xb.to(self.device, self.dtype), zb.to(self.device, self.dtype)
+            return ddim_sample(self._denoiser(zb), xb, self.alpha_bar, steps).float().clamp(-1, 1)
+
+        return _chunked(run, self.batch_size, z, x_T).to(out_device)
+
+    def reconstruct(self, x: Tensor, invert_steps: int | None = None, decode_steps: int | None = None) -> Tensor:
+        """encode -> invert -> decode: the DAE's reconstruction of ``x``."""
+        z = self.encode(x)
+        return self.decode(z, self.invert(x, z, invert_steps), decode_steps)
+
+
+def load_dae(model_dir: str | Path) -> tuple[DAE, RunConfig]:
+    """Build the DAE described by ``config.yaml`` in ``model_dir`` and load its EMA weights.
+
+    ``model_dir`` may also be an MLflow model URI (``models:/name/version``, ``runs:/id/model``), downloaded
+    through the configured tracking store.
+    """
+    text = str(model_dir)
+    if text.startswith(("models:/", "runs:/")):
+        import mlflow.artifacts  # only for URIs: keeps the core free of mlflow
+
+        model_dir = mlflow.artifacts.download_artifacts(artifact_uri=text)
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.yaml"
+    if not config_path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.yaml: not an exported model or checkpoint folder")
+    config = load_config(config_path)
+    weights = model_dir / "ema.safetensors"
+    dae = build_dae(config.model.size, in_channels=config.data.channels,
+                    **config.model.overrides(config.data.image_size))
+    state = load_state_dict(weights)
+    missing, unexpected = dae.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match model size {config.model.size!r}: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return dae.eval(), config

@@ -1,0 +1,378 @@
+"""Typed, frozen run configuration.
+
+One YAML file describes one complete run (no template chains); dotted command-line overrides such as
+``--train.lr=1e-4`` adjust it. Loading rejects unknown keys, ill-typed values and impossible settings with a
+message naming the key, so a typo never silently falls back to a default. The resolved config is written
+next to every checkpoint (``config.yaml``) and logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The paper's augmentations, each applied with probability ``p`` when ``enabled``."""
+
+    enabled: bool = False
+    rotation_deg: float = 30.0
+    flip: bool = True
+    grid_distortion: bool = True
+    zoom: tuple[float, float] = (0.9, 1.1)
+    p: float = 0.5
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.p <= 1.0, "data.augment.p", "must lie in [0, 1]")
+        _require(0 < self.zoom[0] <= self.zoom[1], "data.augment.zoom", "must be (low, high) with 0 < low <= high")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training images come from. ``source: phantoms`` generates the embedded default shards on first use."""
+
+    source: str = "phantoms"  # "phantoms" (generated if absent) | "shards" (must exist)
+    shard_dir: str = "runs/data/phantoms-32"
+    image_size: int = 32
+    channels: int = 1
+    phantom_counts: tuple[int, int, int] = (2048, 256, 256)  # train, val, test
+    samples_per_shard: int = 256
+    num_workers: int = 0
+    on_error: str = "raise"  # "raise" | "skip" (skipped samples are counted and reported)
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.source in ("phantoms", "shards"), "data.source", "must be 'phantoms' or 'shards'")
+        _require(self.on_error in ("raise", "skip"), "data.on_error", "must be 'raise' or 'skip'")
+        _require(self.channels in (1, 3), "data.channels", "must be 1 (grayscale) or 3 (RGB)")
+        _require(self.image_size >= 8, "data.image_size", "must be >= 8")
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(self.samples_per_shard > 0, "data.samples_per_shard", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A size from ``harness.models.DAE_SIZES`` plus optional overrides of its spec."""
+
+    size: str = "tiny-32"
+    dropout: float | None = None
+    attn_resolutions: tuple[int, ...] | None = None
+    z_dim: int | None = None
+
+    def overrides(self, image_size: int) -> dict[str, Any]:
+        """Keyword overrides for ``build_dae``: the data's image size always wins over the size's default."""
+        extra = {"image_size": image_size}
+        for name in ("dropout", "attn_resolutions", "z_dim"):
+            if getattr(self, name) is not None:
+                extra[name] = getattr(self, name)
+        return extra
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Noise schedule (paper: T=1000 linear betas) and the DDIM step counts for inversion and decoding."""
+
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    invert_steps: int = 250
+    decode_steps: int = 100
+
+    def __post_init__(self) -> None:
+        _require(self.num_timesteps > 1, "diffusion.num_timesteps", "must be > 1")
+        _require(0 < self.beta_start < self.beta_end < 1, "diffusion.beta_start/beta_end", "need 0 < start < end < 1")
+        for name in ("invert_steps", "decode_steps"):
+            steps = getattr(self, name)
+            _require(0 < steps <= self.num_timesteps, f"diffusion.{name}", f"must be in 1..{self.num_timesteps}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, budget (in samples, as the paper's 12M) and checkpointing."""
+
+    out_dir: str = "runs/dae-tiny"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 64  # global: per process = batch_size / (processes * grad_accum)
+    grad_accum: int = 1
+    total_samples: int = 12_000_000
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    checkpoint_every: int = 50_000  # samples
+    preview_every: int = 100_000  # samples; reconstructions and samples as image grids
+    log_every: int = 1_000  # samples
+    keep_checkpoints: int = 2
+    seed: int = 0
+    compile: bool = False
+    channels_last: bool = False
+    preview_images: int = 16
+    record_keys: bool = False  # write the sample keys each rank consumed (checks data sharding)
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _require(self.batch_size > 0, "train.batch_size", "must be > 0")
+        _require(self.grad_accum > 0, "train.grad_accum", "must be > 0")
+        _require(self.total_samples > 0, "train.total_samples", "must be > 0")
+        _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must lie in [0, 1)")
+        _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+        _require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "must be no, fp16 or bf16")
+        for name in ("checkpoint_every", "preview_every", "log_every", "keep_checkpoints"):
+            _require(getattr(self, name) > 0, f"train.{name}", "must be > 0")
+
+    def per_process_batch(self, num_processes: int) -> int:
+        """Batch of one process and one micro-step; the global batch must split evenly."""
+        parts = num_processes * self.grad_accum
+        if self.batch_size % parts:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not divisible by processes ({num_processes}) x "
+                f"grad_accum ({self.grad_accum}) = {parts}"
+            )
+        return self.batch_size // parts
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    """MLflow tracking. With no URI (and no MLFLOW_TRACKING_URI) runs go to a sqlite store inside out_dir."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    experiment: str = "dae-cf"
+    registered_model: str | None = "dae-cf-phantoms"
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """A task: a label column plus the rule for positives (``negatives`` empty = every other value)."""
+
+    name: str = "fracture"
+    column: str = "grade"
+    positives: tuple[int, ...] = (1, 2, 3)
+    negatives: tuple[int, ...] = ()
+    grade_range: tuple[int, int] | None = (0, 3)
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """Linear heads fitted on z_sem and the distance-to-grade calibration."""
+
+    kinds: tuple[str, ...] = ("svm", "logistic", "linear")
+    C: float = 1.0
+    calibration: str = "lstsq"  # "extremes" | "lstsq" | "poly"
+    degree: int = 1
+    backend: str = "auto"
+    tasks: tuple[TaskConfig, ...] = (TaskConfig(),)
+
+    def __post_init__(self) -> None:
+        _require(self.calibration in ("extremes", "lstsq", "poly"), "heads.calibration", "extremes, lstsq or poly")
+        _require(self.backend in ("auto", "sklearn", "cuml"), "heads.backend", "must be auto, sklearn or cuml")
+        _require(self.C > 0, "heads.C", "must be > 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation half of the pipeline: encoding, counterfactuals and the report."""
+
+    out_dir: str = "runs/eval"
+    encode_splits: tuple[str, ...] = ("train", "test")
+    batch_size: int = 64
+    counterfactual_images: int = 8
+    strip_images: int = 4
+    latent_map_points: int = 1000
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+# --- Parsing: plain YAML values -> typed dataclasses --------------------------------------------------------
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML value to ``annotation``, or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {annotation.__name__} fields, got {value!r}")
+        return _build(annotation, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}: {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # e.g. 1.2e7 written for a sample budget
+            return int(value)
+        if isinstance(value, str):
+            try:
+                as_float = float(value)
+            except ValueError:
+                as_float = None
+            if as_float is not None and as_float.is_integer():
+                return int(as_float)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {annotation!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
+    kwargs = {name: _coerce(v, hints[name], f"{prefix}.{name}" if prefix else name) for name, v in values.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override --{dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--train.lr=1e-4", "--data.augment.enabled", "true"]`` -> nested dict of YAML-typed values."""
+    tree: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise ConfigError(f"override {arg!r}: expected --section.key=value")
+        if "=" in arg:
+            dotted, raw = arg[2:].split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            dotted, raw = arg[2:], args[i + 1]
+            i += 2
+        else:
+            raise ConfigError(f"override {arg!r} has no value")
+        if "." not in dotted:
+            raise ConfigError(f"override --{dotted}: expected --section.key (e.g. --train.lr=1e-4)")
+        _set_dotted(tree, dotted, yaml.safe_load(raw))
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run file (or the defaults when ``path`` is None) and apply dotted overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        tree = loaded or {}
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        return _build(RunConfig, tree, "")
+    except ConfigError as err:
+        raise ConfigError(f"{path or 'defaults'}: {err}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain dict (tuples as lists) suitable for YAML, JSON and MLflow params."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def flatten(config: Any) -> dict[str, Any]:
+    """``{"train.lr": 1e-4, ...}`` for MLflow params."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            flat[prefix] = node
+
+    walk("", to_dict(config))
+    return flat
+
+
+def dump_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

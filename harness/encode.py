@@ -1,0 +1,146 @@
+"""Encode shards with a trained DAE into a latents table (id, split, labels, z_sem, optional x_T).
+
+    accelerate launch -m harness.encode --model runs/dae-tiny/final --shards runs/data/phantoms-32 \\
+        --splits train test --out runs/eval/latents.parquet [--x-T] [--invert-steps 250]
+
+Each process encodes its own share of every split (the evaluation loader gives every sample to exactly one
+rank) and writes it in chunks under ``<out>.parts/``; a rerun skips the chunks already written, so a killed
+job resumes. The main process then merges the chunks into one table, written atomically. Encoding uses no
+augmentation: latents describe the images as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from harness.autoencoder import DiffusionAutoencoder
+from harness.data import eval_loader
+from harness.latents import LatentsTable, load_latents, save_latents
+
+
+def _chunk_path(parts_dir: Path, split: str, rank: int, index: int) -> Path:
+    return parts_dir / f"{split}-rank{rank:03d}-{index:06d}.npz"
+
+
+def encode_split(ae: DiffusionAutoencoder, shard_dir: str | Path, split: str, parts_dir: str | Path, *,
+                 batch_size: int = 64, with_x_T: bool = False, invert_steps: int | None = None,
+                 image_size: int | None = None, channels: int = 1, rank: int = 0, world_size: int = 1,
+                 batches_per_chunk: int = 8, progress: bool = True) -> list[Path]:
+    """Encode this rank's share of ``split`` into chunk files; existing chunks are kept (resume)."""
+    parts_dir = Path(parts_dir)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    loader = eval_loader(shard_dir, batch_size, split=split, image_size=image_size, channels=channels,
+                         rank=rank, world_size=world_size)
+    written: list[Path] = []
+    pending: list[dict] = []
+    chunk_index = 0
+
+    def flush() -> None:
+        nonlocal chunk_index, pending
+        path = _chunk_path(parts_dir, split, rank, chunk_index)
+        if pending and not path.exists():
+            arrays = {
+                "id": np.concatenate([b["id"] for b in pending]),
+                "z_sem": np.concatenate([b["z_sem"] for b in pending]),
+            }
+            for column in pending[0]["labels"]:
+                arrays[f"label_{column}"] = np.concatenate([b["labels"][column] for b in pending])
+            if with_x_T:
+                arrays["x_T"] = np.concatenate([b["x_T"] for b in pending])
+            tmp = path.with_name(f".tmp-{path.name}")
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)
+            tmp.replace(path)
+        if pending or path.exists():
+            written.append(path)
+        pending, chunk_index = [], chunk_index + 1
+
+    bar = tqdm(desc=f"encode {split} (rank {rank})", unit="img", disable=not progress)
+    for batch_number, batch in enumerate(loader):
+        done = _chunk_path(parts_dir, split, rank, chunk_index).exists()
+        if not done:  # resume: batches of finished chunks are read but not encoded again
+            x = batch["image"]  # (B, C, H, W) in [-1, 1]
+            z = ae.encode(x)
+            item = {"id": np.asarray(batch["key"]), "z_sem": z.numpy().astype(np.float32),
+                    "labels": {k: v.numpy() for k, v in batch["labels"].items()}}
+            if with_x_T:
+                item["x_T"] = ae.invert(x, z, invert_steps).numpy().astype(np.float32)
+            pending.append(item)
+        bar.update(len(batch["key"]))
+        if (batch_number + 1) % batches_per_chunk == 0:
+            flush()
+    if pending:
+        flush()
+    bar.close()
+    return written
+
+
+def merge_chunks(parts_dir: str | Path, splits: list[str], meta: dict | None = None) -> LatentsTable:
+    """Read every chunk of ``splits`` (all ranks) into one table sorted by split then id (rank-independent)."""
+    tables = []
+    for split in splits:
+        for path in sorted(Path(parts_dir).glob(f"{split}-rank*.npz")):
+            with np.load(path, allow_pickle=False) as data:
+                labels = {k[len("label_"):]: data[k] for k in data.files if k.startswith("label_")}
+                tables.append(LatentsTable(ids=data["id"].astype(str), splits=np.full(len(data["id"]), split),
+                                           z_sem=data["z_sem"], labels=labels,
+                                           x_T=data["x_T"] if "x_T" in data.files else None, meta={}))
+    if not tables:
+        raise FileNotFoundError(f"no encoded chunks for splits {splits} in {parts_dir}")
+    table = LatentsTable.concat(tables)
+    order = np.lexsort((table.ids, table.splits))
+    x_T = table.x_T[order] if table.x_T is not None else None
+    return LatentsTable(ids=table.ids[order], splits=table.splits[order], z_sem=table.z_sem[order],
+                        labels={k: v[order] for k, v in table.labels.items()}, x_T=x_T, meta=meta or {})
+
+
+def encode_to_table(ae: DiffusionAutoencoder, shard_dir: str | Path, splits: list[str], out_path: str | Path, *,
+                    rank: int = 0, world_size: int = 1, barrier=lambda: None, meta: dict | None = None,
+                    **kwargs) -> Path | None:
+    """Encode ``splits`` over all ranks and write ``out_path`` (main rank). Returns the path on rank 0."""
+    out_path = Path(out_path)
+    parts_dir = out_path.with_name(out_path.name + ".parts")
+    for split in splits:
+        encode_split(ae, shard_dir, split, parts_dir, rank=rank, world_size=world_size, **kwargs)
+    barrier()
+    if rank != 0:
+        return None
+    table = merge_chunks(parts_dir, splits, meta)
+    save_latents(table, out_path)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    return out_path
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="exported model folder, checkpoint folder or MLflow URI")
+    parser.add_argument("--shards", required=True, help="shard folder with manifest.json")
+    parser.add_argument("--splits", nargs="+", default=["train", "val", "test"])
+    parser.add_argument("--out", required=True, help="latents table (.parquet or .npz)")
+    parser.add_argument("--x-T", dest="with_x_T", action="store_true", help="also store x_T by DDIM inversion")
+    parser.add_argument("--invert-steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    from accelerate import PartialState  # entry point only: ranks come from the launcher
+
+    state = PartialState()
+    ae = DiffusionAutoencoder.load(args.model, device=state.device, batch_size=args.batch_size)
+    out = encode_to_table(ae, args.shards, args.splits, args.out, rank=state.process_index,
+                          world_size=state.num_processes, barrier=state.wait_for_everyone,
+                          batch_size=args.batch_size, with_x_T=args.with_x_T, invert_steps=args.invert_steps,
+                          image_size=ae.dae.spec.image_size, channels=ae.dae.in_channels,
+                          progress=state.is_main_process, meta={"model": str(args.model)})
+    if out is not None:
+        table = load_latents(out)
+        print(f"latents: {out} ({len(table)} rows, z_dim {table.z_sem.shape[1]})")
+    return out
+
+
+if __name__ == "__main__":
+    main()

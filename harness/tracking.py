@@ -1,0 +1,107 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+By default a run is tracked in an embedded store inside the run folder (``<out_dir>/mlruns.db`` plus an
+artifact folder), so nothing needs a server. ``--tracking-uri`` (or ``MLFLOW_TRACKING_URI``) points the same
+code at a real server. Model weights are registered as plain safetensors folders (never pickled models).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from harness.config import TrackConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_tracking_uri(track: TrackConfig, out_dir: str | Path) -> str:
+    """Config URI, else $MLFLOW_TRACKING_URI, else a sqlite store in ``out_dir``."""
+    if track.tracking_uri:
+        return track.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(out_dir).resolve() / 'mlruns.db'}"
+
+
+class Tracker:
+    """A thin handle on one MLflow run; every method is a no-op when tracking is disabled."""
+
+    def __init__(self, track: TrackConfig, out_dir: str | Path, run_name: str | None = None,
+                 run_id: str | None = None, tags: dict[str, str] | None = None) -> None:
+        self.enabled = track.enabled
+        self.track = track
+        self.run_id: str | None = None
+        self.uri: str | None = None
+        if not self.enabled:
+            return
+        # Keep the embedded store quiet and local: no telemetry, no prompts.
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        os.environ.setdefault("DO_NOT_TRACK", "true")
+        import mlflow
+
+        self._mlflow = mlflow
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.uri = resolve_tracking_uri(track, out_dir)
+        mlflow.set_tracking_uri(self.uri)
+        experiment = mlflow.get_experiment_by_name(track.experiment)
+        if experiment is None:
+            artifact_location = None
+            if self.uri.startswith("sqlite:"):
+                artifact_location = (out_dir / "mlartifacts").resolve().as_uri()
+            experiment_id = mlflow.create_experiment(track.experiment, artifact_location=artifact_location)
+        else:
+            experiment_id = experiment.experiment_id
+        run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name, tags=tags)
+        self.run_id = run.info.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.enabled:
+            # MLflow params are immutable: on resume the same keys arrive again with the same values.
+            existing = self._mlflow.get_run(self.run_id).data.params
+            fresh = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
+            if fresh:
+                self._mlflow.log_params(fresh)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.enabled:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            self._mlflow.set_tags(tags)
+
+    def register_model(self, folder: str | Path, name: str, tags: dict[str, str] | None = None) -> str | None:
+        """Log ``folder`` (safetensors + config) under ``model/`` and register it as a new version of ``name``.
+
+        Returns the version string, or None when tracking is disabled.
+        """
+        if not self.enabled:
+            return None
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        self._mlflow.log_artifacts(str(folder), artifact_path="model")
+        client = MlflowClient(self.uri)
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            client.create_registered_model(name, description="Diffusion autoencoder (EMA weights, safetensors)")
+        source = f"{self._mlflow.get_artifact_uri('model')}"
+        version = client.create_model_version(name, source=source, run_id=self.run_id, tags=tags or {})
+        return version.version
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled and self._mlflow.active_run() is not None:
+            self._mlflow.end_run(status=status)

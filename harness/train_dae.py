@@ -1,0 +1,243 @@
+"""Train a Diffusion Autoencoder over WebDataset shards with Accelerate.
+
+    accelerate launch harness/train_dae.py [--config jobs/phantoms_tiny.yaml] [--resume] [--train.lr=1e-4 ...]
+
+With no arguments it trains ``tiny-32`` on the embedded phantom shards (generated on first use) on the CPU.
+The budget is counted in samples, as the paper's 12M, not in epochs. Loss (paper Eq. 1):
+L = E || eps_theta(x_t, t, z_sem) - eps ||^2 with z_sem = Enc(x_0), both networks trained jointly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from harness import checkpoint as ckpt
+from harness.autoencoder import DiffusionAutoencoder
+from harness.config import RunConfig, dump_yaml, flatten, load_config
+from harness.data import AugmentSpec, eval_loader, train_loader, write_phantom_shards
+from harness.diffusion import alphas_cumprod, eps_loss, linear_betas
+from harness.figures import save_image_grid
+from harness.models import DAE, build_dae
+from harness.tracking import Tracker
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML run file (default: built-in tiny-32 phantom run)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in out_dir)")
+    return parser.parse_known_args(argv)
+
+
+def ensure_data(config: RunConfig, accelerator: Accelerator) -> Path:
+    """Generate the embedded phantom shards once (main process), or check that given shards exist."""
+    data = config.data
+    shard_dir = Path(data.shard_dir)
+    if not (shard_dir / "manifest.json").is_file():
+        if data.source != "phantoms":
+            raise FileNotFoundError(f"{shard_dir}/manifest.json not found: prepare shards first (data.source=shards)")
+        if accelerator.is_main_process:
+            n_train, n_val, n_test = data.phantom_counts
+            write_phantom_shards(shard_dir, size=data.image_size, n_train=n_train, n_val=n_val, n_test=n_test,
+                                 seed=data.seed, samples_per_shard=data.samples_per_shard)
+    accelerator.wait_for_everyone()
+    return shard_dir
+
+
+@torch.no_grad()
+def update_ema(ema: DAE, model: DAE, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameters in fp32; buffers copied."""
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach().float() for p in model.parameters()], 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def ema_decay_at(step: int, target: float) -> float:
+    # Warm-up (1 + s) / (10 + s): a short run's EMA is not stuck at the random initialisation.
+    return min(target, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def preview(ema: DAE, config: RunConfig, images: torch.Tensor, path: Path) -> float:
+    """Save inputs / reconstructions / decodes with a random x_T; return the reconstruction MSE."""
+    ae = DiffusionAutoencoder.from_config(ema, config, device=images.device, batch_size=config.eval.batch_size)
+    z = ae.encode(images)
+    recon = ae.decode(z, ae.invert(images, z))
+    random_xT = ae.decode(z, torch.randn_like(images))  # what z_sem alone carries
+    n = images.shape[0]
+    save_image_grid(torch.cat([images, recon, random_xT]).cpu(), path, nrow=n)
+    return torch.mean((recon - images) ** 2).item()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, overrides = parse_args(argv)
+    if args.tracking_uri:
+        overrides.append(f"--track.tracking_uri={args.tracking_uri}")
+    config = load_config(args.config, overrides)
+    tc = config.train
+    out_dir = Path(tc.out_dir)
+    ckpt_root = out_dir / "checkpoints"
+
+    # Set up processes and precision.
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    per_process_batch = tc.per_process_batch(world)
+    is_main = accelerator.is_main_process
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shard_dir = ensure_data(config, accelerator)
+
+    # Build the model. Same seed on every rank so the EMA copies agree with the broadcast weights.
+    set_seed(tc.seed)
+    dae = build_dae(config.model.size, in_channels=config.data.channels,
+                    **config.model.overrides(config.data.image_size))
+    if tc.channels_last:
+        dae = dae.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(dae).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(dae.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    if tc.compile:
+        dae.compile()
+    model, optimizer = accelerator.prepare(dae, optimizer)
+    ema.to(device)
+    d = config.diffusion
+    alpha_bar = alphas_cumprod(linear_betas(d.num_timesteps, d.beta_start, d.beta_end)).to(device)
+    set_seed(tc.seed + rank)  # different noise and timesteps per rank
+
+    # Resume: weights, optimizer, RNG (Accelerate), EMA and counters (ours), MLflow run.
+    step, run_id = 0, None
+    resume_from = ckpt.latest_checkpoint(ckpt_root) if args.resume else None
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        ema.load_state_dict(ckpt.load_state_dict(resume_from / "ema.safetensors"))
+        state = ckpt.read_json(resume_from / "trainer_state.json")
+        step, run_id = state["step"], state.get("mlflow_run_id")
+        accelerator.print(f"resumed from {resume_from} at {state['samples_seen']:,} samples")
+    total_steps = math.ceil(tc.total_samples / tc.batch_size)
+
+    tracker = Tracker(config.track if is_main else dataclasses.replace(config.track, enabled=False), out_dir,
+                      run_name=out_dir.name, run_id=run_id)
+    if is_main:
+        n_params = dae.num_parameters()
+        accelerator.print(f"model {config.model.size}: {n_params / 1e6:.2f}M parameters "
+                          f"(encoder {sum(p.numel() for p in dae.encoder.parameters()) / 1e6:.2f}M); "
+                          f"{world} process(es) x batch {per_process_batch} x accum {tc.grad_accum}; "
+                          f"{total_steps:,} optimizer steps for {tc.total_samples:,} samples on {device}")
+        (out_dir / "config.yaml").write_text(dump_yaml(config))
+        tracker.log_params({**flatten(config), "model.parameters": n_params, "world_size": world})
+        tracker.log_artifact(out_dir / "config.yaml")
+
+    augment = AugmentSpec(**dataclasses.asdict(config.data.augment)) if config.data.augment.enabled else None
+    loader = train_loader(shard_dir, per_process_batch, split="train", image_size=config.data.image_size,
+                          channels=config.data.channels, augment=augment, num_workers=config.data.num_workers,
+                          seed=config.data.seed, rank=rank, world_size=world, start_batch=step * tc.grad_accum,
+                          on_error=config.data.on_error)
+    preview_images = None
+    if is_main:
+        first = next(iter(eval_loader(shard_dir, tc.preview_images, split="val", image_size=config.data.image_size,
+                                      channels=config.data.channels)))
+        preview_images = first["image"].to(device)
+
+    def save_checkpoint(samples_seen: int) -> Path:
+        final = ckpt_root / ckpt.checkpoint_name(samples_seen)
+        tmp = ckpt.temporary_path(final)
+        accelerator.save_state(str(tmp), safe_serialization=True)  # every rank writes its RNG state
+        accelerator.wait_for_everyone()
+        if is_main:
+            ckpt.save_state_dict(ema.state_dict(), tmp / "ema.safetensors")
+            (tmp / "config.yaml").write_text(dump_yaml(config))
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {"step": step, "samples_seen": samples_seen, "mlflow_run_id": tracker.run_id}))
+            ckpt.publish(tmp, final)
+            ckpt.prune(ckpt_root, tc.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return final
+
+    # Train.
+    model.train()
+    data_iter = iter(loader)
+    bar = tqdm(total=total_steps, initial=step, disable=not is_main, unit="step", dynamic_ncols=True)
+    loss_sum, loss_count, window_start, window_samples = torch.zeros((), device=device), 0, time.perf_counter(), 0
+    images_per_s, last_loss, recon_mse = 0.0, float("nan"), float("nan")
+    while step < total_steps:
+        # Accumulate gradients.
+        for _ in range(tc.grad_accum):
+            batch = next(data_iter)
+            x0 = batch["image"].to(device, non_blocking=True)  # (B, C, H, W) in [-1, 1]
+            if tc.record_keys:
+                with open(out_dir / f"keys_rank{rank}.txt", "a") as handle:
+                    handle.write("\n".join(batch["key"]) + "\n")
+            if tc.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            with accelerator.accumulate(model):
+                loss = eps_loss(lambda x_t, t: model(x_t, t, x_cond=x0), x0, alpha_bar)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tc.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            loss_count += 1
+        step += 1
+        samples_seen = step * tc.batch_size
+        window_samples += tc.batch_size
+
+        # Update EMA.
+        update_ema(ema, accelerator.unwrap_model(model), ema_decay_at(step, tc.ema_decay))
+
+        # Log, checkpoint, preview: on sample-count boundaries so they do not depend on the batch size.
+        crossed = lambda every: samples_seen // every != (samples_seen - tc.batch_size) // every  # noqa: E731
+        if crossed(tc.log_every) or step == total_steps:
+            last_loss = accelerator.reduce(loss_sum / loss_count, "mean").item()
+            images_per_s = window_samples / (time.perf_counter() - window_start)
+            loss_sum.zero_()
+            loss_count, window_start, window_samples = 0, time.perf_counter(), 0
+            tracker.log_metrics({"train/loss": last_loss, "train/images_per_s": images_per_s}, step=samples_seen)
+            bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{images_per_s:.1f}")
+        if is_main and (crossed(tc.preview_every) or step == total_steps):
+            grid = out_dir / "previews" / f"{ckpt.checkpoint_name(samples_seen)}.png"
+            recon_mse = preview(ema, config, preview_images, grid)
+            tracker.log_metrics({"val/recon_mse": recon_mse}, step=samples_seen)
+            tracker.log_artifact(grid, "previews")
+        if crossed(tc.checkpoint_every) or step == total_steps:
+            save_checkpoint(samples_seen)
+        bar.update(1)
+    bar.close()
+
+    # Export the EMA model and register it.
+    result = {"out_dir": str(out_dir), "samples_seen": total_steps * tc.batch_size}
+    if is_main:
+        final_dir = out_dir / "final"
+        final_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.save_state_dict(ema.state_dict(), final_dir / "ema.safetensors")
+        (final_dir / "config.yaml").write_text(dump_yaml(config))
+        summary = {"size": config.model.size, "parameters": dae.num_parameters(), "recon_mse": recon_mse,
+                   "final_loss": last_loss, "images_per_s": images_per_s, **result}
+        ckpt.atomic_write_text(final_dir / "model.json", json.dumps(summary, indent=2))
+        version = None
+        if config.track.registered_model:
+            version = tracker.register_model(final_dir, config.track.registered_model,
+                                             tags={"recon_mse": f"{recon_mse:.6f}", "size": config.model.size})
+        tracker.end()
+        result.update(summary, model_dir=str(final_dir), mlflow_uri=tracker.uri, mlflow_run_id=tracker.run_id,
+                      registered_version=version, previews=str(out_dir / "previews"))
+        print(f"checkpoint: {ckpt.latest_checkpoint(ckpt_root)}\nmodel:      {final_dir}\n"
+              f"previews:   {out_dir / 'previews'}\nmlflow:     {tracker.uri} (run {tracker.run_id}"
+              f"{f', model {config.track.registered_model} v{version}' if version else ''})")
+    accelerator.end_training()
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
