@@ -95,10 +95,13 @@ def reflect(z: LatentT, hyperplane: Hyperplane) -> LatentT:
     return move_to_distance(z, hyperplane, -signed_distance(z, hyperplane))
 
 
+def _distance_for_grade(calibration: Calibration, grade: float) -> float:
+    return float(np.asarray(calibration.distance_for_grade(grade), dtype=np.float64).reshape(-1)[0])
+
+
 def to_grade(z: LatentT, hyperplane: Hyperplane, calibration: Calibration, grade: float) -> LatentT:
     """Move latents to the distance the calibration assigns to ``grade`` (the inverse of distance -> grade)."""
-    target = float(np.asarray(calibration.distance_for_grade(grade)).reshape(-1)[0])
-    return move_to_distance(z, hyperplane, target)
+    return move_to_distance(z, hyperplane, _distance_for_grade(calibration, grade))
 
 
 def default_grades(calibration: Calibration) -> list[int]:
@@ -147,7 +150,11 @@ class CounterfactualBatch:
 
 
 def _to_numpy(t: Tensor) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
+    """numpy copy on the CPU; half precisions widened to float32 (numpy has no bfloat16)."""
+    t = t.detach()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    return t.cpu().numpy()
 
 
 def _as_batch(x: Tensor) -> Tensor:
@@ -185,13 +192,12 @@ def grade_counterfactuals(ae: Autoencoder, x: Tensor, head: FittedHead, calibrat
     """Move each image's latent to the calibrated distance of ``target_grade`` and decode with its own x_T."""
     x = _as_batch(x)
     z, x_T = _encode_and_invert(ae, x, invert_steps)
-    z_ce = to_grade(z, head.hyperplane, calibration, target_grade)  # (B, D)
+    target_distance = _distance_for_grade(calibration, target_grade)  # d*, the inverse calibration
+    z_ce = move_to_distance(z, head.hyperplane, target_distance)  # (B, D)
     x_ce = ae.decode(z_ce, x_T, steps=decode_steps)  # (B, C, H, W)
     dist = np.asarray(head.hyperplane.distance(_to_numpy(z)), dtype=np.float64)
-    batch_size = x.shape[0]
-    target = np.full(batch_size, target_grade, dtype=np.float64)
-    target_distance = np.full(batch_size, float(np.asarray(calibration.distance_for_grade(target_grade)).reshape(-1)[0]))
-    return CounterfactualBatch("grade", x, z, x_T, dist, z_ce, x_ce, target, target_distance)
+    target = np.full(x.shape[0], target_grade, dtype=np.float64)
+    return CounterfactualBatch("grade", x, z, x_T, dist, z_ce, x_ce, target, np.full(x.shape[0], target_distance))
 
 
 @torch.no_grad()
@@ -209,7 +215,7 @@ def progression_strip(ae: Autoencoder, x: Tensor, head: FittedHead, calibration:
     grades = default_grades(calibration) if grades is None else list(grades)
     z, x_T = _encode_and_invert(ae, x, invert_steps)  # (1, D), (1, C, H, W)
     z_strip = progression_latents(z[0], head.hyperplane, calibration, grades)  # (G, D)
-    x_T_strip = x_T.expand(len(grades), *x_T.shape[1:])  # (G, C, H, W), a view: no copy
+    x_T_strip = x_T.repeat(len(grades), 1, 1, 1)  # (G, C, H, W); a real copy, safe for in-place samplers
     return ae.decode(z_strip, x_T_strip, steps=decode_steps)
 
 

@@ -140,7 +140,7 @@ def save_strips(strips: Sequence[Any], path: str | Path, row_titles: Sequence[st
     input_frames = None if inputs is None else _images_hwc(inputs)
     ncol = n_frames + (input_frames is not None)
     fig, axes = plt.subplots(len(rows), ncol, figsize=(1.4 * ncol, 1.7 * len(rows)), squeeze=False)
-    for r, (strip, row_title) in enumerate(zip(rows, row_titles)):
+    for r, (strip, row_title) in enumerate(zip(rows, row_titles, strict=True)):
         _strip_row(axes[r], strip, grade_labels, None if input_frames is None else input_frames[r], "input")
         axes[r][0].set_ylabel(row_title, fontsize=9)
     return _save(fig, path)
@@ -207,8 +207,8 @@ def save_calibration(dist: Any, grades: Any, calibration: Any, path: str | Path,
         raise ValueError(f"{dist.shape[0]} distances for {grades.shape[0]} grades")
     levels = np.unique(grades)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.boxplot([dist[grades == g] for g in levels], positions=levels.astype(float), vert=False, widths=0.5,
-               showfliers=False)
+    ax.boxplot([dist[grades == g] for g in levels], positions=levels.astype(float), orientation="horizontal",
+               widths=0.5, showfliers=False)
     jitter = np.random.default_rng(0).uniform(-0.15, 0.15, size=dist.shape)  # fixed seed: same figure each run
     ax.scatter(dist, grades.astype(float) + jitter, s=6, alpha=0.35, color="tab:blue", label="samples")
     margin = 0.1 * (dist.max() - dist.min() + 1e-6)
@@ -231,8 +231,9 @@ def save_confusion(cm: Any, labels: Sequence[Any], path: str | Path, title: str 
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(labels), 0.8 + 0.7 * len(labels)))
     ax.imshow(cm, cmap="Blues")
     threshold = cm.max() / 2 if cm.size else 0
+    fractional = np.issubdtype(cm.dtype, np.floating) and not np.all(cm == np.round(cm))  # e.g. row-normalized
     for (i, j), count in np.ndenumerate(cm):
-        text = f"{count:.2f}" if np.issubdtype(cm.dtype, np.floating) and not float(count).is_integer() else f"{int(count)}"
+        text = f"{count:.2f}" if fractional else f"{int(count)}"
         ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if count > threshold else "black")
     ax.set_xticks(range(len(labels)), [str(label) for label in labels])
     ax.set_yticks(range(len(labels)), [str(label) for label in labels])
@@ -280,8 +281,9 @@ def save_latent_map(z: Any, colour_by: Mapping[str, Any], path: str | Path, meth
         keep = np.sort(np.random.default_rng(seed).choice(z.shape[0], size=max_points, replace=False))
         z, columns = z[keep], {name: values[keep] for name, values in columns.items()}
     xy = embed_2d(z, method=method, seed=seed)  # (N, 2)
+    method_name = {"tsne": "t-SNE", "pca": "PCA"}[method]
     fig, axes = plt.subplots(1, max(1, len(columns)), figsize=(4.2 * max(1, len(columns)), 3.8), squeeze=False)
-    for ax, (name, values) in zip(axes[0], columns.items()):
+    for ax, (name, values) in zip(axes[0], columns.items(), strict=True):
         if _is_categorical(values):
             for level in np.unique(values):
                 mask = values == level
@@ -290,9 +292,9 @@ def save_latent_map(z: Any, colour_by: Mapping[str, Any], path: str | Path, meth
         else:
             points = ax.scatter(xy[:, 0], xy[:, 1], c=values.astype(float), s=8, alpha=0.7, cmap="viridis")
             fig.colorbar(points, ax=ax, label=name)
-        ax.set_title(f"{method.upper()} of z_sem, by {name}", fontsize=10)
-        ax.set_xlabel(f"{method} 1")
-        ax.set_ylabel(f"{method} 2")
+        ax.set_title(f"{method_name} of z_sem, by {name}", fontsize=10)
+        ax.set_xlabel(f"{method_name} 1")
+        ax.set_ylabel(f"{method_name} 2")
     return _save(fig, path)
 
 

@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -227,7 +227,7 @@ class Report:
 
     def render_html(self) -> str:
         """The full ``index.html`` text."""
-        created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
                  f"<title>{html.escape(self.title)}</title><style>{_STYLE}</style></head><body>",
                  f"<h1>{html.escape(self.title)}</h1>", f'<p class="meta">written {created}</p>']

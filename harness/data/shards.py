@@ -1,0 +1,564 @@
+"""WebDataset shards: an atomic writer with a checksummed manifest, and deterministic, resumable readers.
+
+Layout of a shard folder::
+
+    {split}-{index:06d}.tar   samples: {key}.image.png | {key}.image.npy, {key}.labels.json
+    manifest.json             format_version, image_size [H, W], channels, image_format,
+                              splits {split: {shards, count, label_counts}}, checksums {shard: sha256},
+                              source, created
+
+Readers yield batches ``{"image": (B, C, H, W) float in [-1, 1], "key": [str], "labels": {column: (B,)},
+"meta": [dict]}``: scalar numeric label columns become tensors (int -> long, float -> float32), everything
+else (a phantom's parameters, strings) stays per sample in ``meta``.
+
+Training streams are infinite and determined by (seed, rank, world_size, num_workers, batch_size): each rank
+reads shards ``rank::world_size`` in a fresh seeded order every pass, DataLoader workers take turns over that
+order, a seeded buffer shuffles samples, and a sample's augmentation is seeded by its position in its worker's
+stream. Because the DataLoader takes batches from workers round-robin, each worker's batch count at global
+batch ``k`` is known, so ``start_batch=k`` only drops raw, undecoded samples after the shuffle buffer and the
+resumed stream equals the uninterrupted one. Tar parsing, shuffle buffer, batching and loader are webdataset's;
+decoding, the resumable worker split, rank selection and error bookkeeping are small custom stages.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import functools
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from harness.data.phantoms import generate_phantoms
+from harness.data.transforms import AugmentSpec, decode_image, encode_image, prepare_image
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+IMAGE_FORMATS = ("png", "npy")
+_SPLIT_PATTERN = re.compile(r"^[A-Za-z0-9_]+$")
+_KEY_PATTERN = re.compile(r"^[^./\s]+$")  # webdataset splits keys from extensions at the first dot
+
+
+class ShardError(RuntimeError):
+    """A shard or one of its samples is missing, corrupt or malformed; the message names shard and key."""
+
+
+def shard_name(split: str, index: int) -> str:
+    """File name of shard ``index`` of ``split``."""
+    return f"{split}-{index:06d}.tar"
+
+
+def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    """Load ``manifest.json`` of a shard folder."""
+    path = Path(shard_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ShardError(f"{path}: no manifest; write the folder with write_shards() first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{path}: not valid JSON ({exc})") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+@contextmanager
+def _manifest_lock(out_dir: Path) -> Iterator[None]:
+    """Serialise manifest read-modify-write between processes writing different splits of one folder."""
+    with open(out_dir / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+# --- Writing --------------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Writes one split into ``out_dir``; use as a context manager or call :meth:`close` for the manifest.
+
+    Each shard is written to a hidden temporary file and renamed to ``{split}-{index:06d}.tar`` only when
+    complete. On close the manifest is merged (other splits are kept) and replaced atomically; shards of this
+    split left over from an earlier, larger write are then removed.
+    """
+
+    def __init__(self, out_dir: str | Path, split: str, samples_per_shard: int = 1000, image_format: str = "png",
+                 source: str = "") -> None:
+        if not _SPLIT_PATTERN.match(split):
+            raise ValueError(f"split={split!r}: use letters, digits and underscores only")
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format={image_format!r}: expected one of {IMAGE_FORMATS}")
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard={samples_per_shard}: must be >= 1")
+        self.out_dir, self.split = Path(out_dir), split
+        self.samples_per_shard, self.image_format, self.source = samples_per_shard, image_format, source
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._shards: list[str] = []
+        self._checksums: dict[str, str] = {}
+        self._keys: set[str] = set()
+        self._label_counts: dict[str, Counter] = defaultdict(Counter)
+        self._image_shape: tuple[int, ...] | None = None
+        self._tar: wds.TarWriter | None = None
+        self._handle: Any = None
+        self._temp: Path | None = None
+        self._in_shard = 0
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        self.close() if exc_type is None else self.abort()
+
+    def write(self, key: str, image: np.ndarray, labels: dict[str, Any]) -> None:
+        """Validate and append one sample; ``ValueError`` names the key and what is wrong."""
+        sample = {"__key__": key, f"image.{self.image_format}": self._encode_image(key, image),
+                  "labels.json": self._encode_labels(key, labels)}
+        if key in self._keys:
+            raise ValueError(f"sample {key!r}: duplicate key in split {self.split!r}")
+        if self._tar is None:
+            self._temp = self.out_dir / f".{shard_name(self.split, len(self._shards))}.{os.getpid()}.tmp"
+            self._handle = open(self._temp, "wb")
+            self._tar = wds.TarWriter(self._handle, encoder=False, mtime=0.0)  # fixed mtime: reproducible bytes
+        self._tar.write(sample)
+        self._keys.add(key)
+        self._count_labels(labels)
+        self._in_shard += 1
+        if self._in_shard >= self.samples_per_shard:
+            self._finish_shard()
+
+    def close(self) -> dict[str, Any]:
+        """Finish the last shard, merge this split into ``manifest.json`` atomically, return the manifest."""
+        if self._tar is not None:
+            self._finish_shard()
+        if not self._shards:
+            raise ValueError(f"split {self.split!r}: no samples were written to {self.out_dir}")
+        height, width = self._image_shape[:2]
+        channels = self._image_shape[2] if len(self._image_shape) == 3 else 1
+        with _manifest_lock(self.out_dir):
+            path = self.out_dir / MANIFEST_NAME
+            manifest = read_manifest(self.out_dir) if path.exists() else {
+                "format_version": FORMAT_VERSION, "image_size": [height, width], "channels": channels,
+                "image_format": self.image_format, "splits": {}, "checksums": {}}
+            existing = (tuple(manifest["image_size"]), manifest["channels"], manifest["image_format"])
+            if existing != ((height, width), channels, self.image_format):
+                raise ValueError(f"{path}: holds {existing} (image_size, channels, format); split {self.split!r} "
+                                 f"has {((height, width), channels, self.image_format)}; use another folder")
+            for old in manifest["splits"].get(self.split, {}).get("shards", []):
+                manifest["checksums"].pop(old, None)
+            manifest["splits"][self.split] = {
+                "shards": list(self._shards), "count": len(self._keys),
+                "label_counts": {col: dict(sorted(c.items())) for col, c in sorted(self._label_counts.items())}}
+            manifest["checksums"].update(self._checksums)
+            manifest["source"] = self.source
+            manifest["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            temp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
+            temp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            os.replace(temp, path)  # readers see the old or the new manifest, never half of one
+            for stale in self.out_dir.glob(f"{self.split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+                if stale.name not in self._shards:
+                    stale.unlink()
+        return manifest
+
+    def abort(self) -> None:
+        """Drop the shard in progress (its temporary file); finished shards stay but the manifest is untouched."""
+        if self._tar is not None:
+            self._tar.close()
+            self._handle.close()
+            self._temp.unlink(missing_ok=True)
+            self._tar = None
+
+    def _finish_shard(self) -> None:
+        self._tar.close()
+        self._handle.close()
+        name = shard_name(self.split, len(self._shards))
+        os.replace(self._temp, self.out_dir / name)
+        self._checksums[name] = _sha256(self.out_dir / name)
+        self._shards.append(name)
+        self._tar, self._in_shard = None, 0
+
+    def _encode_image(self, key: str, image: np.ndarray) -> bytes:
+        if not isinstance(key, str) or not _KEY_PATTERN.match(key):
+            raise ValueError(f"sample key {key!r}: must be a non-empty string without '.', '/' or whitespace")
+        if not isinstance(image, np.ndarray):
+            raise ValueError(f"sample {key!r}: image must be a numpy array, got {type(image).__name__}")
+        image = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3) or min(image.shape[:2]) < 1:
+            raise ValueError(f"sample {key!r}: image shape {image.shape}, expected (H, W) or (H, W, 3)")
+        allowed = ("uint8",) if self.image_format == "png" else ("uint8", "float32")
+        if image.dtype.name not in allowed:
+            raise ValueError(f"sample {key!r}: image dtype {image.dtype}, image_format={self.image_format!r} "
+                             f"stores {allowed}")
+        if image.dtype == np.float32 and not (np.isfinite(image).all() and 0.0 <= image.min() <= image.max() <= 1.0):
+            raise ValueError(f"sample {key!r}: float image has NaN/inf or values outside [0, 1]")
+        if self._image_shape is None:
+            self._image_shape = image.shape
+        elif image.shape != self._image_shape:
+            raise ValueError(f"sample {key!r}: image shape {image.shape} differs from this split's {self._image_shape}")
+        return encode_image(image, self.image_format)
+
+    def _encode_labels(self, key: str, labels: dict[str, Any]) -> bytes:
+        if not isinstance(labels, dict) or not all(isinstance(col, str) for col in labels):
+            raise ValueError(f"sample {key!r}: labels must be a dict with string keys")
+        for column, value in labels.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"sample {key!r}: label {column!r} is {value}; store missing values as null")
+        try:
+            return json.dumps(labels, allow_nan=False, sort_keys=True).encode()
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"sample {key!r}: labels are not JSON-serialisable ({exc})") from exc
+
+    def _count_labels(self, labels: dict[str, Any]) -> None:
+        for column, value in labels.items():  # categorical columns only: counts of floats say nothing
+            if isinstance(value, bool):
+                self._label_counts[column][str(value).lower()] += 1
+            elif isinstance(value, (int, str)):
+                self._label_counts[column][str(value)] += 1
+
+
+def write_shards(samples: Iterable[tuple[str, np.ndarray, dict[str, Any]]], out_dir: str | Path, split: str,
+                 samples_per_shard: int = 1000, image_format: str = "png", source: str = "") -> dict[str, Any]:
+    """Write ``(key, image, labels)`` samples as one split of ``out_dir``; returns the merged manifest."""
+    with ShardWriter(out_dir, split, samples_per_shard, image_format, source) as writer:
+        for key, image, labels in samples:
+            writer.write(key, image, labels)
+    return read_manifest(out_dir)
+
+
+def write_phantom_shards(out_dir: str | Path, size: int = 32, n_train: int = 2048, n_val: int = 256,
+                         n_test: int = 256, seed: int = 0, samples_per_shard: int = 256,
+                         overwrite: bool = False) -> Path:
+    """Generate the embedded phantom data set as train/val/test shards (distinct seed per split).
+
+    An existing folder written with the same arguments is kept as is unless ``overwrite``.
+    """
+    out = Path(out_dir)
+    source = f"phantoms(size={size}, n=({n_train}, {n_val}, {n_test}), seed={seed})"
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    if (out / MANIFEST_NAME).is_file():
+        manifest = read_manifest(out)
+        wanted = {split: n for split, n in counts.items() if n > 0}
+        if manifest["source"] == source and {s: v["count"] for s, v in manifest["splits"].items()} == wanted:
+            if not overwrite:
+                return out
+        elif not overwrite:
+            raise ValueError(f"{out}: holds other shards ({manifest['source']!r}); pass overwrite=True to replace")
+        for name in [*manifest["checksums"], MANIFEST_NAME]:  # only files this folder's manifest names
+            (out / name).unlink(missing_ok=True)
+    for split_index, (split, n) in enumerate(counts.items()):
+        if n > 0:
+            split_seed = int(np.random.SeedSequence([seed, split_index]).generate_state(1)[0])
+            samples = generate_phantoms(n, size, split_seed, key_prefix=f"phantom-{split}")
+            write_shards(samples, out, split, samples_per_shard, source=source)
+    return out
+
+
+def verify_shards(shard_dir: str | Path) -> None:
+    """Check every shard named in the manifest exists and matches its SHA-256; ``ShardError`` names the shard."""
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    for split, entry in manifest["splits"].items():
+        for name in entry["shards"]:
+            path = shard_dir / name
+            if not path.is_file():
+                raise ShardError(f"{path}: shard of split {split!r} is missing")
+            expected = manifest["checksums"].get(name)
+            if expected is None or _sha256(path) != expected:
+                raise ShardError(f"{path}: checksum does not match {MANIFEST_NAME}; the shard is corrupt or stale")
+
+
+# --- Reading --------------------------------------------------------------------------------------------------
+
+
+def _derive_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (SeedSequence hashing avoids correlated neighbouring seeds)."""
+    low, high = np.random.SeedSequence([int(p) for p in parts]).generate_state(2)
+    return (int(high) << 32 | int(low)) & (2**63 - 1)
+
+
+@dataclass
+class _ErrorLog:
+    """Per-worker error policy (raise ``ShardError``, or log, count and skip); tracks where reading is."""
+
+    on_error: str
+    current_shard: str = "?"
+    current_member: str | None = None
+    pending: list[tuple[str, str, str]] = field(default_factory=list)  # (shard, key, message) since last batch
+    shard_reported: bool = False  # the current shard visit already had a tar-level error
+
+    def track_shards(self, source: Iterable[dict]) -> Iterator[dict]:
+        for item in source:  # tar reading pulls the next shard only after finishing the previous one
+            self.current_shard, self.current_member, self.shard_reported = item["url"], None, False
+            yield item
+
+    def note_member(self, name: str) -> str:
+        self.current_member = name  # webdataset calls this (as rename_files) before reading each member
+        return name
+
+    def handle_tar_error(self, exc: Exception) -> bool:
+        """webdataset's handler for tar reading errors; returning True moves on to the next shard."""
+        if isinstance(exc, ShardError):  # raised here one stage down; webdataset then appended to its args
+            exc.args = exc.args[:1]
+            raise exc
+        if not self.shard_reported:  # several stages notice one broken shard: report it once per visit
+            key = self.current_member.split(".", 1)[0] if self.current_member else "(start of shard)"
+            self.report(ShardError(f"shard {self.current_shard}: sample {key!r}: unreadable tar data "
+                                   f"({type(exc).__name__}: {exc.args[0] if exc.args else ''})"),
+                        self.current_shard, key, exc)
+            self.shard_reported = True
+        return True
+
+    def report(self, error: ShardError, shard: str, key: str, cause: BaseException | None) -> None:
+        if self.on_error == "raise":
+            raise error from cause
+        logger.warning("skipping (a tar error skips the rest of its shard): %s", error)
+        self.pending.append((shard, key, str(error)))
+
+
+def _decode(raw: dict[str, Any], *, image_size: int | None, channels: int, augment: AugmentSpec | None,
+            augment_seed: int | None) -> dict[str, Any]:
+    """Raw tar sample -> {"image": (C, S, S), "key", "labels": numeric scalars, "meta": the rest}."""
+    shard, key = raw.get("__url__", "?"), raw["__key__"]
+    image_field = next((name for name in ("image.png", "image.npy") if name in raw), None)
+    fields = sorted(name for name in raw if not name.startswith("__"))
+    if image_field is None or "labels.json" not in raw:
+        raise ShardError(f"shard {shard}: sample {key!r}: needs an image.png or image.npy and labels.json, "
+                         f"has {fields}")
+    try:
+        labels = json.loads(raw["labels.json"])
+        if not isinstance(labels, dict):
+            raise ValueError(f"expected a JSON object, got {type(labels).__name__}")
+    except ValueError as exc:
+        raise ShardError(f"shard {shard}: sample {key!r}: bad labels.json ({exc})") from exc
+    try:
+        array = decode_image(raw[image_field], image_field.rsplit(".", 1)[1])
+    except Exception as exc:  # PIL and numpy raise many types for corrupt data
+        raise ShardError(f"shard {shard}: sample {key!r}: undecodable {image_field} ({exc})") from exc
+    generator = torch.Generator().manual_seed(augment_seed) if augment is not None else None
+    image = prepare_image(array, image_size=image_size, channels=channels, augment_spec=augment, generator=generator)
+    numeric = {c: v for c, v in labels.items() if isinstance(v, (bool, int, float))}
+    meta = {c: v for c, v in labels.items() if c not in numeric}
+    return {"image": image, "key": key, "labels": numeric, "meta": meta}
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack samples; a label column becomes a tensor only if every sample has it as a number."""
+    common = set.intersection(*(set(s["labels"]) for s in samples))
+    labels, meta = {}, [dict(s["meta"]) for s in samples]
+    for column in sorted(common):
+        values = [s["labels"][column] for s in samples]
+        integral = all(isinstance(v, (bool, int)) for v in values)
+        labels[column] = torch.tensor(values, dtype=torch.long if integral else torch.float32)  # (B,)
+    for sample, extra in zip(samples, meta):
+        extra.update({c: v for c, v in sample["labels"].items() if c not in common})
+    return {"image": torch.stack([s["image"] for s in samples]),  # (B, C, H, W)
+            "key": [s["key"] for s in samples], "labels": labels, "meta": meta}
+
+
+def _decode_stage(source: Iterable[tuple[int, dict]], log: _ErrorLog, seed_parts: tuple[int, ...] | None,
+                  **decode_kw: Any) -> Iterator[dict[str, Any]]:
+    for position, raw in source:
+        augment_seed = _derive_seed(*seed_parts, position) if seed_parts is not None else None
+        try:
+            yield _decode(raw, augment_seed=augment_seed, **decode_kw)
+        except ShardError as exc:
+            log.report(exc, raw.get("__url__", "?"), raw.get("__key__", "?"), exc.__cause__)
+
+
+def _with_bookkeeping(batches: Iterable[dict], log: _ErrorLog) -> Iterator[dict]:
+    """Attach the worker's new skip events to each batch; an empty marker carries any left at the end."""
+    for batch in batches:
+        batch["_skips"], log.pending = log.pending, []
+        yield batch
+    if log.pending:
+        yield {"_skips": log.pending, "_empty": True}
+
+
+def _epoch_shards(urls: list[str], seed: int, rank: int) -> Iterator[dict[str, str]]:
+    """Infinite shard stream: every pass visits each of the rank's shards once, in a fresh seeded order."""
+    for epoch in itertools.count():
+        order = list(urls)
+        random.Random(_derive_seed(seed, rank, epoch, 0x5A4D)).shuffle(order)
+        yield from ({"url": url} for url in order)
+
+
+def _select_rank(source: Iterable[dict], shard_index: dict[str, int], rank: int, world_size: int) -> Iterator[dict]:
+    """Keep sample j of shard s on rank (s + j) % world_size: each sample once over all ranks, balanced."""
+    seen: Counter = Counter()
+    for sample in source:
+        url = sample["__url__"]
+        if (shard_index[url] + seen[url]) % world_size == rank:
+            yield sample
+        seen[url] += 1
+
+
+@dataclass(frozen=True)
+class _StreamSpec:
+    """Everything a worker needs to build its pipeline (plain data, so it pickles into worker processes)."""
+
+    urls: tuple[str, ...]
+    training: bool
+    batch_size: int
+    image_size: int | None
+    channels: int
+    augment: AugmentSpec | None
+    seed: int
+    rank: int
+    world_size: int
+    num_workers: int
+    start_batch: int
+    on_error: str
+    shuffle_buffer: int
+
+
+class _ShardStream(torch.utils.data.IterableDataset):
+    """Builds a fresh webdataset pipeline inside each worker, so per-worker state never leaks between them."""
+
+    def __init__(self, spec: _StreamSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        spec = self.spec
+        _, _, worker, num_workers = wds.utils.pytorch_worker_info()
+        log = _ErrorLog(spec.on_error)
+        read_tars = wds.tarfile_to_samples(handler=log.handle_tar_error, rename_files=log.note_member)
+        decode_kw = dict(image_size=spec.image_size, channels=spec.channels, log=log)
+        if spec.training:
+            # The DataLoader collects batches round-robin starting at worker 0, so global batch k comes from
+            # worker k % W. A stream resumed at batch k therefore hands worker w the role of the original
+            # worker (w + k) % W (hence no wds.split_by_worker here), and that worker had already produced
+            # len(range(role, k, W)) batches: skip that many batches' worth of raw samples.
+            role = (worker + spec.start_batch) % num_workers
+            skip = len(range(role, spec.start_batch, num_workers)) * spec.batch_size
+            shuffle_rng = random.Random(_derive_seed(spec.seed, spec.rank, spec.world_size, role, num_workers))
+            stages = [
+                functools.partial(_epoch_shards, list(spec.urls), spec.seed, spec.rank),
+                lambda shards: itertools.islice(shards, role, None, num_workers),
+                log.track_shards, read_tars,
+                wds.shuffle(spec.shuffle_buffer, min(100, spec.shuffle_buffer), rng=shuffle_rng),
+                lambda source: itertools.islice(enumerate(source), skip, None),  # raw samples: skipping is cheap
+                functools.partial(_decode_stage, augment=spec.augment, **decode_kw,
+                                  seed_parts=(spec.seed, spec.rank, spec.world_size, role, num_workers)),
+                wds.batched(spec.batch_size, collation_fn=_collate, partial=False),
+            ]
+        else:
+            index = {url: i for i, url in enumerate(spec.urls)}
+            stages = [
+                wds.SimpleShardList(list(spec.urls)), wds.split_by_worker, log.track_shards, read_tars,
+                functools.partial(_select_rank, shard_index=index, rank=spec.rank, world_size=spec.world_size),
+                enumerate, functools.partial(_decode_stage, augment=None, seed_parts=None, **decode_kw),
+                wds.batched(spec.batch_size, collation_fn=_collate, partial=True),
+            ]
+        return _with_bookkeeping(wds.DataPipeline(*stages), log)
+
+
+class ShardLoader:
+    """Iterable of batches; ``skipped`` counts samples dropped under ``on_error="skip"`` (``skipped_samples``
+    lists them as (shard, key, message)). Each ``iter()`` starts the stream afresh. A single-rank evaluation
+    pass also checks the number of samples against the manifest."""
+
+    def __init__(self, dataset: _ShardStream, expected_count: int | None = None) -> None:
+        self.dataset = dataset
+        self.expected_count = expected_count  # samples one full pass must deliver (single-rank evaluation)
+        self.skipped_samples: list[tuple[str, str, str]] = []
+        self.missing = 0  # samples absent without an error (a tar cut at a member boundary), skip mode only
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_samples)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        spec = self.dataset.spec
+        workers = spec.num_workers
+        source = self.dataset if workers == 0 else wds.WebLoader(self.dataset, batch_size=None, num_workers=workers)
+        batches = iter(source)
+        read = 0
+        try:
+            for batch in batches:
+                self.skipped_samples.extend(tuple(event) for event in batch.pop("_skips"))
+                if not batch.pop("_empty", False):
+                    read += len(batch["key"])
+                    yield batch
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()  # shut DataLoader workers down now, also when a ShardError propagates
+        if self.skipped:
+            logger.warning("%d sample(s) skipped because of read errors so far", self.skipped)
+        if self.expected_count is not None and read + self.skipped != self.expected_count:
+            # A tar cut at a member boundary reads as a shorter, valid tar; only the count can tell.
+            error = ShardError(f"shards {spec.urls[0]} .. {spec.urls[-1]}: {MANIFEST_NAME} lists "
+                               f"{self.expected_count} samples but {read} were read and {self.skipped} skipped; "
+                               "verify_shards() names the damaged shard")
+            if spec.on_error == "raise":
+                raise error
+            logger.warning("%s", error)
+            self.missing = self.expected_count - read - self.skipped
+
+
+def _split_shards(shard_dir: str | Path, split: str) -> list[str]:
+    shard_dir = Path(shard_dir)
+    splits = read_manifest(shard_dir)["splits"]
+    if split not in splits:
+        raise ShardError(f"{shard_dir / MANIFEST_NAME}: no split {split!r}; has {sorted(splits)}")
+    paths = [str(shard_dir / name) for name in splits[split]["shards"]]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ShardError(f"{path}: shard of split {split!r} is missing")
+    return paths
+
+
+def _check_common(batch_size: int, channels: int, num_workers: int, rank: int, world_size: int, on_error: str) -> None:
+    if batch_size < 1 or channels not in (1, 3) or num_workers < 0 or not 0 <= rank < world_size:
+        raise ValueError(f"need batch_size >= 1, channels in (1, 3), num_workers >= 0, 0 <= rank < world_size; got "
+                         f"{batch_size}, {channels}, {num_workers}, rank {rank} of {world_size}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error={on_error!r}: expected 'raise' or 'skip'")
+
+
+def train_loader(shard_dir: str | Path, batch_size: int, *, split: str = "train", image_size: int | None = None,
+                 channels: int = 1, augment: AugmentSpec | None = None, num_workers: int = 0, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, start_batch: int = 0, on_error: str = "raise",
+                 shuffle_buffer: int = 1000) -> ShardLoader:
+    """Infinite, shuffled, resampled training batches of this rank; ``start_batch=k`` resumes exactly at batch k."""
+    _check_common(batch_size, channels, num_workers, rank, world_size, on_error)
+    if start_batch < 0 or shuffle_buffer < 1:
+        raise ValueError(f"start_batch={start_batch} must be >= 0 and shuffle_buffer={shuffle_buffer} >= 1")
+    urls = _split_shards(shard_dir, split)
+    if len(urls) < world_size:
+        raise ShardError(f"{shard_dir}: split {split!r} has {len(urls)} shard(s) for {world_size} ranks; "
+                         "write it with a smaller samples_per_shard")
+    spec = _StreamSpec(tuple(urls[rank::world_size]), True, batch_size, image_size, channels, augment, seed, rank,
+                       world_size, num_workers, start_batch, on_error, shuffle_buffer)
+    return ShardLoader(_ShardStream(spec))
+
+
+def eval_loader(shard_dir: str | Path, batch_size: int, *, split: str = "test", image_size: int | None = None,
+                channels: int = 1, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                on_error: str = "raise") -> ShardLoader:
+    """One deterministic pass over this rank's share of ``split`` (every sample once over all ranks), no
+    augmentation; the last batch may be smaller. Order is fixed for a given ``num_workers``."""
+    _check_common(batch_size, channels, num_workers, rank, world_size, on_error)
+    spec = _StreamSpec(tuple(_split_shards(shard_dir, split)), False, batch_size, image_size, channels, None, 0,
+                       rank, world_size, num_workers, 0, on_error, 1)
+    expected = read_manifest(shard_dir)["splits"][split]["count"] if world_size == 1 else None
+    return ShardLoader(_ShardStream(spec), expected)

@@ -1,0 +1,254 @@
+"""Counterfactual latents and images, checked with an analytic autoencoder that runs in milliseconds.
+
+The fake autoencoder projects the flattened image on D orthonormal directions P: ``z = P x``,
+``x_T = x - P^T z`` (the part of the image z does not see) and ``decode(z, x_T) = P^T z + x_T``. Decoding is then
+exact (``encode(decode(z', x_T)) == z'``), so any failure of validity is the counterfactual code's, and a
+variant that ignores z shows that the validity check can fail.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from harness.counterfactual import (
+    CounterfactualBatch,
+    binary_counterfactuals,
+    default_grades,
+    evaluate_counterfactuals,
+    grade_counterfactuals,
+    move_to_distance,
+    progression_latents,
+    progression_strip,
+    reflect,
+    signed_distance,
+    to_grade,
+)
+from harness.heads import Calibration, FittedHead, Hyperplane, fit_calibration, fit_head
+
+IMAGE_SHAPE = (1, 8, 8)
+Z_DIM = 6
+
+
+class LinearAutoencoder:
+    """z = P x; x_T = x - P^T P x; decode = P^T z + x_T. Counts decode calls and their batch sizes."""
+
+    def __init__(self, seed: int = 0, ignore_z: bool = False) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        pixels = int(np.prod(IMAGE_SHAPE))
+        q, _ = torch.linalg.qr(torch.randn(pixels, Z_DIM, generator=generator, dtype=torch.float64))
+        self.projection = q.T.contiguous()  # (D, C*H*W), orthonormal rows
+        self.ignore_z = ignore_z
+        self.decode_batch_sizes: list[int] = []
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).double() @ self.projection.T  # (B, D)
+
+    def _mean_image(self, z: torch.Tensor) -> torch.Tensor:
+        return (z.double() @ self.projection).reshape(z.shape[0], *IMAGE_SHAPE)  # (B, C, H, W)
+
+    def invert(self, x: torch.Tensor, z: torch.Tensor, steps: int) -> torch.Tensor:
+        return x.double() - self._mean_image(z)
+
+    def decode(self, z: torch.Tensor, x_T: torch.Tensor, steps: int) -> torch.Tensor:
+        self.decode_batch_sizes.append(int(z.shape[0]))
+        if self.ignore_z:  # a broken decoder: returns the input whatever the latent says
+            return x_T + self._mean_image(self.original_z)
+        return self._mean_image(z) + x_T
+
+
+def make_head(seed: int = 1) -> FittedHead:
+    rng = np.random.default_rng(seed)
+    hyperplane = Hyperplane(normal=rng.normal(size=Z_DIM) * 3.0, bias=0.2)
+    return FittedHead(kind="logistic", hyperplane=hyperplane, C=1.0, backend="sklearn")
+
+
+def make_calibration() -> Calibration:
+    # grade = 0.8 * dist + 1.5 on grades 0..3, so distance_for_grade(g) = (g - 1.5) / 0.8
+    return Calibration(mode="lstsq", coefficients=(0.8, 1.5), grade_min=0, grade_max=3)
+
+
+def make_images(n: int = 6, seed: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, *IMAGE_SHAPE, generator=generator, dtype=torch.float64) * 2 - 1)  # (B, C, H, W)
+
+
+def orthogonal_part(delta: np.ndarray, hyperplane: Hyperplane) -> np.ndarray:
+    """What is left of delta (N, D) after removing its component along the unit normal."""
+    unit = hyperplane.unit_normal
+    return delta - np.outer(delta @ unit, unit)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Latent arithmetic
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_reflect_lands_at_opposite_distance_moving_only_along_normal() -> None:
+    head = make_head()
+    z = np.random.default_rng(3).normal(size=(20, Z_DIM))
+    z_ce = reflect(z, head.hyperplane)
+    np.testing.assert_allclose(head.hyperplane.distance(z_ce), -head.hyperplane.distance(z), atol=1e-10)
+    np.testing.assert_allclose(orthogonal_part(z_ce - z, head.hyperplane), 0.0, atol=1e-10)
+    np.testing.assert_allclose(reflect(z_ce, head.hyperplane), z, atol=1e-10)  # a reflection is an involution
+    assert np.all(head.predict(z_ce) == 1 - head.predict(z))
+
+
+def test_reflect_keeps_tensor_type_dtype_and_matches_numpy() -> None:
+    head = make_head()
+    z = torch.randn(5, Z_DIM, generator=torch.Generator().manual_seed(4))
+    z_ce = reflect(z, head.hyperplane)
+    assert isinstance(z_ce, torch.Tensor) and z_ce.dtype == torch.float32 and z_ce.shape == z.shape
+    np.testing.assert_allclose(z_ce.numpy(), reflect(z.numpy().astype(np.float64), head.hyperplane), atol=1e-5)
+    np.testing.assert_allclose(signed_distance(z_ce, head.hyperplane).numpy(),
+                               -head.hyperplane.distance(z.numpy()), atol=1e-5)
+
+
+def test_move_to_distance_is_exact_per_sample() -> None:
+    head = make_head()
+    z = np.random.default_rng(5).normal(size=(4, Z_DIM))
+    targets = np.array([-2.0, 0.0, 0.5, 7.0])
+    moved = move_to_distance(z, head.hyperplane, targets)
+    np.testing.assert_allclose(head.hyperplane.distance(moved), targets, atol=1e-10)
+    np.testing.assert_allclose(orthogonal_part(moved - z, head.hyperplane), 0.0, atol=1e-10)
+
+
+def test_to_grade_lands_at_calibrated_grade() -> None:
+    head, calibration = make_head(), make_calibration()
+    z = np.random.default_rng(6).normal(size=(10, Z_DIM))
+    for grade in range(calibration.grade_min, calibration.grade_max + 1):
+        dist = head.hyperplane.distance(to_grade(z, head.hyperplane, calibration, grade))
+        np.testing.assert_allclose(calibration.grade_continuous(dist), grade, atol=1e-9)
+        assert np.all(calibration.grade(dist) == grade)
+
+
+def test_progression_latents_one_per_grade_in_order() -> None:
+    head, calibration = make_head(), make_calibration()
+    z = np.random.default_rng(7).normal(size=Z_DIM)
+    grades = default_grades(calibration)
+    assert grades == [-1, 0, 1, 2, 3, 4]
+    latents = progression_latents(z, head.hyperplane, calibration, grades)
+    assert latents.shape == (len(grades), Z_DIM)
+    np.testing.assert_allclose(calibration.grade_continuous(head.hyperplane.distance(latents)), grades, atol=1e-9)
+    np.testing.assert_allclose(orthogonal_part(latents - z, head.hyperplane), 0.0, atol=1e-10)
+    with pytest.raises(ValueError, match="one latent"):
+        progression_latents(z[None], head.hyperplane, calibration, grades)
+
+
+def test_degenerate_or_mismatched_hyperplane_is_rejected() -> None:
+    z = np.zeros((2, Z_DIM))
+    with pytest.raises(ValueError, match="all zeros"):
+        reflect(z, Hyperplane(normal=np.zeros(Z_DIM), bias=0.0))
+    with pytest.raises(ValueError, match="dimension"):
+        reflect(z, Hyperplane(normal=np.ones(Z_DIM + 1), bias=0.0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Through the autoencoder
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_binary_counterfactuals_are_valid_and_keep_x_T() -> None:
+    ae, head, x = LinearAutoencoder(), make_head(), make_images()
+    batch = binary_counterfactuals(ae, x, head, invert_steps=3, decode_steps=2)
+    assert isinstance(batch, CounterfactualBatch) and batch.kind == "binary" and len(batch) == x.shape[0]
+    assert batch.x_ce.shape == x.shape
+    np.testing.assert_array_equal(batch.target, 1 - head.predict(batch.z.numpy()))
+    np.testing.assert_allclose(batch.target_distance, -batch.dist)
+    # only the image content the latent sees changes: the x_T part of the counterfactual is the input's
+    np.testing.assert_allclose(ae.invert(batch.x_ce, ae.encode(batch.x_ce), 3), batch.x_T, atol=1e-10)
+    metrics = evaluate_counterfactuals(ae, batch, head)
+    assert metrics["validity"] == 1.0 and metrics["latent_validity"] == 1.0
+    assert metrics["dist_reencoded_error"] < 1e-8
+    expected_l1 = (batch.x_ce - x).abs().flatten(1).mean(1).mean().item()
+    assert metrics["l1"] == pytest.approx(expected_l1, rel=1e-6) and metrics["l1"] > 0
+
+
+def test_validity_fails_when_decoder_ignores_the_latent() -> None:
+    ae, head, x = LinearAutoencoder(ignore_z=True), make_head(), make_images()
+    ae.original_z = ae.encode(x)
+    batch = binary_counterfactuals(ae, x, head, invert_steps=3, decode_steps=2)
+    metrics = evaluate_counterfactuals(ae, batch, head)
+    assert metrics["latent_validity"] == 1.0  # the latent move itself is right...
+    assert metrics["validity"] == 0.0  # ...but the image did not change, and the re-encoded check sees it
+    assert metrics["l1"] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_grade_counterfactuals_reach_target_grade() -> None:
+    ae, head, calibration, x = LinearAutoencoder(), make_head(), make_calibration(), make_images()
+    batch = grade_counterfactuals(ae, x, head, calibration, target_grade=3, invert_steps=3, decode_steps=2)
+    assert batch.kind == "grade"
+    np.testing.assert_array_equal(batch.target, np.full(x.shape[0], 3))
+    np.testing.assert_allclose(head.hyperplane.distance(batch.z_ce.numpy()), batch.target_distance, atol=1e-9)
+    metrics = evaluate_counterfactuals(ae, batch, head, calibration=calibration)
+    assert metrics["validity"] == 1.0
+    with pytest.raises(ValueError, match="calibration"):
+        evaluate_counterfactuals(ae, batch, head)
+
+
+def test_true_counterfactual_error_is_reported_next_to_the_trivial_baseline() -> None:
+    ae, head, calibration, x = LinearAutoencoder(), make_head(), make_calibration(), make_images()
+    batch = grade_counterfactuals(ae, x, head, calibration, target_grade=0, invert_steps=3, decode_steps=2)
+    truth = batch.x_ce + 0.01  # a near-perfect counterfactual: tiny error, far below the unchanged input's
+    metrics = evaluate_counterfactuals(ae, batch, head, calibration=calibration, true_ce=truth)
+    assert metrics["mae_true"] == pytest.approx(0.01, rel=1e-6)
+    assert metrics["mse_true"] == pytest.approx(1e-4, rel=1e-6)
+    assert metrics["mae_input_vs_true"] == pytest.approx((x - truth).abs().mean().item(), rel=1e-9)
+    assert metrics["mse_input_vs_true"] > metrics["mse_true"]
+    with pytest.raises(ValueError, match="shape"):
+        evaluate_counterfactuals(ae, batch, head, calibration=calibration, true_ce=truth[:2])
+
+
+def test_lpips_metric_object_is_used_when_given() -> None:
+    ae, head, x = LinearAutoencoder(), make_head(), make_images()
+    batch = binary_counterfactuals(ae, x, head, invert_steps=3, decode_steps=2)
+    calls = []
+
+    def fake_lpips(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        calls.append((a.shape, b.shape))
+        return (a - b).pow(2).flatten(1).mean(1)  # (B,)
+
+    metrics = evaluate_counterfactuals(ae, batch, head, lpips=fake_lpips)
+    assert calls == [(x.shape, x.shape)]
+    assert metrics["lpips"] == pytest.approx((batch.x_ce - x).pow(2).mean().item(), rel=1e-9)
+    assert "lpips" not in evaluate_counterfactuals(ae, batch, head)
+
+
+def test_progression_strip_has_one_frame_per_grade_decoded_in_one_batch() -> None:
+    ae, head, calibration = LinearAutoencoder(), make_head(), make_calibration()
+    x = make_images(1)
+    strip = progression_strip(ae, x[0], head, calibration, invert_steps=3, decode_steps=2)  # (C, H, W) input
+    grades = default_grades(calibration)
+    assert strip.shape == (len(grades), *IMAGE_SHAPE)
+    assert ae.decode_batch_sizes == [len(grades)]
+    # every frame re-encodes to its grade, and frames differ only along the head's direction in image space
+    dist = head.hyperplane.distance(ae.encode(strip).numpy())
+    np.testing.assert_allclose(calibration.grade_continuous(dist), grades, atol=1e-9)
+    direction = torch.as_tensor(head.hyperplane.unit_normal) @ ae.projection  # (C*H*W,)
+    deltas = (strip - strip[0]).flatten(1)  # (G, C*H*W)
+    residual = deltas - torch.outer(deltas @ direction, direction)
+    assert residual.abs().max().item() < 1e-10
+    custom = progression_strip(ae, x, head, calibration, grades=[0, 3], invert_steps=3, decode_steps=2)
+    assert custom.shape == (2, *IMAGE_SHAPE)
+    with pytest.raises(ValueError, match="one image"):
+        progression_strip(ae, make_images(2), head, calibration)
+
+
+def test_fitted_head_and_calibration_drive_valid_grade_counterfactuals() -> None:
+    """End to end with heads fitted by harness.heads on latents whose grade follows one latent direction."""
+    ae = LinearAutoencoder()
+    rng = np.random.default_rng(8)
+    z = rng.normal(size=(80, Z_DIM))
+    grades = np.digitize(z[:, 0] + 0.3 * z[:, 1], [-0.8, 0.0, 0.8])  # 0..3
+    outside = rng.normal(size=(80, int(np.prod(IMAGE_SHAPE)))) * 0.1
+    outside -= outside @ ae.projection.numpy().T @ ae.projection.numpy()  # keep only what z does not see
+    x = torch.as_tensor(z @ ae.projection.numpy() + outside).reshape(80, *IMAGE_SHAPE)
+    head = fit_head(ae.encode(x).numpy(), (grades >= 2).astype(int), kind="svm", backend="sklearn")
+    calibration = fit_calibration(head.decision(ae.encode(x).numpy()), grades, mode="lstsq")
+    for target in (0, 3):
+        batch = grade_counterfactuals(ae, x[:8], head, calibration, target_grade=target, invert_steps=3,
+                                      decode_steps=2)
+        assert evaluate_counterfactuals(ae, batch, head, calibration=calibration)["validity"] == 1.0
+    strip = progression_strip(ae, x[0], head, calibration, invert_steps=3, decode_steps=2)
+    np.testing.assert_array_equal(calibration.grade(head.decision(ae.encode(strip).numpy())), [0, 0, 1, 2, 3, 3])

@@ -1,0 +1,114 @@
+"""End-to-end training: one process in-process, SIGKILL + resume, and two CPU processes with disjoint data."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import checkpoint as ckpt
+from harness.data import write_phantom_shards
+from harness.train_dae import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantom_shards(out, size=32, n_train=128, n_val=16, n_test=16, seed=0, samples_per_shard=32)
+    return out
+
+
+def tiny_args(shards: Path, out_dir: Path, total: int = 96, **extra: str) -> list[str]:
+    args = {
+        "data.source": "shards", "data.shard_dir": str(shards), "train.out_dir": str(out_dir),
+        "train.total_samples": str(total), "train.batch_size": "16", "train.log_every": "32",
+        "train.checkpoint_every": "32", "train.preview_every": "100000", "train.preview_images": "4",
+        "train.keep_checkpoints": "10", "diffusion.invert_steps": "3", "diffusion.decode_steps": "3",
+        "eval.batch_size": "4", "track.enabled": "false", **extra,
+    }
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def run_training(args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
+    command = (launcher or [sys.executable]) + [str(REPO / "harness" / "train_dae.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_train_exports_checkpoints_previews_and_registers(shards, tmp_path):
+    result = train_main(tiny_args(shards, tmp_path / "run", total=64, **{"track.enabled": "true",
+                                                                        "track.registered_model": "tiny-test"}))
+    final = Path(result["model_dir"])
+    assert (final / "ema.safetensors").is_file() and (final / "config.yaml").is_file()
+    assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").name == ckpt.checkpoint_name(64)
+    assert list((tmp_path / "run" / "previews").glob("*.png"))
+    assert result["final_loss"] == result["final_loss"] and result["final_loss"] < 2.0
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(result["mlflow_uri"])
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.params["train.batch_size"] == "16"
+    assert "train/loss" in run.data.metrics and "val/recon_mse" in run.data.metrics
+    versions = client.search_model_versions("name='tiny-test'")
+    assert [v.version for v in versions] == [str(result["registered_version"])]
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(shards, tmp_path):
+    reference = run_training(tiny_args(shards, tmp_path / "reference"))
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()
+
+    # Kill at a random moment after the first checkpoint exists, then resume (possibly several times).
+    rng = random.Random(0)
+    interrupted = tmp_path / "interrupted"
+    kills = 0
+    for _ in range(2):
+        proc = run_training(tiny_args(shards, interrupted) + ["--resume"])
+        deadline = time.time() + 240
+        while ckpt.latest_checkpoint(interrupted / "checkpoints") is None and time.time() < deadline:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=60)
+        for folder in ckpt.list_checkpoints(interrupted / "checkpoints"):  # never a corrupt visible checkpoint
+            ckpt.load_state_dict(folder / "ema.safetensors")
+            ckpt.load_state_dict(folder / "model.safetensors")
+            ckpt.read_json(folder / "trainer_state.json")
+    assert kills >= 1
+    resumed = run_training(tiny_args(shards, interrupted) + ["--resume"])
+    output = resumed.stdout.read()
+    assert resumed.wait(timeout=300) == 0, output
+
+    expected = ckpt.load_state_dict(tmp_path / "reference" / "final" / "ema.safetensors")
+    actual = ckpt.load_state_dict(interrupted / "final" / "ema.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_two_cpu_processes_see_disjoint_data(shards, tmp_path):
+    port = str(29500 + random.Random(os.getpid()).randrange(1000))
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "launch" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", port]
+    proc = run_training(tiny_args(shards, tmp_path / "ddp", total=64, **{"train.record_keys": "true"}), launcher)
+    output = proc.stdout.read()
+    assert proc.wait(timeout=400) == 0, output
+    keys = [set((tmp_path / "ddp" / f"keys_rank{r}.txt").read_text().split()) for r in (0, 1)]
+    assert keys[0] and keys[1]
+    assert not keys[0] & keys[1], "ranks trained on the same samples"
+    assert (tmp_path / "ddp" / "final" / "ema.safetensors").is_file()
+    assert "2 process(es) x batch 8" in output
