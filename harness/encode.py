@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> Path | None:
 
     from accelerate import PartialState  # entry point only: ranks come from the launcher
 
-    state = PartialState()
+    import torch
+
+    state = PartialState(cpu=not torch.cuda.is_available())
     ae = DiffusionAutoencoder.load(args.model, device=state.device, batch_size=args.batch_size)
     out = encode_to_table(ae, args.shards, args.splits, args.out, rank=state.process_index,
                           world_size=state.num_processes, barrier=state.wait_for_everyone,

@@ -310,7 +310,7 @@ class Calibration:
         edges = [-far, *turning, far]
         branches: list[list[float]] = []
         previous_sign = 0.0
-        for lo, hi in zip(edges[:-1], edges[1:]):
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
             sign = float(np.sign(slope(0.5 * (lo + hi))))
             if branches and sign == previous_sign:  # the slope keeps its sign (e.g. the flat point of x**3)
                 branches[-1][1] = hi

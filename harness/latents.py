@@ -34,7 +34,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,7 @@ class LatentsTable:
     def split_counts(self) -> dict[str, int]:
         """Number of rows per split, e.g. ``{"test": 256, "train": 2048}``."""
         names, counts = np.unique(self.splits, return_counts=True)
-        return {str(name): int(count) for name, count in zip(names, counts)}
+        return {str(name): int(count) for name, count in zip(names, counts, strict=True)}
 
     def rows(self, mask: np.ndarray) -> LatentsTable:
         """A new table holding the rows selected by a boolean mask or an index array."""
@@ -145,7 +145,7 @@ class LatentsTable:
 
 def _header(table: LatentsTable) -> dict[str, Any]:
     meta = dict(table.meta)
-    meta.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    meta.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
     return {
         "format_version": FORMAT_VERSION, "z_dim": table.z_dim,
         "x_T_shape": None if table.x_T is None else list(table.x_T.shape[1:]),

@@ -224,7 +224,8 @@ class LPIPSMetric:
                 for name, param in layer.named_parameters():
                     key = f"features.{index}.{name}"
                     if key not in state_dict:
-                        raise ValueError(f"backbone weights lack {key!r}: not a torchvision {self.model.pnet_type} file")
+                        raise ValueError(f"backbone weights lack {key!r}: not a torchvision "
+                                         f"{self.model.pnet_type} file")
                     with torch.no_grad():
                         param.copy_(state_dict[key])
                     loaded += 1

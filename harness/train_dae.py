@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt_root = out_dir / "checkpoints"
 
     # Set up processes and precision.
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum)
+    # cpu=True without CUDA: processes started by a launcher then join over gloo instead of silently running alone.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision,
+                              gradient_accumulation_steps=tc.grad_accum)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     per_process_batch = tc.per_process_batch(world)
     is_main = accelerator.is_main_process

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from harness.heads import (Calibration, FittedHead, Hyperplane, TaskResult, TaskSpec, evaluate_task,
-                           fit_calibration, fit_head, fit_task)
+from harness.heads import (
+    Calibration,
+    FittedHead,
+    Hyperplane,
+    TaskResult,
+    TaskSpec,
+    evaluate_task,
+    fit_calibration,
+    fit_head,
+    fit_task,
+)
 from harness.latents import LatentsTable
 
 
@@ -116,6 +127,13 @@ def test_task_rule_excludes_grade_one():
     assert TaskSpec.from_dict(task.to_dict()) == task
 
 
+def test_task_from_run_config():
+    from harness.config import TaskConfig
+
+    spec = TaskSpec.from_config(TaskConfig(name="severe", column="grade", positives=(2, 3), negatives=()))
+    assert spec.negatives is None and spec.positives == (2, 3) and spec.grade_range == (0, 3)
+
+
 def test_calibration_modes_recover_known_relations():
     rng = np.random.default_rng(0)
     grades = np.repeat([0, 1, 2, 3], 50).astype(float)
@@ -184,7 +202,7 @@ def test_fit_and_evaluate_task_end_to_end():
     assert metrics["auc"] > 0.95 and metrics["grade_macro_f1"] > 0.7 and metrics["grade_mae"] < 0.4
     assert metrics["n_pos"] + metrics["n_neg"] < 120  # grade 1 rows are excluded from detection
     assert np.array(metrics["grade_confusion"]).sum() == 120
-    clone = TaskResult.from_dict(result.to_dict())
+    clone = TaskResult.from_dict(json.loads(json.dumps(result.to_dict())))  # JSON-able, loses nothing
     assert evaluate_task(clone, table, "test")["auc"] == metrics["auc"]
     with pytest.raises(ValueError, match="'stage'.*grade"):
         fit_task(table, TaskSpec("x", "stage", positives=(1,)), backend="sklearn")

@@ -7,9 +7,18 @@ import pytest
 import torch
 
 from harness import metrics
-from harness.metrics import (FIDMetric, LPIPSMetric, MissingWeightsError, available_image_metrics,
-                             detection_metrics, frechet_distance, grading_metrics, l1_proximity,
-                             roc_curve_points, validity_rate)
+from harness.metrics import (
+    FIDMetric,
+    LPIPSMetric,
+    MissingWeightsError,
+    available_image_metrics,
+    detection_metrics,
+    frechet_distance,
+    grading_metrics,
+    l1_proximity,
+    roc_curve_points,
+    validity_rate,
+)
 
 
 @pytest.fixture

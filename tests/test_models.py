@@ -29,6 +29,15 @@ OFFICIAL_PARAMS_64PX_RGB = 90_839_235
 OFFICIAL_TRAIN_GFLOP_64PX_RGB = 89.33
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One intra-op thread: tiny kernels gain nothing from more, and on a busy machine OpenMP threads contend."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _wake_zero_initialised(model: nn.Module, seed: int = 0) -> None:
     """Give the zero-initialised output layers random weights, as training would, so every path carries signal."""
     generator = torch.Generator().manual_seed(seed)

@@ -61,7 +61,7 @@ def test_train_exports_checkpoints_previews_and_registers(shards, tmp_path):
     assert run.data.params["train.batch_size"] == "16"
     assert "train/loss" in run.data.metrics and "val/recon_mse" in run.data.metrics
     versions = client.search_model_versions("name='tiny-test'")
-    assert [v.version for v in versions] == [str(result["registered_version"])]
+    assert [str(v.version) for v in versions] == [str(result["registered_version"])]
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(shards, tmp_path):

@@ -1,4 +1,13 @@
-"""Data: the embedded phantom generator, WebDataset shards (writer and readers) and image transforms."""
+"""Data: the embedded phantom generator, WebDataset shards (writer and readers) and image transforms.
+
+Shard names are imported lazily so that ``import harness.data.phantoms`` (or ``transforms``) from core
+modules never pulls in webdataset.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from harness.data.phantoms import (
     GRADE_HEIGHT_LOSS,
@@ -10,40 +19,31 @@ from harness.data.phantoms import (
     render_central_mask,
     sample_params,
 )
-from harness.data.shards import (
-    ShardError,
-    ShardLoader,
-    ShardWriter,
-    eval_loader,
-    read_manifest,
-    train_loader,
-    verify_shards,
-    write_phantom_shards,
-    write_shards,
-)
 from harness.data.transforms import AugmentSpec, augment, from_model_range, prepare_image, to_model_range
+
+_SHARD_NAMES = ("ShardError", "ShardLoader", "ShardWriter", "eval_loader", "read_manifest", "train_loader",
+                "verify_shards", "write_phantom_shards", "write_shards")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SHARD_NAMES:
+        return getattr(importlib.import_module("harness.data.shards"), name)
+    raise AttributeError(f"module 'harness.data' has no attribute {name!r}")
+
 
 __all__ = [
     "GRADE_HEIGHT_LOSS",
     "AugmentSpec",
     "PhantomParams",
     "PhantomSample",
-    "ShardError",
-    "ShardLoader",
-    "ShardWriter",
     "augment",
-    "eval_loader",
     "from_model_range",
     "generate_phantoms",
     "height_loss_for",
     "prepare_image",
-    "read_manifest",
     "render",
     "render_central_mask",
     "sample_params",
     "to_model_range",
-    "train_loader",
-    "verify_shards",
-    "write_phantom_shards",
-    "write_shards",
+    *_SHARD_NAMES,
 ]

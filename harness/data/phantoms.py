@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -287,7 +288,7 @@ def _texture(params: PhantomParams, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     frequencies = rng.uniform(6.0, 14.0, _TEXTURE_WAVES)  # cycles per canvas unit
     phases = rng.uniform(0.0, 2 * np.pi, _TEXTURE_WAVES)
     total = np.zeros_like(x)
-    for angle, freq, phase in zip(angles, frequencies, phases):
+    for angle, freq, phase in zip(angles, frequencies, phases, strict=True):
         total += np.sin(2 * np.pi * freq * (np.cos(angle) * x + np.sin(angle) * y) + phase)
     return total / math.sqrt(_TEXTURE_WAVES)
 
@@ -326,7 +327,7 @@ def _render_fine_and_pool(params: PhantomParams, loss: float, size: int) -> tupl
     gradient_angle = math.radians(params.background_angle_deg)
     image = params.background + params.background_slope * (math.cos(gradient_angle) * x + math.sin(gradient_angle) * y)
     bodies = _body_centres(params)
-    for (_, y_a, w_a, h_a), (_, y_b, w_b, h_b) in zip(bodies[:-1], bodies[1:]):
+    for (_, y_a, w_a, h_a), (_, y_b, w_b, h_b) in zip(bodies[:-1], bodies[1:], strict=False):
         # Disc: an ellipse filling the gap between two neighbouring bodies (drawn first, bodies cover it).
         disc_y = 0.5 * (y_a + 0.5 * h_a + y_b - 0.5 * h_b)
         r = np.hypot(spine_x / (0.45 * (w_a + w_b) / 2), (spine_y - disc_y) / params.disc_gap)

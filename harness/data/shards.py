@@ -34,10 +34,11 @@ import os
 import random
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -170,7 +171,7 @@ class ShardWriter:
                 "label_counts": {col: dict(sorted(c.items())) for col, c in sorted(self._label_counts.items())}}
             manifest["checksums"].update(self._checksums)
             manifest["source"] = self.source
-            manifest["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            manifest["created"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             temp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
             temp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
             os.replace(temp, path)  # readers see the old or the new manifest, never half of one
@@ -321,8 +322,9 @@ class _ErrorLog:
             raise exc
         if not self.shard_reported:  # several stages notice one broken shard: report it once per visit
             key = self.current_member.split(".", 1)[0] if self.current_member else "(start of shard)"
+            rest = "; the rest of the shard is skipped" if self.on_error == "skip" else ""
             self.report(ShardError(f"shard {self.current_shard}: sample {key!r}: unreadable tar data "
-                                   f"({type(exc).__name__}: {exc.args[0] if exc.args else ''})"),
+                                   f"({type(exc).__name__}: {exc.args[0] if exc.args else ''}){rest}"),
                         self.current_shard, key, exc)
             self.shard_reported = True
         return True
@@ -330,7 +332,7 @@ class _ErrorLog:
     def report(self, error: ShardError, shard: str, key: str, cause: BaseException | None) -> None:
         if self.on_error == "raise":
             raise error from cause
-        logger.warning("skipping (a tar error skips the rest of its shard): %s", error)
+        logger.warning("skipping: %s", error)
         self.pending.append((shard, key, str(error)))
 
 
@@ -368,7 +370,7 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         values = [s["labels"][column] for s in samples]
         integral = all(isinstance(v, (bool, int)) for v in values)
         labels[column] = torch.tensor(values, dtype=torch.long if integral else torch.float32)  # (B,)
-    for sample, extra in zip(samples, meta):
+    for sample, extra in zip(samples, meta, strict=True):
         extra.update({c: v for c, v in sample["labels"].items() if c not in common})
     return {"image": torch.stack([s["image"] for s in samples]),  # (B, C, H, W)
             "key": [s["key"] for s in samples], "labels": labels, "meta": meta}
@@ -481,7 +483,7 @@ class ShardLoader:
         self.dataset = dataset
         self.expected_count = expected_count  # samples one full pass must deliver (single-rank evaluation)
         self.skipped_samples: list[tuple[str, str, str]] = []
-        self.missing = 0  # samples absent without an error (a tar cut at a member boundary), skip mode only
+        self.missing = 0  # samples absent without any error (a tar cut at a member boundary), skip mode only
 
     @property
     def skipped(self) -> int:
@@ -492,10 +494,12 @@ class ShardLoader:
         workers = spec.num_workers
         source = self.dataset if workers == 0 else wds.WebLoader(self.dataset, batch_size=None, num_workers=workers)
         batches = iter(source)
-        read = 0
+        read = skipped = 0  # in this pass
         try:
             for batch in batches:
-                self.skipped_samples.extend(tuple(event) for event in batch.pop("_skips"))
+                events = batch.pop("_skips")
+                self.skipped_samples.extend(tuple(event) for event in events)
+                skipped += len(events)
                 if not batch.pop("_empty", False):
                     read += len(batch["key"])
                     yield batch
@@ -504,15 +508,15 @@ class ShardLoader:
                 batches.close()  # shut DataLoader workers down now, also when a ShardError propagates
         if self.skipped:
             logger.warning("%d sample(s) skipped because of read errors so far", self.skipped)
-        if self.expected_count is not None and read + self.skipped != self.expected_count:
+        if self.expected_count is not None and read + skipped != self.expected_count:
             # A tar cut at a member boundary reads as a shorter, valid tar; only the count can tell.
             error = ShardError(f"shards {spec.urls[0]} .. {spec.urls[-1]}: {MANIFEST_NAME} lists "
-                               f"{self.expected_count} samples but {read} were read and {self.skipped} skipped; "
+                               f"{self.expected_count} samples but {read} were read and {skipped} skipped; "
                                "verify_shards() names the damaged shard")
             if spec.on_error == "raise":
                 raise error
             logger.warning("%s", error)
-            self.missing = self.expected_count - read - self.skipped
+            self.missing += self.expected_count - read - skipped
 
 
 def _split_shards(shard_dir: str | Path, split: str) -> list[str]:
