@@ -112,6 +112,9 @@ def test_spec_validation_and_config_bridge():
     with pytest.raises(ValueError, match="zoom"):
         AugmentSpec(zoom=(1.2, 0.9))
     assert AugmentSpec.from_config(AugmentConfig(enabled=False)) is None
+    from_fields = AugmentSpec(**dataclasses.asdict(AugmentConfig(enabled=True, zoom=[0.8, 1.2])))
+    assert from_fields.enabled and from_fields.zoom == (0.8, 1.2)
+    assert torch.equal(augment(_image(), AugmentSpec(p=1.0, enabled=False), torch.Generator()), _image())
     spec = AugmentSpec.from_config(AugmentConfig(enabled=True, rotation_deg=10.0, flip=False, p=0.3))
     assert spec == AugmentSpec(rotation_deg=10.0, flip=False, p=0.3)
     with pytest.raises(ValueError, match="Generator"):

@@ -351,12 +351,13 @@ def _decode(raw: dict[str, Any], *, image_size: int | None, channels: int, augme
             raise ValueError(f"expected a JSON object, got {type(labels).__name__}")
     except ValueError as exc:
         raise ShardError(f"shard {shard}: sample {key!r}: bad labels.json ({exc})") from exc
+    generator = torch.Generator().manual_seed(augment_seed) if augment is not None else None
     try:
         array = decode_image(raw[image_field], image_field.rsplit(".", 1)[1])
+        image = prepare_image(array, image_size=image_size, channels=channels, augment_spec=augment,
+                              generator=generator)
     except Exception as exc:  # PIL and numpy raise many types for corrupt data
-        raise ShardError(f"shard {shard}: sample {key!r}: undecodable {image_field} ({exc})") from exc
-    generator = torch.Generator().manual_seed(augment_seed) if augment is not None else None
-    image = prepare_image(array, image_size=image_size, channels=channels, augment_spec=augment, generator=generator)
+        raise ShardError(f"shard {shard}: sample {key!r}: undecodable or unusable {image_field} ({exc})") from exc
     numeric = {c: v for c, v in labels.items() if isinstance(v, (bool, int, float))}
     meta = {c: v for c, v in labels.items() if c not in numeric}
     return {"image": image, "key": key, "labels": numeric, "meta": meta}

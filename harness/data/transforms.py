@@ -25,7 +25,8 @@ from PIL import Image
 class AugmentSpec:
     """Which augmentations to apply and how strongly; each enabled one fires with probability ``p``.
 
-    ``rotate``, ``flip``, ``grid_distortion`` and ``rescale`` switch the four augmentations on or off.
+    ``rotate``, ``flip``, ``grid_distortion`` and ``rescale`` switch the four augmentations on or off;
+    ``enabled=False`` switches all of them off (so ``AugmentSpec(**asdict(AugmentConfig(...)))`` works).
     """
 
     rotation_deg: float = 30.0  # rotation angle drawn uniformly in [-rotation_deg, rotation_deg]
@@ -37,8 +38,10 @@ class AugmentSpec:
     rescale: bool = True
     grid_steps: int = 5  # control points per side of the coarse distortion grid
     grid_distort_limit: float = 0.3  # control-point displacement, as a fraction of one grid cell
+    enabled: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "zoom", tuple(float(z) for z in self.zoom))  # YAML gives lists
         if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"AugmentSpec.p={self.p}: must lie in [0, 1]")
         if not 0.0 < self.zoom[0] <= self.zoom[1]:
@@ -146,7 +149,7 @@ def augment(image: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) 
     do_flip = bool(fire[1]) and spec.flip
     do_zoom = bool(fire[2]) and spec.rescale and spec.zoom != (1.0, 1.0)
     do_distort = bool(fire[3]) and spec.grid_distortion and spec.grid_distort_limit > 0
-    if not (do_rotate or do_flip or do_zoom or do_distort):
+    if not spec.enabled or not (do_rotate or do_flip or do_zoom or do_distort):
         return image
 
     # Output pixel -> input location, in normalised [-1, 1] coordinates: zooming in by z samples a region

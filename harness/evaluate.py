@@ -1,0 +1,180 @@
+"""Named evaluations of a trained DAE, its latents and its counterfactuals (paper Sections 4.3-5.3).
+
+Each function computes one thing, returns plain rows/dicts and, where asked, writes its figures; the
+pipeline (``harness.pipeline``) and the jobs put them into a report. Nothing here touches ranks or MLflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from harness import figures
+from harness.autoencoder import DiffusionAutoencoder
+from harness.counterfactual import (
+    binary_counterfactuals,
+    default_grades,
+    evaluate_counterfactuals,
+    grade_counterfactuals,
+    progression_strip,
+)
+from harness.data.phantoms import PhantomParams, render, to_uint8
+from harness.data.transforms import to_model_range
+from harness.heads import TaskResult, TaskSpec, evaluate_task, fit_task
+from harness.latents import LatentsTable
+from harness.metrics import roc_curve_points
+
+# Columns of the paper's Tables 3 and 4, in order.
+DETECTION_COLUMNS = ("task", "kind", "split", "auc", "f1", "accuracy", "sensitivity", "specificity", "n_pos", "n_neg")
+GRADING_COLUMNS = ("task", "kind", "split", "grade_macro_f1", "grade_mae", "grade_accuracy")
+
+
+@dataclass
+class HeadEvaluation:
+    """Every (task, kind) head fitted on the train split, with its rows on the evaluation split."""
+
+    results: dict[tuple[str, str], TaskResult]
+    detection_rows: list[dict[str, Any]]
+    grading_rows: list[dict[str, Any]]
+    raw_rows: list[dict[str, Any]]
+
+
+def evaluate_heads(table: LatentsTable, tasks: list[TaskSpec], kinds: tuple[str, ...], *, C: float = 1.0,
+                   calibration: str = "lstsq", degree: int = 1, backend: str = "auto",
+                   split: str = "test") -> HeadEvaluation:
+    """Fit each head kind for each task on the train split; score detection (AUC from distances) and grading."""
+    results, detection, grading, raw = {}, [], [], []
+    for task in tasks:
+        for kind in kinds:
+            result = fit_task(table, task, kind=kind, C=C, calibration_mode=calibration, degree=degree,
+                              backend=backend)
+            row = evaluate_task(result, table, split)
+            results[(task.name, kind)] = result
+            raw.append(row)
+            detection.append({c: row.get(c) for c in DETECTION_COLUMNS})
+            if result.calibration is not None:
+                grading.append({c: row.get(c) for c in GRADING_COLUMNS})
+    return HeadEvaluation(results, detection, grading, raw)
+
+
+def save_head_figures(evaluation: HeadEvaluation, table: LatentsTable, out_dir: Path, split: str = "test") -> list[Path]:
+    """ROC curves per task (all kinds), calibration plot and confusion matrix per task for the first kind."""
+    rows = table.select(split)
+    paths: list[Path] = []
+    tasks = dict.fromkeys(name for name, _ in evaluation.results)
+    for task_name in tasks:
+        curves = {}
+        first: TaskResult | None = None
+        for (name, kind), result in evaluation.results.items():
+            if name != task_name:
+                continue
+            first = first or result
+            labels = rows.labels[result.task.column]
+            mask, y = result.task.binary_targets(labels)
+            scores = result.head.decision(rows.z_sem)[mask]
+            fpr, tpr, _ = roc_curve_points(y, scores)
+            auc = next(r["auc"] for r in evaluation.raw_rows if r["task"] == name and r["kind"] == kind)
+            curves[kind] = (fpr, tpr, auc)
+        paths.append(figures.save_roc(curves, out_dir / f"roc_{task_name}.png", title=f"ROC: {task_name} ({split})"))
+        if first is not None and first.calibration is not None:
+            labels = rows.labels[first.task.column]
+            dist = first.head.decision(rows.z_sem)
+            paths.append(figures.save_calibration(dist, labels, first.calibration,
+                                                  out_dir / f"calibration_{task_name}.png"))
+            raw = next(r for r in evaluation.raw_rows if r["task"] == task_name and r["kind"] == first.head.kind)
+            paths.append(figures.save_confusion(np.asarray(raw["grade_confusion"]), raw["grade_labels"],
+                                                out_dir / f"confusion_{task_name}.png",
+                                                title=f"grades: {task_name} ({first.head.kind})"))
+    return paths
+
+
+def evaluate_reconstruction(ae: DiffusionAutoencoder, images: Tensor, step_pairs: list[tuple[int, int]],
+                            lpips=None) -> list[dict[str, Any]]:
+    """MSE (and LPIPS when a metric is given) of encode -> invert -> decode for several (invert, decode) steps,
+    next to the MSE of predicting the batch mean image (the floor any useful autoencoder must beat)."""
+    mean_image_mse = torch.mean((images - images.mean(0, keepdim=True)) ** 2).item()
+    rows = []
+    z = ae.encode(images)
+    for invert_steps, decode_steps in step_pairs:
+        recon = ae.decode(z, ae.invert(images, z, invert_steps), decode_steps)
+        row = {"invert_steps": invert_steps, "decode_steps": decode_steps, "n": images.shape[0],
+               "mse": torch.mean((recon - images) ** 2).item(), "mean_image_mse": mean_image_mse}
+        if lpips is not None:
+            row["lpips"] = float(lpips(recon, images).mean())
+        rows.append(row)
+    return rows
+
+
+def phantom_truth(meta: list[dict[str, Any]], grades: np.ndarray, size: int) -> Tensor:
+    """The true counterfactuals: each phantom re-rendered at its target grade, in model range. (B, 1, H, W)."""
+    frames = []
+    for item, grade in zip(meta, grades, strict=True):
+        params = PhantomParams.from_dict(item["phantom"])
+        image = render(params, int(grade), size)  # (H, W) in [0, 1]
+        frames.append(to_model_range(to_uint8(image)[None]))  # same quantisation as the shards
+    return torch.stack(frames)
+
+
+def evaluate_phantom_counterfactuals(ae: DiffusionAutoencoder, batch: dict[str, Any], result: TaskResult, *,
+                                     invert_steps: int, decode_steps: int, lpips=None) -> tuple[list[dict], dict]:
+    """Binary CEs (reflection) and grade-targeted CEs to the opposite extreme, scored for validity, proximity and
+    against the true counterfactual (the same phantom rendered at the target grade)."""
+    x = batch["image"]
+    grades = batch["labels"][result.task.column].numpy()
+    calibration = result.calibration
+    rows, outputs = [], {}
+    binary = binary_counterfactuals(ae, x, result.head, invert_steps, decode_steps)
+    row = {"kind": "binary (reflection)", **evaluate_counterfactuals(ae, binary, result.head, lpips=lpips)}
+    rows.append(row)
+    outputs["binary"] = binary
+    if calibration is not None and "phantom" in batch["meta"][0]:
+        low, high = calibration.grade_min, calibration.grade_max
+        for name, source, target in (("healthy -> grade %d" % high, grades == low, high),
+                                     ("fractured -> grade %d" % low, grades > low, low)):
+            if not source.any():
+                continue
+            xs = x[torch.from_numpy(source)]
+            meta = [m for m, keep in zip(batch["meta"], source, strict=True) if keep]
+            ce = grade_counterfactuals(ae, xs, result.head, calibration, target, invert_steps, decode_steps)
+            truth = phantom_truth(meta, np.full(len(meta), target), x.shape[-1])
+            rows.append({"kind": name, **evaluate_counterfactuals(ae, ce, result.head, calibration, lpips=lpips,
+                                                                   true_ce=truth)})
+            outputs[name] = (ce, truth)
+    return rows, outputs
+
+
+def save_counterfactual_figures(ae: DiffusionAutoencoder, batch: dict[str, Any], result: TaskResult,
+                                outputs: dict, out_dir: Path, *, n_strips: int, invert_steps: int,
+                                decode_steps: int) -> list[Path]:
+    """Progression strips across the boundary (with -1 and max+1), a GIF, difference maps, CE-vs-truth grid."""
+    paths: list[Path] = []
+    calibration = result.calibration
+    x = batch["image"]
+    if calibration is not None:
+        grades = default_grades(calibration)
+        strips = [progression_strip(ae, x[i], result.head, calibration, grades, invert_steps, decode_steps)
+                  for i in range(min(n_strips, x.shape[0]))]
+        labels = batch["labels"][result.task.column]
+        titles = [f"{batch['key'][i][-10:]} (grade {int(labels[i])})" for i in range(len(strips))]
+        paths.append(figures.save_strips(strips, out_dir / "strips.png", titles, grade_labels=grades,
+                                         inputs=[x[i] for i in range(len(strips))]))
+        paths.append(figures.save_gif(strips[0], out_dir / "strip_0.gif"))
+    binary = outputs["binary"]
+    for i in range(min(n_strips, len(binary))):
+        paths.append(figures.save_difference_map(binary.x[i], binary.x_ce[i], out_dir / f"difference_{i}.png",
+                                                 title=f"CE - input ({batch['key'][i][-10:]})"))
+    for name, value in outputs.items():
+        if name == "binary":
+            continue
+        ce, truth = value
+        k = min(8, len(ce))
+        grid = torch.cat([ce.x[:k], ce.x_ce[:k], truth[:k]])
+        slug = name.split(" ")[0]
+        paths.append(figures.save_image_grid(grid, out_dir / f"truth_{slug}.png", nrow=k,
+                                             suptitle=f"{name}: input / counterfactual / true counterfactual"))
+    return paths

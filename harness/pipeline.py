@@ -1,0 +1,165 @@
+"""The whole method on one data set, from one command: train -> encode -> heads -> counterfactuals -> report.
+
+    python -m harness.pipeline --config jobs/phantoms_demo.yaml [--train.total_samples=...]
+
+Training resumes from the run folder's newest checkpoint, so a rerun continues rather than restarts. The
+report (``<eval.out_dir>/report/index.html``) holds the tables in the form of the paper's Tables 2-4 and the
+figures; it is logged to an MLflow run of its own, tagged with the DAE's run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.autoencoder import DiffusionAutoencoder
+from harness.config import RunConfig, dump_yaml, load_config
+from harness.data import eval_loader
+from harness.encode import encode_to_table
+from harness.evaluate import (
+    evaluate_heads,
+    evaluate_phantom_counterfactuals,
+    evaluate_reconstruction,
+    save_counterfactual_figures,
+    save_head_figures,
+)
+from harness.figures import save_image_grid, save_latent_map
+from harness.heads import TaskSpec
+from harness.latents import load_latents
+from harness.metrics import LPIPSMetric, MissingWeightsError, available_image_metrics
+from harness.report import Report, check_report
+from harness.tracking import Tracker
+from harness.train_dae import main as train_main
+
+
+def _take(shard_dir: str, split: str, n: int, config: RunConfig, column: str) -> dict:
+    """The first ``n`` images of ``split`` with both classes present when possible (deterministic)."""
+    batch = next(iter(eval_loader(shard_dir, 4 * n, split=split, image_size=config.data.image_size,
+                                  channels=config.data.channels)))
+    labels = batch["labels"][column].numpy()
+    order = np.argsort(labels == labels.min(), kind="stable")[::-1]  # healthy first, then the rest
+    healthy, other = order[labels[order] == labels.min()], order[labels[order] != labels.min()]
+    chosen = np.concatenate([healthy[: n // 2], other[: n - min(n // 2, len(healthy))]])[:n]
+    chosen = torch.from_numpy(np.sort(chosen))
+    return {"image": batch["image"][chosen], "key": [batch["key"][i] for i in chosen],
+            "labels": {k: v[chosen] for k, v in batch["labels"].items()},
+            "meta": [batch["meta"][i] for i in chosen]}
+
+
+def _lpips_or_reason() -> tuple[object | None, str | None]:
+    try:
+        return LPIPSMetric(net="alex"), None
+    except MissingWeightsError as err:
+        return None, str(err)
+
+
+def run(config_path: str | None, overrides: list[str]) -> Path:
+    started = time.perf_counter()
+    # Train (or resume / reuse the finished run).
+    train_args = (["--config", config_path] if config_path else []) + overrides + ["--resume"]
+    trained = train_main(train_args)
+    config = load_config(config_path, overrides)
+    out_dir = Path(config.eval.out_dir)
+    report_dir = out_dir / "report"
+    fig_dir = report_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    ev, d = config.eval, config.diffusion
+    torch.manual_seed(config.train.seed)
+
+    # Encode the labelled splits (no augmentation) into a latents table.
+    ae = DiffusionAutoencoder.load(trained["model_dir"], batch_size=ev.batch_size)
+    latents_path = out_dir / "latents.parquet"
+    encode_to_table(ae, config.data.shard_dir, list(ev.encode_splits), latents_path, batch_size=ev.batch_size,
+                    image_size=config.data.image_size, channels=config.data.channels,
+                    meta={"model_dir": trained["model_dir"], "mlflow_run_id": trained.get("mlflow_run_id")})
+    table = load_latents(latents_path)
+
+    # Heads: every kind for every task, fitted on train, scored on test.
+    tasks = [TaskSpec.from_config(t) for t in config.heads.tasks]
+    heads = evaluate_heads(table, tasks, config.heads.kinds, C=config.heads.C, calibration=config.heads.calibration,
+                           degree=config.heads.degree, backend=config.heads.backend, split="test")
+    main_result = heads.results[(tasks[0].name, config.heads.kinds[0])]
+    (out_dir / "heads.json").write_text(json.dumps(
+        {f"{t}/{k}": r.to_dict() for (t, k), r in heads.results.items()}, indent=2, default=float))
+
+    # Reconstruction and counterfactuals on test images.
+    lpips, lpips_reason = _lpips_or_reason()
+    batch = _take(config.data.shard_dir, "test", ev.counterfactual_images, config, tasks[0].column)
+    recon_rows = evaluate_reconstruction(ae, batch["image"], [(d.invert_steps, d.decode_steps)], lpips=lpips)
+    ce_rows, ce_outputs = evaluate_phantom_counterfactuals(ae, batch, main_result, invert_steps=d.invert_steps,
+                                                           decode_steps=d.decode_steps, lpips=lpips)
+
+    # Report.
+    report = Report(report_dir, f"dae-cf evaluation: {Path(config_path or 'defaults').stem}")
+    report.add_text("Run", f"DAE `{config.model.size}` trained on `{config.data.shard_dir}` for "
+                           f"{trained['samples_seen']:,} samples; latents from `{latents_path}`; "
+                           f"DDIM {d.invert_steps} inversion / {d.decode_steps} decoding steps.")
+    report.add_table("detection", heads.detection_rows, "Detection on the test split (AUC from signed distances; "
+                     "paper Table 3 form)", section="Heads")
+    if heads.grading_rows:
+        report.add_table("grading", heads.grading_rows, f"Grading by calibrated distance ({config.heads.calibration},"
+                         f" degree {config.heads.degree}; paper Table 4 form)", section="Heads")
+    report.add_table("reconstruction", recon_rows, "Reconstruction of test images (encode -> invert -> decode); "
+                     "mean_image_mse is the error of predicting the mean image", section="Autoencoder")
+    report.add_table("counterfactuals", ce_rows, f"Counterfactual quality ({main_result.task.name}, "
+                     f"{main_result.head.kind} head): validity after re-encoding, L1 proximity, and error against "
+                     "the true counterfactual (mae_true) beside the unchanged input's error (mae_input_vs_true)",
+                     section="Counterfactuals")
+    if lpips_reason:
+        report.add_not_computed("LPIPS", lpips_reason)
+    fid_status = available_image_metrics()["fid"]
+    if fid_status.startswith("missing"):
+        report.add_not_computed("FID", fid_status)
+    for path in save_head_figures(heads, table, fig_dir):
+        report.add_figure(path, path.stem.replace("_", " "), section="Heads")
+    for path in save_counterfactual_figures(ae, batch, main_result, ce_outputs, fig_dir, n_strips=ev.strip_images,
+                                            invert_steps=d.invert_steps, decode_steps=d.decode_steps):
+        report.add_figure(path, path.stem.replace("_", " "), section="Counterfactuals")
+    test = table.select("test")
+    n_map = min(ev.latent_map_points, len(test))
+    colour_by = {c: test.labels[c][:n_map] for c in dict.fromkeys(t.column for t in tasks)}
+    report.add_figure(save_latent_map(test.z_sem[:n_map], colour_by, fig_dir / "latent_map.png"),
+                      "t-SNE of test z_sem (paper Fig. 7)", section="Latent space")
+    recon = ae.reconstruct(batch["image"])
+    report.add_figure(save_image_grid(torch.cat([batch["image"], recon]), fig_dir / "reconstructions.png",
+                                      nrow=len(batch["key"]), suptitle="test inputs / reconstructions"),
+                      "inputs (top) and reconstructions (bottom)", section="Autoencoder")
+    elapsed = time.perf_counter() - started
+    report.add_text("Run", f"Pipeline wall time {elapsed / 60:.1f} min on {'CUDA' if torch.cuda.is_available() else 'CPU'}"
+                           f" ({torch.get_num_threads()} threads).")
+    (report_dir / "config.yaml").write_text(dump_yaml(config))
+    index = report.write()
+    missing = check_report(index)
+    if missing:
+        raise RuntimeError(f"report {index} refers to missing files: {missing}")
+
+    # Track: one evaluation run, tagged with the DAE run, holding the report and headline metrics.
+    tracker = Tracker(config.track, config.train.out_dir, run_name=f"eval-{out_dir.name}",
+                      tags={"dae_run_id": str(trained.get("mlflow_run_id")), "kind": "evaluation"})
+    headline = {f"{r['task']}/{r['kind']}/auc": r["auc"] for r in heads.detection_rows}
+    headline.update({f"{r['task']}/{r['kind']}/{k}": r[k] for r in heads.grading_rows
+                     for k in ("grade_macro_f1", "grade_mae")})
+    headline.update({f"ce/{r['kind'].split(' ')[0]}/validity": r["validity"] for r in ce_rows})
+    headline["recon/mse"] = recon_rows[0]["mse"]
+    tracker.log_metrics({k: v for k, v in headline.items() if isinstance(v, (int, float)) and v == v})
+    tracker.log_artifacts(report_dir, "report")
+    tracker.end()
+    print(f"report:     {index}\nlatents:    {latents_path}\nwall time:  {elapsed / 60:.1f} min")
+    return index
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML run file")
+    args, overrides = parser.parse_known_args(argv)
+    return run(args.config, overrides)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
