@@ -16,7 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.data.shards import train_loader, write_phantom_shards
+from harness.data.loaders import train_loader
+from harness.data.shards import write_phantom_shards
 from harness.data.transforms import AugmentSpec
 
 
@@ -33,7 +34,8 @@ def images_per_second(shard_dir: Path, *, batch_size: int, num_workers: int, bat
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Print (and return) one row per worker count: ``{"num_workers", "images_per_s"}``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shard-dir", type=Path, help="existing shard folder (default: generate phantoms)")
     parser.add_argument("--size", type=int, default=32, help="phantom size when generating")
@@ -44,7 +46,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--augment", action="store_true", help="apply the paper's augmentations (p=0.5 each)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    rows = []
 
     with tempfile.TemporaryDirectory() as scratch:
         shard_dir = args.shard_dir
@@ -59,6 +62,8 @@ def main() -> None:
                                      batches=args.batches, warmup=args.warmup, image_size=args.image_size,
                                      augment=augment)
             print(f"{workers:>11}  {rate:>10.0f}")
+            rows.append({"num_workers": workers, "images_per_s": rate})
+    return rows
 
 
 if __name__ == "__main__":

@@ -118,8 +118,8 @@ def load_dae(model_dir: str | Path) -> tuple[DAE, RunConfig]:
     dae = build_dae(config.model.size, in_channels=config.data.channels,
                     **config.model.overrides(config.data.image_size))
     state = load_state_dict(weights)
-    missing, unexpected = dae.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{weights} does not match model size {config.model.size!r}: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    try:
+        dae.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # missing / unexpected keys or shape mismatches, all listed by torch
+        raise CheckpointError(f"{weights} does not match model size {config.model.size!r}: {err}") from None
     return dae.eval(), config

@@ -8,6 +8,7 @@ code at a real server. Model weights are registered as plain safetensors folders
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -82,25 +83,67 @@ class Tracker:
         if self.enabled:
             self._mlflow.set_tags(tags)
 
-    def register_model(self, folder: str | Path, name: str, tags: dict[str, str] | None = None) -> str | None:
-        """Log ``folder`` (safetensors + config) under ``model/`` and register it as a new version of ``name``.
+    def register_model(self, folder: str | Path, name: str, tags: dict[str, str] | None = None,
+                       artifact_path: str = "model", description: str | None = None) -> str | None:
+        """Log ``folder`` (safetensors + config) under ``artifact_path`` and register it as a new version of ``name``.
 
-        Returns the version string, or None when tracking is disabled.
+        The version is tagged with ``harness.registry.version_tags(folder)`` (config hash, data manifest hash,
+        reconstruction metrics; ``tags`` take precedence) and receives the alias ``candidate``, so the alias
+        always names the newest version. Returns the version string, or None when tracking is disabled.
         """
         if not self.enabled:
             return None
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        self._mlflow.log_artifacts(str(folder), artifact_path="model")
+        from harness.registry import CANDIDATE, version_tags
+
+        self._mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
         client = MlflowClient(self.uri)
         try:
             client.get_registered_model(name)
         except MlflowException:
-            client.create_registered_model(name, description="Diffusion autoencoder (EMA weights, safetensors)")
-        source = f"{self._mlflow.get_artifact_uri('model')}"
-        version = client.create_model_version(name, source=source, run_id=self.run_id, tags=tags or {})
+            client.create_registered_model(
+                name, description=description or "Diffusion autoencoder (EMA weights, safetensors)")
+        source = f"{self._mlflow.get_artifact_uri(artifact_path)}"
+        all_tags = {**version_tags(folder), **(tags or {})}
+        version = client.create_model_version(name, source=source, run_id=self.run_id, tags=all_tags)
+        client.set_registered_model_alias(name, CANDIDATE, version.version)
+        self._mlflow.set_tags({f"registered.{name}": str(version.version)})
         return version.version
+
+    def log_child_run(self, name: str, params: dict[str, Any], metrics: dict[str, float] | None = None,
+                      tags: dict[str, str] | None = None,
+                      history: dict[str, list[tuple[int, float]]] | None = None) -> str | None:
+        """Record a finished run nested under this one (e.g. one tuning trial) and return its run id.
+
+        ``metrics`` are logged at step 0; ``history`` maps a metric to ``(step, value)`` points (e.g. per epoch).
+        Returns None when tracking is disabled.
+        """
+        if not self.enabled:
+            return None
+        import time
+
+        from mlflow.entities import Metric, Param
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        if getattr(self, "_experiment_id", None) is None:
+            self._experiment_id = client.get_run(self.run_id).info.experiment_id
+        child = client.create_run(self._experiment_id, run_name=name,
+                                  tags={"mlflow.parentRunId": self.run_id, **(tags or {})})
+        now = int(time.time() * 1000)
+        entries = [Metric(key, float(value), now, 0) for key, value in (metrics or {}).items()]
+        for key, points in (history or {}).items():
+            entries += [Metric(key, float(value), now, int(step)) for step, value in points]
+        fields = [Param(key, str(value)[:6000]) for key, value in params.items()]
+        # one batch holds at most 100 params and 1000 entries in all
+        batches = max(math.ceil(len(entries) / 900), math.ceil(len(fields) / 100), 1)
+        for index in range(batches):
+            client.log_batch(child.info.run_id, metrics=entries[index * 900:(index + 1) * 900],
+                             params=fields[index * 100:(index + 1) * 100])
+        client.set_terminated(child.info.run_id)
+        return child.info.run_id
 
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self._mlflow.active_run() is not None:

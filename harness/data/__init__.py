@@ -1,4 +1,4 @@
-"""Data: the embedded phantom generator, WebDataset shards (writer and readers) and image transforms.
+"""Data: the embedded phantom generator, WebDataset shards (writer: ``shards``, readers: ``loaders``), transforms.
 
 Shard names are imported lazily so that ``import harness.data.phantoms`` (or ``transforms``) from core
 modules never pulls in webdataset.
@@ -21,13 +21,14 @@ from harness.data.phantoms import (
 )
 from harness.data.transforms import AugmentSpec, augment, from_model_range, prepare_image, to_model_range
 
-_SHARD_NAMES = ("ShardError", "ShardLoader", "ShardWriter", "eval_loader", "read_manifest", "train_loader",
-                "verify_shards", "write_phantom_shards", "write_shards")
+_SHARD_NAMES = {name: "harness.data.shards" for name in (
+    "ShardError", "ShardWriter", "read_manifest", "verify_shards", "write_phantom_shards", "write_shards")}
+_SHARD_NAMES.update({name: "harness.data.loaders" for name in ("ShardLoader", "eval_loader", "train_loader")})
 
 
 def __getattr__(name: str) -> Any:
     if name in _SHARD_NAMES:
-        return getattr(importlib.import_module("harness.data.shards"), name)
+        return getattr(importlib.import_module(_SHARD_NAMES[name]), name)
     raise AttributeError(f"module 'harness.data' has no attribute {name!r}")
 
 

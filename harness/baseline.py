@@ -1,0 +1,354 @@
+"""DenseNet121 trained from scratch on the shards: the fully supervised baseline of the paper's Tables 3-4.
+
+Same shards, splits and augmentation as the DAE, and the same metrics (:mod:`harness.metrics`) as the heads:
+
+- ``detection``: one logit, ``BCEWithLogits`` with ``pos_weight = negatives / positives`` of the train split
+  (the counterpart of the heads' balanced class weights); rows outside the task's rule carry no loss. AUC comes
+  from the logit, F1 from logit > 0.
+- ``grading``: one output regressed on the grade with MSE; the prediction is rounded and clipped to the grade
+  range, then scored with macro-F1 and MAE like the calibrated heads.
+
+A trial (:func:`train_trial`) trains for up to ``epochs`` epochs (an epoch = ceil(train count / batch) batches
+of the shuffled, augmented stream), scores the validation split after each epoch and stops after ``patience``
+epochs without improvement; every epoch is handed to a ``report`` callback with the weights when they improved.
+The test split is scored only by :func:`evaluate_weights`, once, for the selected trial. Ray appears only in
+:func:`ray_trial` (imported there), so this module runs and tests without it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from harness.config import AugmentConfig, ConfigError, TrackConfig
+from harness.data.transforms import AugmentSpec
+from harness.heads import TaskSpec
+from harness.job_support import Resources, Splits, Stopwatch
+from harness.metrics import detection_metrics, grading_metrics
+
+OBJECTIVES = ("detection", "grading")
+SELECT = {"auc": ("val_auc", 1.0), "f1": ("val_f1", 1.0), "macro_f1": ("val_macro_f1", 1.0),
+          "mae": ("val_mae", -1.0)}  # metric -> (reported key, sign making larger better)
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class DenseNetSpec:
+    """MONAI DenseNet hyper-parameters; the defaults ARE DenseNet121 (smaller values exist for quick tests)."""
+
+    init_features: int = 64
+    growth_rate: int = 32
+    block_config: tuple[int, ...] = (6, 12, 24, 16)
+    dropout: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return "DenseNet121" if (self.init_features, self.growth_rate, self.block_config) == (64, 32, (6, 12, 24, 16)) \
+            else f"DenseNet(init={self.init_features}, growth={self.growth_rate}, blocks={list(self.block_config)})"
+
+
+@dataclass(frozen=True)
+class BaselineSearch:
+    """Ray Tune grid over learning rate and epoch budget, with the fixed training settings."""
+
+    lr: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    epochs: tuple[int, ...] = (20, 40)
+    patience: int = 5  # epochs without validation improvement before stopping
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.lr or min(self.lr) <= 0 or not self.epochs or min(self.epochs) < 1:
+            raise ConfigError(f"search: lr values must be > 0 and epochs >= 1, got {self.lr}, {self.epochs}")
+        if self.patience < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ConfigError("search: patience, batch_size and eval_batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class BaselineTask:
+    """A task's definition (as in the sweep) and the objectives trained (default: both when graded)."""
+
+    name: str
+    column: str
+    positives: tuple[int, ...]
+    negatives: tuple[int, ...] = ()
+    grade_range: tuple[int, int] | None = None
+    objectives: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for objective in self.objectives:
+            if objective not in OBJECTIVES:
+                raise ConfigError(f"task {self.name!r}: objectives must come from {OBJECTIVES}, got {objective!r}")
+        if "grading" in self.run_objectives and self.grade_range is None:
+            raise ConfigError(f"task {self.name!r}: objective 'grading' needs a grade_range")
+
+    @property
+    def run_objectives(self) -> tuple[str, ...]:
+        return self.objectives or (OBJECTIVES if self.grade_range is not None else ("detection",))
+
+    def spec(self) -> TaskSpec:
+        return TaskSpec(self.name, self.column, self.positives, self.negatives or None, self.grade_range)
+
+
+@dataclass(frozen=True)
+class BaselineJob:
+    """A whole ``jobs/baseline_*.yaml`` file."""
+
+    tasks: tuple[BaselineTask, ...]
+    out_dir: str = "runs/baseline"
+    image_size: int = 0  # 0: the shards' own size
+    channels: int = 0  # 0: the shards' own channel count
+    num_workers: int = 0  # DataLoader workers inside a trial
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: DenseNetSpec = field(default_factory=DenseNetSpec)
+    search: BaselineSearch = field(default_factory=BaselineSearch)
+    select_detection: str = "auc"
+    select_grading: str = "macro_f1"
+    resources: Resources = field(default_factory=Resources)
+    max_concurrent_trials: int = 0
+    ray_storage: str = ""  # "" -> <out>/ray; on a multi-node cluster a shared folder or cloud URI
+    splits: Splits = field(default_factory=Splits)
+    track: TrackConfig = field(default_factory=lambda: TrackConfig(registered_model=None))
+
+    def __post_init__(self) -> None:
+        names = [task.name for task in self.tasks]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"tasks: at least one, with unique names, got {names}")
+        if self.select_detection not in ("auc", "f1") or self.select_grading not in ("macro_f1", "mae"):
+            raise ConfigError("select_detection: auc or f1; select_grading: macro_f1 or mae")
+
+    def task(self, name: str) -> BaselineTask:
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise ConfigError(f"no task {name!r} in the job file (tasks: {[t.name for t in self.tasks]})")
+
+    def selection(self, objective: str) -> str:
+        return self.select_detection if objective == "detection" else self.select_grading
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What the trials read: the shard folder, image size/channels, train count and detection class balance."""
+
+    shards: str
+    image_size: int
+    channels: int
+    train_count: int
+    pos_weight: float
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Network, labels, scoring.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_densenet(spec: DenseNetSpec, in_channels: int) -> torch.nn.Module:
+    """MONAI's 2D DenseNet (DenseNet121 with the default spec), randomly initialised, one output unit."""
+    from monai.networks.nets import DenseNet
+
+    return DenseNet(spatial_dims=2, in_channels=in_channels, out_channels=1, init_features=spec.init_features,
+                    growth_rate=spec.growth_rate, block_config=spec.block_config, dropout_prob=spec.dropout)
+
+
+def batch_column(batch: dict[str, Any], column: str) -> np.ndarray:
+    """(B,) float labels of ``column``; NaN where a sample lacks it (such columns arrive in ``meta``)."""
+    if column in batch["labels"]:
+        return batch["labels"][column].numpy().astype(np.float64)
+    values = [meta.get(column) for meta in batch["meta"]]
+    return np.array([v if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan for v in values],
+                    dtype=np.float64)
+
+
+def targets(labels: np.ndarray, task: BaselineTask, objective: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows carrying a label for this objective, their float targets): 0/1 for detection, the grade otherwise."""
+    if objective == "detection":
+        mask, y = task.spec().binary_targets(labels)
+        return mask, y.astype(np.float32)
+    low, high = task.grade_range
+    mask = np.isfinite(labels) & (labels >= low) & (labels <= high)
+    return mask, labels[mask].astype(np.float32)
+
+
+def score(outputs: np.ndarray, labels: np.ndarray, task: BaselineTask, objective: str) -> dict[str, Any]:
+    """Metrics of network outputs (N,) against raw labels (N,): detection_metrics or grading_metrics."""
+    mask, target = targets(labels, task, objective)
+    if objective == "detection":
+        return detection_metrics(target.astype(np.int64), outputs[mask])  # logit > 0 <=> p > 0.5
+    low, high = task.grade_range
+    predicted = np.clip(np.rint(outputs[mask]), low, high).astype(np.int64)
+    return grading_metrics(target.astype(np.int64), predicted, task.grade_range)
+
+
+def predict(model: torch.nn.Module, data: DataShape, split: str, batch_size: int, column: str,
+            device: torch.device, num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(outputs (N,), labels (N,)) over one deterministic pass of ``split``."""
+    from harness.data.shards import eval_loader
+
+    model.eval()
+    outputs, labels = [], []
+    loader = eval_loader(data.shards, batch_size, split=split, image_size=data.image_size, channels=data.channels,
+                         num_workers=num_workers)
+    with torch.no_grad():
+        for batch in loader:
+            outputs.append(model(batch["image"].to(device)).reshape(-1).float().cpu().numpy())  # (B,)
+            labels.append(batch_column(batch, column))
+    return np.concatenate(outputs), np.concatenate(labels)
+
+
+def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {f"{prefix}{k}": float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)}
+
+
+class EarlyStopping:
+    """Tracks the best value of a larger-is-better score; ``stop`` after ``patience`` epochs without a gain.
+
+    A NaN score (e.g. AUC of a single-class split) never counts as an improvement.
+    """
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.best, self.best_epoch, self.stale = patience, -math.inf, -1, 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an epoch's score; True when it is a new best."""
+        if math.isfinite(value) and value > self.best:
+            self.best, self.best_epoch, self.stale = value, epoch, 0
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.stale >= self.patience
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One trial and the final test pass.
+# ---------------------------------------------------------------------------------------------------------
+
+Reporter = Callable[[dict[str, Any], dict[str, torch.Tensor] | None], None]
+
+
+def train_trial(params: dict[str, Any], data: DataShape, task: BaselineTask, objective: str, job: BaselineJob,
+                report: Reporter) -> dict[str, Any]:
+    """Train one (lr, epochs) configuration with early stopping; ``report(metrics, weights_or_None)`` per epoch.
+
+    Returns the last reported metrics (``best_score`` is the best validation selection score, larger = better).
+    """
+    from harness.data.shards import train_loader
+
+    clock, search = Stopwatch(), job.search
+    torch.manual_seed(search.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray exposes the trial's GPU share
+    model = build_densenet(job.model, data.channels).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(params["lr"]), weight_decay=search.weight_decay)
+    loader = train_loader(data.shards, search.batch_size, split=job.splits.train, image_size=data.image_size,
+                          channels=data.channels, augment=AugmentSpec.from_config(job.augment),
+                          num_workers=job.num_workers, seed=search.seed)
+    stream = iter(loader)
+    steps_per_epoch = math.ceil(data.train_count / search.batch_size)
+    selection = job.selection(objective)
+    key, sign = SELECT[selection]
+    stopper = EarlyStopping(search.patience)
+    pos_weight = torch.tensor(data.pos_weight, device=device)
+    metrics: dict[str, Any] = {}
+    for epoch in range(1, int(params["epochs"]) + 1):
+        model.train()
+        losses = []
+        for batch in itertools.islice(stream, steps_per_epoch):
+            mask, target = targets(batch_column(batch, task.column), task, objective)
+            if not mask.any():
+                continue
+            images = batch["image"][torch.from_numpy(mask)].to(device)  # (b, C, H, W)
+            output = model(images).reshape(-1)  # (b,)
+            target_t = torch.from_numpy(target).to(device)
+            loss = F.binary_cross_entropy_with_logits(output, target_t, pos_weight=pos_weight) \
+                if objective == "detection" else F.mse_loss(output, target_t)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        outputs, labels = predict(model, data, job.splits.val, search.eval_batch_size, task.column, device,
+                                  job.num_workers)
+        val = _scalars(score(outputs, labels, task, objective), "val_")
+        improved = stopper.update(sign * val.get(key, math.nan), epoch)
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else math.nan, **val,
+                   "best_score": stopper.best, "best_epoch": stopper.best_epoch, "stopped_early": 0,
+                   "cpu_s": clock.cpu(), "wall_s": clock.wall()}
+        if stopper.stop and epoch < int(params["epochs"]):
+            metrics["stopped_early"] = 1
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()} if improved else None
+        report(metrics, weights)
+        if metrics["stopped_early"]:
+            break
+    return metrics
+
+
+def ray_trial(config: dict[str, Any], data: DataShape, task: BaselineTask, job: BaselineJob) -> None:
+    """Ray Tune function trainable (config: objective, lr, epochs): :func:`train_trial` reporting each epoch,
+    with a checkpoint when the validation score improved."""
+    import tempfile
+
+    from ray import tune
+    from safetensors.torch import save_file
+
+    def report(metrics: dict[str, Any], weights: dict[str, torch.Tensor] | None) -> None:
+        if weights is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:  # Ray copies it into the run's storage before returning
+            save_file(weights, str(Path(folder) / WEIGHTS_FILE))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    train_trial(config, data, task, config["objective"], job, report)
+
+
+def evaluate_weights(weights_dir: str | Path, data: DataShape, task: BaselineTask, objective: str,
+                     job: BaselineJob) -> dict[str, Any]:
+    """Load a trial's saved weights and score validation and test: the one place test metrics come from."""
+    from safetensors.torch import load_file
+
+    clock = Stopwatch()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_densenet(job.model, data.channels)
+    model.load_state_dict(load_file(str(Path(weights_dir) / WEIGHTS_FILE)))
+    model.to(device)
+    out: dict[str, Any] = {}
+    for name, split in (("val", job.splits.val), ("test", job.splits.test)):
+        outputs, labels = predict(model, data, split, job.search.eval_batch_size, task.column, device,
+                                  job.num_workers)
+        out[name] = score(outputs, labels, task, objective)
+    return {**out, "cpu_s": clock.cpu(), "wall_s": clock.wall()}
+
+
+def evaluate_checkpoint(checkpoint: Any, data: DataShape, task: BaselineTask, objective: str,
+                        job: BaselineJob) -> dict[str, Any]:
+    """:func:`evaluate_weights` on a Ray Tune checkpoint (local or in cloud storage)."""
+    with checkpoint.as_directory() as folder:
+        return evaluate_weights(folder, data, task, objective, job)
+
+
+def labels_used(label_counts: dict[str, int], task: BaselineTask) -> int:
+    """Training images whose label enters some objective's loss, from the manifest's ``{value: count}``."""
+    used = 0
+    for value, count in label_counts.items():
+        try:
+            grade = float(value)
+        except ValueError:
+            continue
+        in_rule = bool(targets(np.array([grade]), task, "detection")[0][0])
+        graded = task.grade_range is not None and task.grade_range[0] <= grade <= task.grade_range[1] \
+            and "grading" in task.run_objectives
+        used += count if (in_rule and "detection" in task.run_objectives) or graded else 0
+    return used

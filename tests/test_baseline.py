@@ -1,0 +1,190 @@
+"""DenseNet121 baseline: pieces without Ray, one tiny Ray Tune run with sqlite MLflow, and the comparison report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from harness.baseline import (
+    BaselineJob,
+    BaselineTask,
+    DataShape,
+    DenseNetSpec,
+    EarlyStopping,
+    build_densenet,
+    evaluate_weights,
+    labels_used,
+    score,
+    train_trial,
+)
+from harness.compare import load_summary, method_row, write_comparison
+from harness.config import ConfigError
+from harness.job_support import build_dataclass, load_job_yaml
+from harness.report import check_report
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]}  # tests only
+
+
+def load_job_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from harness.data.shards import write_phantom_shards
+
+    return write_phantom_shards(tmp_path_factory.mktemp("phantoms") / "shards", size=32, n_train=48, n_val=24,
+                                n_test=24, seed=3, samples_per_shard=24)
+
+
+def job_dict(tmp_path: Path, **changes) -> dict:
+    job = {
+        "out_dir": str(tmp_path / "out"), "model": TINY_MODEL,
+        "augment": {"enabled": True, "p": 0.5},  # the DAE's augmentation path, exercised
+        "search": {"lr": [3e-3, 3e-2], "epochs": [2], "patience": 1, "batch_size": 16, "eval_batch_size": 24},
+        "resources": {"cpu": 1, "gpu": 0}, "track": {"experiment": "baseline-test"},
+        "tasks": [{"name": "fracture", "column": "grade", "positives": [1, 2, 3], "grade_range": [0, 3]}],
+    }
+    job.update(changes)
+    return job
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Without Ray.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_default_network_is_densenet121_from_scratch():
+    from monai.networks.nets import DenseNet121
+
+    model = build_densenet(DenseNetSpec(), in_channels=1)
+    reference = DenseNet121(spatial_dims=2, in_channels=1, out_channels=1)
+    assert DenseNetSpec().name == "DenseNet121"
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 1)  # works at the phantoms' 32 px
+    # randomly initialised: two builds differ (nothing pretrained is loaded)
+    assert not torch.equal(next(model.parameters()), next(reference.parameters()))
+
+
+def test_job_file_is_strict(tmp_path):
+    job = build_dataclass(BaselineJob, job_dict(tmp_path), "")
+    assert job.tasks[0].run_objectives == ("detection", "grading") and job.model.name.startswith("DenseNet(")
+    assert load_job_yaml(ROOT / "jobs" / "baseline_phantoms.yaml", BaselineJob).model.name == "DenseNet121"
+    for changes, message in (({"search": {"lrs": [1e-3]}}, r"unknown key\(s\) \['lrs'\]"),
+                             ({"augment": {"rotate": 10}}, r"augment: unknown key"),
+                             ({"select_grading": "auc"}, "select_grading"),
+                             ({"tasks": [{"name": "a", "column": "grade", "positives": [1],
+                                          "objectives": ["grading"]}]}, "needs a grade_range")):
+        with pytest.raises(ConfigError, match=message):
+            build_dataclass(BaselineJob, job_dict(tmp_path, **changes), "")
+
+
+def test_scoring_early_stopping_and_label_counts():
+    task = BaselineTask("fracture", "grade", (2, 3), (0,), grade_range=(0, 3))
+    labels = np.array([0, 1, 2, 3, 0, np.nan])
+    detection = score(np.array([-2.0, 5.0, 1.0, 3.0, 0.5, 9.0]), labels, task, "detection")
+    assert detection["n_pos"] == 2 and detection["n_neg"] == 2  # grade 1 and the missing label are left out
+    assert detection["auc"] == 1.0 and detection["f1"] == pytest.approx(0.8)  # the grade-0 row at 0.5 is a FP
+    grading = score(np.array([-0.7, 1.4, 2.6, 7.0, 0.2, 1.0]), labels, task, "grading")
+    assert grading["mae"] == pytest.approx(1 / 5) and grading["confusion"][2][3] == 1  # 2.6 -> 3; 7 -> 3 clipped
+    stopper = EarlyStopping(patience=2)
+    seen = [stopper.update(v, e) for e, v in enumerate([0.5, math.nan, 0.7, 0.6, 0.7], start=1)]
+    assert seen == [True, False, True, False, False] and stopper.stop and stopper.best_epoch == 3
+    assert labels_used({"0": 10, "1": 5, "2": 3, "3": 2}, task) == 20  # graded: every row counts
+    assert labels_used({"0": 10, "1": 5, "2": 3, "3": 2}, BaselineTask("f", "grade", (2, 3), (0,))) == 15
+
+
+def test_real_densenet121_trains_one_epoch_without_ray(shards, tmp_path):
+    job = build_dataclass(BaselineJob, job_dict(tmp_path, model={}, search={
+        "lr": [1e-3], "epochs": [1], "patience": 1, "batch_size": 24, "eval_batch_size": 24}), "")
+    data = DataShape(str(shards), 32, 1, 48, 1.0)
+    reports = []
+    final = train_trial({"lr": 1e-3, "epochs": 1}, data, job.tasks[0], "grading", job,
+                        lambda metrics, weights: reports.append((metrics, weights)))
+    assert len(reports) == 1 and final["epoch"] == 1 and math.isfinite(final["train_loss"])
+    assert reports[0][1] is not None and "features.denseblock4.denselayer16.layers.conv2.weight" in reports[0][1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny Ray Tune run, then the comparison report.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ["RAY_DISABLE_USAGE_STATS"] = "1"
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_baseline_tunes_selects_on_val_and_tests_once(shards, tmp_path, local_ray):
+    from mlflow.tracking import MlflowClient
+
+    config = tmp_path / "baseline.yaml"
+    config.write_text(yaml.safe_dump(job_dict(tmp_path)))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = load_job_module("baseline_densenet").main(
+        ["--shards", str(shards), "--task", "fracture", "--config", str(config), "--tracking-uri", uri])
+    client = MlflowClient(uri)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["pretrained"] == "False"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4  # 2 learning rates x 1 epoch budget x 2 objectives
+    job = load_job_yaml(config, BaselineJob)
+    data = DataShape(str(shards), 32, 1, 48, 1.0)
+    for objective, key in (("detection", "auc"), ("grading", "macro_f1")):
+        runs = [r for r in children if r.data.tags["objective"] == objective]
+        assert len(runs) == 2
+        for run in runs:
+            assert not any(name.startswith("test") for name in run.data.metrics)  # test: never in a trial
+            epochs_run = int(run.data.metrics["epoch"])
+            assert len(client.get_metric_history(run.info.run_id, f"val_{key}")) == epochs_run  # one per epoch
+        selected = [r for r in runs if r.data.tags["selected"] == "true"]
+        assert len(selected) == 1
+        assert selected[0].data.metrics["best_score"] == max(r.data.metrics["best_score"] for r in runs)
+        # the parent's test metric is that of the selected trial's best checkpoint, scored once
+        parent_metric = f"fracture/{objective}/test_{key}"
+        assert len(client.get_metric_history(parent.info.run_id, parent_metric)) == 1
+        folder = tmp_path / "out" / "best" / f"fracture-{objective}"
+        record = json.loads((folder / "record.json").read_text())
+        recomputed = evaluate_weights(folder, data, job.tasks[0], objective, job)
+        assert recomputed["test"][key] == pytest.approx(parent.data.metrics[parent_metric])
+        assert record["val"][key] == pytest.approx(recomputed["val"][key])
+        assert f"lr={float(selected[0].data.params['lr']):.3g}" in record["selected"]
+
+    row = summary["rows"][0]
+    assert row["method"].startswith("DenseNet(") and row["labels_used"] == 48 and row["trials"] == 4
+    assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["gpu_s"] == 0
+
+    # comparison report beside a head row of the same task
+    head = method_row("fracture", "DAE + svm head", {"auc": 0.9, "f1": 0.8}, {"grade_macro_f1": 0.6, "grade_mae": 0.4},
+                      labels_used=48, wall_s=row["wall_s"] / 10, cpu_s=1.0, gpu_s=0.0, trials=12, selected="svm C=1")
+    (tmp_path / "heads").mkdir()
+    (tmp_path / "heads" / "summary.json").write_text(json.dumps({"rows": [head]}))
+    index = load_job_module("compare").main(["--heads", str(tmp_path / "heads"), "--baseline",
+                                             str(tmp_path / "out"), "--out", str(tmp_path / "compare")])
+    assert check_report(index) == []
+    table = json.loads((tmp_path / "compare" / "tables" / "task-fracture.json").read_text())
+    assert [r["method"] for r in table] == ["DAE + svm head", row["method"]]
+    assert table[0]["macro_f1"] == 0.6 and table[1]["auc"] == pytest.approx(row["auc"])
+    ratios = json.loads((tmp_path / "compare" / "tables" / "cost_ratios.json").read_text())
+    assert ratios[0]["wall_s_ratio"] == pytest.approx(0.1)
+    assert load_summary(tmp_path / "out")[0]["task"] == "fracture"
+    with pytest.raises(ValueError, match="nothing to compare"):
+        write_comparison([], [], tmp_path / "empty")

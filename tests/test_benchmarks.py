@@ -1,0 +1,163 @@
+"""The benchmark runner: the regression check on synthetic records, the record's fields, and the committed baseline."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks/ is a folder of scripts beside the package, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import run  # noqa: E402
+from benchmarks.records import (  # noqa: E402
+    EXACT,
+    TIMING,
+    Metric,
+    SuiteResult,
+    check_record,
+    load_record,
+    make_record,
+    save_record,
+)
+
+BASELINE = REPO / "benchmarks" / "baselines" / "cpu-small.json"
+
+
+def _record() -> dict:
+    """A record of two suites with one metric of each kind the check distinguishes."""
+    train = SuiteResult(metrics={
+        "train/tiny-32/fp32/eager/images_per_s": Metric(20.0, "images/s", **TIMING),
+        "train/tiny-32/fp32/eager/gflop_per_image": Metric(1.96, "GFLOP", False, **EXACT),
+        "train/tiny-32/fp32/eager/peak_memory_mb": Metric(1000.0, "MiB", False, tolerance=None),
+        "train/tiny-32/fp32/eager/ratio_vs_reference": Metric(1.1, "x", required=False, **TIMING),
+    }, rows=[{"size": "tiny-32"}])
+    quality = SuiteResult(metrics={
+        "quality/detection/auc": Metric(0.80, "AUC", tolerance=0.05, abs_tolerance=0.03),
+        "quality/grading/mae": Metric(0.50, "grades", False, tolerance=0.15, abs_tolerance=0.05),
+    })
+    return make_record({"train": train, "quality": quality}, small=True, wall_s=1.0, argv=["--suite", "all"])
+
+
+def _statuses(record: dict, baseline: dict) -> dict[str, str]:
+    return {row.name: row.status for row in check_record(record, baseline)}
+
+
+def test_unchanged_record_passes_and_doctored_metrics_fail():
+    baseline = _record()
+    assert not any(row.failed for row in check_record(copy.deepcopy(baseline), baseline))
+
+    doctored = copy.deepcopy(baseline)
+    metrics = doctored["metrics"]
+    metrics["train/tiny-32/fp32/eager/images_per_s"]["value"] = 9.0  # 55 % slower: beyond the 50 % tolerance
+    metrics["quality/grading/mae"]["value"] = 0.60  # +0.10 > max(15 % of 0.5, 0.05)
+    metrics["train/tiny-32/fp32/eager/peak_memory_mb"]["value"] = 5000.0  # recorded only: never fails
+    statuses = _statuses(doctored, baseline)
+    assert statuses["train/tiny-32/fp32/eager/images_per_s"] == "worse"
+    assert statuses["quality/grading/mae"] == "worse"
+    assert statuses["train/tiny-32/fp32/eager/peak_memory_mb"] == "info"
+    assert statuses["quality/detection/auc"] == "ok"
+
+
+def test_tolerances_directions_and_missing_metrics():
+    baseline = _record()
+    changed = copy.deepcopy(baseline)
+    metrics = changed["metrics"]
+    metrics["train/tiny-32/fp32/eager/images_per_s"]["value"] = 12.0  # 40 % slower: timing slack is 50 %
+    metrics["quality/detection/auc"]["value"] = 0.78  # within the 0.04 slack (5 % of 0.8)
+    metrics["quality/grading/mae"]["value"] = 0.30  # lower is better: an improvement
+    metrics["train/tiny-32/fp32/eager/gflop_per_image"]["value"] = 1.99  # +1.5 %: exact counts allow 1 %
+    del metrics["train/tiny-32/fp32/eager/ratio_vs_reference"]  # optional: measured only with --reference
+    statuses = _statuses(changed, baseline)
+    assert statuses["train/tiny-32/fp32/eager/images_per_s"] == "ok"
+    assert statuses["quality/detection/auc"] == "ok"
+    assert statuses["quality/grading/mae"] == "better"
+    assert statuses["train/tiny-32/fp32/eager/gflop_per_image"] == "worse"
+    assert statuses["train/tiny-32/fp32/eager/ratio_vs_reference"] == "optional missing"
+
+    del metrics["quality/detection/auc"]  # a required metric that silently disappeared
+    metrics["quality/grading/mae"]["value"] = None  # NaN is stored as null
+    statuses = _statuses(changed, baseline)
+    assert statuses["quality/detection/auc"] == "missing" and statuses["quality/grading/mae"] == "not finite"
+
+    only_train = copy.deepcopy(baseline)
+    only_train["suites"] = ["train"]  # a run of one suite is checked against that suite's metrics only
+    assert {name.split("/")[0] for name in _statuses(only_train, baseline)} == {"train"}
+
+
+def test_cli_check_exit_status(tmp_path, capsys):
+    baseline = _record()
+    base_path = save_record(baseline, tmp_path / "base")
+    assert run.main(["--compare", str(base_path), "--check", str(base_path)]) == 0
+    assert "passed" in capsys.readouterr().out
+
+    doctored = copy.deepcopy(baseline)
+    doctored["metrics"]["quality/detection/auc"]["value"] = 0.70
+    doctored_path = save_record(doctored, tmp_path / "doctored")
+    assert run.main(["--compare", str(doctored_path), "--check", str(base_path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and re.search(r"quality/detection/auc .*WORSE", out)
+
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ValueError, match="junk.json"):
+        load_record(tmp_path / "junk.json")
+
+
+def test_a_small_suite_writes_a_complete_record_and_tracks_it(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    assert run.main(["--suite", "heads", "--small", "--out-dir", str(tmp_path), "--track", "--tracking-uri", uri]) == 0
+    [path] = list(tmp_path.glob("heads-*.json"))
+    assert re.fullmatch(r"heads-\d{8}T\d{6}Z\.json", path.name)
+    record = load_record(path)
+    for field in ("metrics", "machine", "versions", "git", "command", "created", "suites", "rows"):
+        assert field in record, field
+    assert record["suites"] == ["heads"] and record["small"] is True
+    assert "gpu" in record["machine"] and record["machine"]["cpu_count"] >= 1
+    assert record["versions"]["torch"] and record["versions"]["python"]
+    assert "benchmarks/run.py --suite heads --small --out-dir" in record["command"]
+    assert "commit" in record["git"]
+    names = set(record["metrics"])
+    assert {f"heads/sklearn/{kind}/fit_s" for kind in ("svm", "logistic", "linear")} <= names
+    for spec in record["metrics"].values():
+        assert set(spec) >= {"value", "unit", "higher_is_better", "tolerance", "abs_tolerance", "required"}
+        assert spec["value"] is not None and spec["value"] >= 0
+    assert run.main(["--compare", str(path), "--check", str(path)]) == 0
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    [tracked] = client.search_runs([client.get_experiment_by_name("dae-cf-benchmarks").experiment_id])
+    logged = record["metrics"]["heads/sklearn/svm/fit_s"]["value"]
+    assert tracked.data.metrics["heads/sklearn/svm/fit_s"] == pytest.approx(logged)
+    assert tracked.data.tags["git_commit"] == str(record["git"]["commit"])
+    assert [a.path for a in client.list_artifacts(tracked.info.run_id, "benchmarks")] == [f"benchmarks/{path.name}"]
+
+
+def test_committed_baseline_covers_every_suite_with_declared_tolerances():
+    baseline = load_record(BASELINE)
+    assert baseline["small"] is True and set(baseline["suites"]) == set(run.SUITE_NAMES)
+    suites = {name.split("/")[0] for name in baseline["metrics"]}
+    assert suites == set(run.SUITE_NAMES)
+    for name, spec in baseline["metrics"].items():
+        assert isinstance(spec["higher_is_better"], bool), name
+        if spec["tolerance"] is not None:
+            assert spec["value"] is not None, name
+            # Timings get wide tolerances; exact counts and quality metrics tighter ones.
+            if name.endswith(("images_per_s", "/fit_s", "/mfu")):
+                assert spec["tolerance"] >= 0.5, name
+            if name.startswith("quality/"):
+                assert spec["tolerance"] <= 0.25, name
+    assert any(name.startswith("quality/detection/auc") for name in baseline["metrics"])
+    assert json.loads(BASELINE.read_text())["git"]["commit"]
+
+
+def test_reference_needs_a_diffae_checkout(tmp_path):
+    from benchmarks import reference
+
+    with pytest.raises(FileNotFoundError, match="unet_autoenc.py"):
+        reference.reference_model_class(tmp_path)

@@ -1,0 +1,98 @@
+"""The main job end to end at a tiny budget, encoding across ranks, and the import boundaries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harness.autoencoder import DiffusionAutoencoder
+from harness.data import write_phantom_shards
+from harness.diffusion import alphas_cumprod, linear_betas
+from harness.encode import encode_to_table
+from harness.latents import load_latents
+from harness.models import build_dae
+from harness.report import check_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantom_shards(out, size=32, n_train=96, n_val=16, n_test=32, seed=1, samples_per_shard=16)
+    return out
+
+
+def untrained_autoencoder() -> DiffusionAutoencoder:
+    torch.manual_seed(0)
+    return DiffusionAutoencoder(build_dae("tiny-32"), alphas_cumprod(linear_betas()), device="cpu", batch_size=8)
+
+
+def test_encoding_split_over_ranks_equals_one_process_and_resumes(shards, tmp_path):
+    ae = untrained_autoencoder()
+    kwargs = dict(batch_size=8, with_x_T=True, invert_steps=2, batches_per_chunk=1, progress=False)
+    single = load_latents(encode_to_table(ae, shards, ["val", "test"], tmp_path / "one.npz", **kwargs))
+    # Two "ranks" run one after the other; rank 0 merges once every chunk is there.
+    assert encode_to_table(ae, shards, ["val", "test"], tmp_path / "two.npz", rank=1, world_size=2, **kwargs) is None
+    merged = load_latents(encode_to_table(ae, shards, ["val", "test"], tmp_path / "two.npz", rank=0, world_size=2,
+                                          **kwargs))
+    assert len(single) == 48 and single.split_counts() == {"test": 32, "val": 16}
+    np.testing.assert_array_equal(single.ids, merged.ids)
+    np.testing.assert_allclose(single.z_sem, merged.z_sem, atol=1e-5)
+    np.testing.assert_allclose(single.x_T, merged.x_T, atol=1e-4)
+    np.testing.assert_array_equal(single.labels["grade"], merged.labels["grade"])
+    assert single.x_T.shape == (48, 1, 32, 32) and single.z_sem.shape == (48, 512)
+
+    # Resume: chunks already on disk are not encoded again (a poisoned encoder would change them).
+    parts = tmp_path / "resume.npz.parts"
+    encode_to_table(ae, shards, ["test"], tmp_path / "resume.npz", **kwargs)
+    full = load_latents(tmp_path / "resume.npz")
+    from harness.encode import encode_split
+
+    encode_split(ae, shards, "test", parts, batch_size=8, batches_per_chunk=1, progress=False)
+    first_chunk = sorted(parts.glob("*.npz"))[0]
+    first_chunk.unlink()  # as if the job died after writing all but the first chunk
+    calls = []
+    original = ae.encode
+    ae.encode = lambda x: calls.append(len(x)) or original(x)
+    encode_split(ae, shards, "test", parts, batch_size=8, batches_per_chunk=1, progress=False)
+    assert calls == [8], "only the missing chunk should be encoded again"
+    assert len(full) == 32
+
+
+@pytest.mark.slow
+def test_main_pipeline_tiny_budget_writes_complete_report(shards, tmp_path):
+    from harness.pipeline import run
+
+    overrides = [f"--data.source=shards", f"--data.shard_dir={shards}", f"--train.out_dir={tmp_path / 'dae'}",
+                 f"--eval.out_dir={tmp_path / 'eval'}", "--train.total_samples=64", "--train.batch_size=16",
+                 "--train.preview_images=4", "--diffusion.invert_steps=3", "--diffusion.decode_steps=3",
+                 "--eval.counterfactual_images=8", "--eval.strip_images=2", "--eval.batch_size=16",
+                 "--eval.encode_splits=[train, test]"]
+    index = run(str(REPO / "jobs" / "phantoms_demo.yaml"), overrides)
+    assert index.is_file() and check_report(index) == []
+    html = index.read_text()
+    for figure in ("strips.png", "latent_map.png", "roc_fracture.png", "calibration_fracture.png", "truth_healthy.png"):
+        assert f"figures/{figure}" in html
+    tables = index.parent / "tables"
+    for name in ("detection", "grading", "counterfactuals", "reconstruction"):
+        assert (tables / f"{name}.csv").is_file()
+    detection = (tables / "detection.csv").read_text().splitlines()
+    assert detection[0].startswith("task,kind,split,auc,f1") and len(detection) == 1 + 2 * 3  # 2 tasks x 3 kinds
+    table = load_latents(tmp_path / "eval" / "latents.parquet")
+    assert set(np.unique(table.splits)) == {"train", "test"}
+    assert (tmp_path / "eval" / "heads.json").is_file()
+
+
+def test_core_modules_do_not_import_entry_point_libraries():
+    code = ("import sys, harness.config, harness.diffusion, harness.models, harness.heads, harness.counterfactual, "
+            "harness.latents, harness.metrics, harness.autoencoder, harness.data.phantoms, harness.data.transforms\n"
+            "bad = [m for m in ('accelerate', 'ray', 'mlflow', 'webdataset') if m in sys.modules]\n"
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,343 @@
+"""The served explainer: request decoding, building, and a real `mlflow models serve` on loopback.
+
+One server per module (starting it takes MLflow several seconds). Answers are checked against the same
+computation done here directly with ``DiffusionAutoencoder`` and the head, so a wrong image scaling, a
+swapped counterfactual or a misapplied calibration shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from harness import serving
+from harness.autoencoder import DiffusionAutoencoder
+from harness.checkpoint import save_state_dict
+from harness.config import dump_yaml, load_config
+from harness.counterfactual import move_to_distance, reflect
+from harness.data.phantoms import generate_phantoms
+from harness.heads import Calibration, FittedHead, Hyperplane, TaskResult, TaskSpec
+from harness.models import build_dae
+
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+STEPS = 2  # DDIM steps for inversion and decoding: enough to exercise the path, cheap on a CPU
+TASK = TaskSpec("fracture", "grade", (1, 2, 3), None, (0, 3))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers (also used by test_registry.py).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def export_tiny_dae(folder: Path, shard_dir: Path | None = None, recon_mse: float = 0.05, seed: int = 0) -> Path:
+    """An untrained tiny-32 DAE exported like training's ``<out_dir>/final`` (safetensors + config + summary)."""
+    overrides = [f"--diffusion.invert_steps={STEPS}", f"--diffusion.decode_steps={STEPS}"]
+    if shard_dir is not None:
+        overrides.append(f"--data.shard_dir={shard_dir}")
+    config = load_config(None, overrides)
+    torch.manual_seed(seed)
+    dae = build_dae(config.model.size, in_channels=config.data.channels, **config.model.overrides(32))
+    with torch.no_grad():  # zero-initialised output layers would make the untrained decoder ignore z_sem
+        for parameter in dae.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_state_dict(dae.state_dict(), folder / "ema.safetensors")
+    (folder / "config.yaml").write_text(dump_yaml(config))
+    (folder / "model.json").write_text(json.dumps({"size": "tiny-32", "recon_mse": recon_mse, "final_loss": 0.5}))
+    return folder
+
+
+def phantom_images(n: int, seed: int = 3) -> np.ndarray:
+    """(N, 32, 32) uint8 vertebra phantoms."""
+    return np.stack([sample.image for sample in generate_phantoms(n, 32, seed)])
+
+
+def to_model_input(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W) uint8 -> (N, 1, H, W) in [-1, 1], as the server maps a PNG."""
+    return torch.from_numpy(images.astype(np.float32) / 255.0)[:, None] * 2.0 - 1.0
+
+
+def write_heads(path: Path, model_dir: Path, images: np.ndarray, dim: int = 512) -> TaskResult:
+    """A head whose calibration spreads ``images``' distances over grades 0..3 (so grades differ per image)."""
+    rng = np.random.default_rng(1)
+    normal = rng.normal(size=dim)
+    if dim == 512:
+        ae = DiffusionAutoencoder.load(model_dir, device="cpu")
+        raw = ae.encode(to_model_input(images)).double().numpy() @ normal / np.linalg.norm(normal)  # (N,)
+        bias = -float(np.median(raw)) * np.linalg.norm(normal)  # half the images on each side
+    else:
+        raw, bias = np.array([0.0, 1.0]), 0.0
+    hyperplane = Hyperplane(normal, bias)
+    dist = raw + bias / np.linalg.norm(normal)
+    slope = 3.0 / (dist.max() - dist.min())
+    calibration = Calibration("lstsq", (slope, -slope * dist.min()), 0, 3, (float(dist.min()), float(dist.max())))
+    head = FittedHead("svm", hyperplane, 1.0, "sklearn", TASK, True, (2.0, 0.1), 10, 10)
+    result = TaskResult(TASK, head, calibration)
+    path.write_text(json.dumps({"fracture/svm": result.to_dict()}))
+    return result
+
+
+def png_b64(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def png_pixels(text: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(text))) as image:
+        return np.asarray(image).astype(np.int16)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(command: list[str], log_path: Path) -> subprocess.Popen:
+    """Start ``command`` in a process group of its own (so that stopping it reaches the workers it forks)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1"}
+    with open(log_path, "w") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_until_ready(process: subprocess.Popen, url: str, log_path: Path, timeout: float = 120.0) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's log when it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready after {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's own process group (the server and its workers, nothing else), then SIGKILL."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=15)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixtures: one built explainer, one server.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Iterator[dict]:
+    """Build the explainer with the CLI and start `mlflow models serve` on it right away (it boots meanwhile)."""
+    root = tmp_path_factory.mktemp("explainer")
+    model_dir = export_tiny_dae(root / "dae" / "final")
+    images = phantom_images(4)
+    result = write_heads(root / "heads.json", model_dir, images)
+    out = serving.main(["build", "--model", str(model_dir), "--heads", str(root / "heads.json"), "--task",
+                        "fracture", "--kind", "svm", "--out", str(root / "served"), "--invert-steps", str(STEPS),
+                        "--decode-steps", str(STEPS), "--max-images", "8"])
+    port = free_port()
+    process = start_server([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(out), "--env-manager",
+                            "local", "-h", "127.0.0.1", "-p", str(port)], root / "serve.log")
+    try:
+        yield {"root": root, "model_dir": model_dir, "images": images, "result": result, "out": out,
+               "process": process, "port": port}
+    finally:
+        stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def server(built) -> str:
+    wait_until_ready(built["process"], f"http://127.0.0.1:{built['port']}/ping", built["root"] / "serve.log")
+    return f"http://127.0.0.1:{built['port']}/invocations"
+
+
+@pytest.fixture(scope="module")
+def reference(built) -> dict:
+    """What the server should answer, computed directly."""
+    result = built["result"]
+    ae = DiffusionAutoencoder.load(built["model_dir"], device="cpu", invert_steps=STEPS, decode_steps=STEPS)
+    x = to_model_input(built["images"])  # (4, 1, 32, 32)
+    z = ae.encode(x)
+    x_T = ae.invert(x, z)
+    dist = result.head.decision(z.double().numpy())
+    grade_z = {g: move_to_distance(z, result.head.hyperplane, float(result.calibration.distance_for_grade(g)))
+               for g in (0, 3)}
+    to_pixels = lambda t: np.rint((t[:, 0].numpy() + 1.0) * 127.5).astype(np.int16)  # noqa: E731
+    return {"dist": dist, "probability": result.head.probability(z.double().numpy()),
+            "grade": result.calibration.grade(dist),
+            "ce_binary": to_pixels(ae.decode(reflect(z, result.head.hyperplane), x_T)),
+            "ce_grade": {g: to_pixels(ae.decode(moved, x_T)) for g, moved in grade_z.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building (first: the server started by the fixture boots while the tests below run).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_build_names_unknown_heads_and_mismatched_latents(built, tmp_path):
+    with pytest.raises(KeyError, match="fracture/svm"):
+        serving.build_explainer(built["model_dir"], built["root"] / "heads.json", "fracture", "logistic", tmp_path / "a")
+    small = tmp_path / "heads16.json"
+    write_heads(small, built["model_dir"], built["images"], dim=16)
+    with pytest.raises(ValueError, match="z_dim 512"):
+        serving.build_explainer(built["model_dir"], small, "fracture", "svm", tmp_path / "b")
+    with pytest.raises(FileExistsError):
+        serving.build_explainer(built["model_dir"], built["root"] / "heads.json", "fracture", "svm", built["out"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    mlmodel = (built["out"] / "MLmodel").read_text()
+    assert "python_model.pkl" not in mlmodel and "code_model" in mlmodel  # nothing pickled
+    assert (built["out"] / "artifacts" / "final" / "ema.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Request decoding (no model needed).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_png_and_array_inputs_decode_to_the_same_image():
+    image = phantom_images(1)[0]
+    from_png = serving.decode_image(png_b64(image), "row 0", 32, 1)
+    from_array = serving.decode_image((image / 255.0).tolist(), "row 0", 32, 1)
+    assert from_png.shape == (1, 32, 32) and np.allclose(from_png, from_array, atol=1e-6)
+    sixteen = Image.fromarray(image.astype(np.uint16) * 257)  # 16-bit gray scales to the same [0, 1]
+    buffer = io.BytesIO()
+    sixteen.save(buffer, format="PNG")
+    decoded = serving.decode_image(base64.b64encode(buffer.getvalue()).decode(), "row 0", 32, 1)
+    assert np.allclose(decoded, from_png, atol=1e-6)
+    rgb = serving.decode_image(png_b64(np.stack([image] * 3, -1)), "row 0", 32, 3)
+    assert rgb.shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("value, channels, message", [
+    (png_b64(np.zeros((16, 16), np.uint8)), 1, "16x16 pixels, the model takes 32x32"),
+    (png_b64(np.zeros((32, 32, 3), np.uint8)), 1, "has 3 channel(s), the model takes 1"),
+    (png_b64(np.zeros((32, 32), np.uint8)), 3, "has 1 channel(s), the model takes 3"),
+    (png_b64(np.zeros((32, 32, 4), np.uint8)), 1, "has 4 channel(s)"),
+    (base64.b64encode(b"plain text, not a picture").decode(), 1, "not an image"),
+    ("%%% not base64 %%%", 1, "not valid base64"),
+    (17, 1, "base64-encoded PNG string or a nested array"),
+    ([[0.5] * 32] * 31, 1, "31x32 pixels"),
+    ([[[0.5] * 32] * 32] * 3, 1, "3 channel(s), the model takes 1"),
+    ([[2.0] * 32] * 32, 1, "must be finite and lie in [0, 1]"),
+    ([[0.5, 0.5], [0.5]], 1, "not a rectangular array"),
+])
+def test_malformed_images_are_refused_with_the_reason(value, channels, message):
+    with pytest.raises(serving.InvalidRequest, match="row 4") as error:
+        serving.decode_image(value, "row 4", 32, channels)
+    assert message in str(error.value)
+
+
+def test_target_grades_are_checked_against_the_calibration():
+    assert serving.check_grade(2.0, "row 0", (0, 3)) == 2
+    for value, message in [(4, "out of range"), (-1, "out of range"), (1.5, "not an integer"), ("2", "number"),
+                           (True, "number"), (float("inf"), "not an integer")]:
+        with pytest.raises(serving.InvalidRequest, match=message):
+            serving.check_grade(value, "row 0", (0, 3))
+    with pytest.raises(serving.InvalidRequest, match="no grade calibration"):
+        serving.check_grade(1, "row 0", None)
+    with pytest.raises(serving.InvalidRequest, match="input columns"):
+        import pandas as pd
+
+        serving.request_rows(pd.DataFrame({"image": ["x"], "grade": [1]}))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real server.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_served_answers_match_the_direct_computation(built, server, reference):
+    images = built["images"]
+    records = [{"image": png_b64(images[0])}, {"image": png_b64(images[1]), "target_grade": 3},
+               {"image": (images[2] / 255.0).tolist()}, {"image": png_b64(images[3]), "target_grade": 0}]
+    answer = requests.post(server, json={"dataframe_records": records}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    rows = answer.json()["predictions"]
+    assert [row["row"] for row in rows] == [0, 1, 2, 3]
+    assert np.allclose([row["distance"] for row in rows], reference["dist"], atol=1e-4)
+    assert np.allclose([row["probability"] for row in rows], reference["probability"], atol=1e-4)
+    assert [row["predicted_grade"] for row in rows] == reference["grade"].tolist()
+    assert len(set(reference["grade"].tolist())) > 1  # the check above compares differing grades
+    assert [row["predicted_class"] for row in rows] == (reference["dist"] > 0).astype(int).tolist()
+    for i, row in enumerate(rows):
+        assert row["ce_binary_class"] == 1 - row["predicted_class"]
+        assert np.abs(png_pixels(row["ce_binary_png"]) - reference["ce_binary"][i]).max() <= 2
+    assert [row["target_grade"] for row in rows] == [None, 3, None, 0]
+    assert rows[0]["ce_grade_png"] is None and rows[2]["ce_grade_png"] is None
+    assert np.abs(png_pixels(rows[1]["ce_grade_png"]) - reference["ce_grade"][3][1]).max() <= 2
+    assert np.abs(png_pixels(rows[3]["ce_grade_png"]) - reference["ce_grade"][0][3]).max() <= 2
+    assert np.abs(reference["ce_grade"][3][1] - reference["ce_grade"][0][1]).max() > 2  # grades look different
+
+    # A request-wide target grade from params; binary counterfactuals switched off.
+    answer = requests.post(server, json={"dataframe_split": {"columns": ["image"], "data": [[png_b64(images[1])]]},
+                                         "params": {"target_grade": 0, "binary": False}}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    (row,) = answer.json()["predictions"]
+    assert row["ce_binary_png"] is None and row["target_grade"] == 0
+    assert np.abs(png_pixels(row["ce_grade_png"]) - reference["ce_grade"][0][1]).max() <= 2
+
+
+def test_malformed_requests_get_400_and_the_server_keeps_serving(built, server):
+    image = built["images"][0]
+    good = {"dataframe_records": [{"image": png_b64(image)}]}
+    bad_requests = [
+        ({"dataframe_records": [{"image": png_b64(image[:20, :20])}]}, "20x20 pixels, the model takes 32x32"),
+        ({"dataframe_records": [{"image": png_b64(np.stack([image] * 3, -1))}]}, "the model takes 1"),
+        ({"dataframe_records": [{"image": base64.b64encode(b"GIF? no.").decode()}]}, "not an image"),
+        ({"dataframe_records": [{"image": "!!"}]}, "not valid base64"),
+        ({"dataframe_records": [{"image": png_b64(image), "target_grade": 7}]}, "out of range"),
+        ({"dataframe_records": [{"image": png_b64(image)}], "params": {"target_grade": -2}}, "out of range"),
+        ({"dataframe_records": [{"image": png_b64(image), "target_grade": 1.5}]}, "not an integer"),
+        ({"dataframe_records": [{"image": [[0.5] * 32] * 30}]}, "30x32 pixels"),
+        ({"dataframe_records": [{"image": png_b64(image)}] * 9}, "at most 8"),
+        ({"dataframe_records": [{"image": png_b64(image)}, {"image": "??"}]}, "row 1"),
+        ({"dataframe_records": [{"picture": png_b64(image)}]}, "image"),
+    ]
+    for body, message in bad_requests:
+        answer = requests.post(server, json=body, timeout=60)
+        assert answer.status_code == 400, (message, answer.status_code, answer.text[:300])
+        error = answer.json()
+        assert error["error_code"] == "INVALID_PARAMETER_VALUE" and message in error["message"], error["message"][-300:]
+        assert requests.post(server, json=good, timeout=60).status_code == 200  # still serving
+    not_json = requests.post(server, data=b"\x89PNG...", headers={"Content-Type": "application/json"}, timeout=60)
+    assert 400 <= not_json.status_code < 500
+
+
+def test_concurrent_requests_all_succeed(built, server):
+    """4 threads x 5 requests on loopback: every answer 200 and identical for the same image."""
+    body = {"dataframe_records": [{"image": png_b64(built["images"][2])}]}
+
+    def send(_: int) -> tuple[int, float]:
+        answer = requests.post(server, json=body, timeout=120)
+        return answer.status_code, answer.json()["predictions"][0]["distance"] if answer.ok else float("nan")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(send, range(20)))
+    assert [status for status, _ in results] == [200] * 20
+    assert np.ptp([distance for _, distance in results]) < 1e-6

@@ -1,0 +1,182 @@
+"""The Ray Tune head sweep: job-file strictness, selection rule, and one real sweep on a local Ray + sqlite MLflow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from harness.config import ConfigError
+from harness.heads import TaskResult, evaluate_task
+from harness.job_support import load_job_yaml
+from harness.latents import LatentsTable, load_latents, save_latents
+from harness.sweep import SweepJob, SweepTask, select_best
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS, CS, CALIBRATIONS = ["svm", "logistic", "linear"], [0.01, 1.0], ["extremes", "poly2"]
+
+
+def load_job_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def synthetic_latents(path: Path, seed: int = 0) -> Path:
+    """Grades 0-3 carried (with noise) by one direction of a 12-d latent; train/val/test rows."""
+    rng = np.random.default_rng(seed)
+    counts = {"train": 120, "val": 60, "test": 60}
+    n, dim = sum(counts.values()), 12
+    grades = rng.choice(4, size=n, p=[0.4, 0.2, 0.2, 0.2])
+    direction = rng.normal(size=dim)
+    direction /= np.linalg.norm(direction)
+    z = rng.normal(size=(n, dim)) + np.outer(grades + rng.normal(0, 0.6, n), direction) * 1.5  # (N, D)
+    splits = np.repeat(list(counts), list(counts.values()))
+    table = LatentsTable(ids=[f"s{i:04d}" for i in range(n)], splits=splits, z_sem=z.astype(np.float32),
+                         labels={"grade": grades.astype(np.int64)},
+                         meta={"dae": "dae-test:v7", "model": "runs/dae-test/export"})
+    return save_latents(table, path)
+
+
+def write_job(path: Path, **changes) -> Path:
+    job = {
+        "out_dir": str(path.parent / "out"),
+        "resources": {"cpu": 1, "gpu": 0},
+        "search": {"kinds": KINDS, "C": CS, "calibration": CALIBRATIONS},
+        "track": {"experiment": "sweep-test"},
+        "tasks": [
+            {"name": "fracture", "column": "grade", "positives": [1, 2, 3], "grade_range": [0, 3],
+             "select": "macro_f1", "fit_rules": [{"positives": [1, 2, 3]}, {"positives": [2, 3], "negatives": [0]}]},
+            {"name": "severe", "column": "grade", "positives": [2, 3], "select": "auc"},
+        ],
+    }
+    job.update(changes)
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Without Ray.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_job_file_is_strict(tmp_path):
+    good = load_job_yaml(write_job(tmp_path / "good.yaml"), SweepJob)
+    assert good.tasks[0].selection_metric == "macro_f1" and len(good.tasks[0].rules) == 2
+    assert good.tasks[1].rules[0].name == "2,3 vs rest" and good.trial_backend == "sklearn"
+    assert load_job_yaml(ROOT / "jobs" / "sweep_phantoms.yaml", SweepJob).tasks  # the shipped job file parses
+    cases = [
+        ({"serach": {}}, r"unknown key\(s\) \['serach'\]"),
+        ({"search": {"kinds": ["svm"], "Cs": [1.0]}}, r"search: unknown key\(s\) \['Cs'\]"),
+        ({"search": {"calibration": ["poly"]}}, "calibration 'poly'"),
+        ({"search": {"kinds": ["tree"]}}, "search.kinds"),
+        ({"search": {"C": [1.0, "big"]}}, r"search.C"),
+        ({"resources": {"cpu": 1, "gpu": 0.5}, "backend": "sklearn"}, "GPU would be reserved"),
+        ({"tasks": [{"name": "a", "column": "grade", "positives": [1], "select": "mae"}]}, "needs a grade_range"),
+        ({"tasks": [{"name": "a", "column": "grade", "positives": [1], "negatives": [1]}]}, "both positive"),
+        ({"tasks": [{"name": "a", "column": "grade", "positives": [1], "rules": []}]}, r"unknown key\(s\) \['rules'\]"),
+    ]
+    for index, (changes, message) in enumerate(cases):
+        with pytest.raises(ConfigError, match=message) as caught:
+            load_job_yaml(write_job(tmp_path / f"bad{index}.yaml", **changes), SweepJob)
+        assert f"bad{index}.yaml" in str(caught.value)  # the error names the file
+
+
+def test_selection_rule_prefers_metric_then_tie_breaks_then_grid_order(tmp_path):
+    job = load_job_yaml(write_job(tmp_path / "job.yaml"), SweepJob)
+    graded, detection = job.tasks
+
+    def trial(kind, C, metrics, rule="1,2,3 vs rest", calibration="extremes"):
+        return {"params": {"kind": kind, "C": C, "rule": rule, "calibration": calibration}, "metrics": metrics}
+
+    trials = [trial("svm", 0.01, {"val_grade_macro_f1": 0.6, "val_auc": 0.99}),
+              trial("linear", 1.0, {"val_grade_macro_f1": 0.7, "val_auc": 0.80}),
+              trial("logistic", 0.01, {"val_grade_macro_f1": 0.7, "val_auc": 0.90}),  # ties on F1, wins on AUC
+              trial("svm", 1.0, {"ok": 0, "error": "too few samples"}),
+              trial("svm", 1.0, {"val_grade_macro_f1": float("nan"), "val_auc": 1.0})]
+    assert select_best(trials, graded, job) == 2
+    # exact tie on every metric: the earlier grid position (kind order svm, logistic, linear) wins
+    tied = [trial("linear", 0.01, {"val_auc": 0.8}, rule="2,3 vs rest", calibration="none"),
+            trial("svm", 1.0, {"val_auc": 0.8}, rule="2,3 vs rest", calibration="none"),
+            trial("svm", 0.01, {"val_auc": 0.8}, rule="2,3 vs rest", calibration="none")]
+    assert select_best(tied, detection, job) == 2
+    mae_task = SweepTask("fracture", "grade", (1, 2, 3), grade_range=(0, 3), select="mae")
+    with_mae = [trial("svm", 0.01, {"val_grade_mae": 0.5}), trial("svm", 1.0, {"val_grade_mae": 0.3})]
+    assert select_best(with_mae, mae_task, job) == 1  # MAE: lower is better
+    with pytest.raises(ValueError, match="all 1 trials failed"):
+        select_best([trial("svm", 1.0, {"ok": 0, "error": "boom"})], graded, job)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real sweep on a local Ray.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ["RAY_DISABLE_USAGE_STATS"] = "1"
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_sweep_logs_trials_selects_on_val_and_tests_once(tmp_path, local_ray):
+    from mlflow.tracking import MlflowClient
+
+    latents = synthetic_latents(tmp_path / "latents.parquet")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = load_job_module("sweep_heads").main(
+        ["--latents", str(latents), "--config", str(write_job(tmp_path / "job.yaml")), "--out",
+         str(tmp_path / "out"), "--tracking-uri", uri])
+    client = MlflowClient(uri)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["latents_sha256"]
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=500)
+    table = load_latents(latents)
+    expected = {"fracture": len(KINDS) * len(CS) * 2 * len(CALIBRATIONS), "severe": len(KINDS) * len(CS)}
+    for task_name, select_key, count in (("fracture", "val_grade_macro_f1", expected["fracture"]),
+                                         ("severe", "val_auc", expected["severe"])):
+        runs = [r for r in children if r.data.tags["task"] == task_name]
+        assert len(runs) == count  # one child run per trial
+        for run in runs:  # validation only: test metrics exist nowhere in the trials
+            assert not any(key.startswith("test") for key in run.data.metrics), run.data.metrics
+            assert run.data.metrics["ok"] == 1.0 and select_key in run.data.metrics
+        selected = [r for r in runs if r.data.tags["selected"] == "true"]
+        assert len(selected) == 1
+        best_value = max(r.data.metrics[select_key] for r in runs)
+        assert selected[0].data.metrics[select_key] == pytest.approx(best_value)
+
+        # test metrics: once, on the parent, and they belong to the selected configuration
+        record = json.loads((tmp_path / "out" / "best_heads" / f"{task_name}.json").read_text())
+        assert record["dae"] == "dae-test:v7" and record["latents"]["rows"] == len(table)
+        assert record["latents"]["sha256"] == parent.data.params["latents_sha256"]
+        assert record["mlflow"]["trial_run_id"] == selected[0].info.run_id
+        params = selected[0].data.params
+        assert record["selected"]["params"]["kind"] == params["kind"]
+        assert float(record["selected"]["params"]["C"]) == pytest.approx(float(params["C"]))
+        result = TaskResult.from_dict(record["task_result"])
+        recomputed_test = evaluate_task(result, table, "test")
+        recomputed_val = evaluate_task(result, table, "val")
+        assert parent.data.metrics[f"{task_name}/test_auc"] == pytest.approx(recomputed_test["auc"])
+        assert recomputed_val[select_key[4:]] == pytest.approx(selected[0].data.metrics[select_key])
+        history = client.get_metric_history(parent.info.run_id, f"{task_name}/test_auc")
+        assert len(history) == 1
+    # the fracture head was scored on the task's own targets (grade >= 1), whatever rule it was fitted with
+    fracture = TaskResult.from_dict(json.loads((tmp_path / "out" / "best_heads" / "fracture.json").read_text())[
+        "task_result"])
+    assert fracture.task.positives == (1, 2, 3) and fracture.calibration is not None
+    assert {row["task"] for row in summary["rows"]} == {"fracture", "severe"}
+    row = next(r for r in summary["rows"] if r["task"] == "fracture")
+    assert row["labels_used"] == int((table.splits == "train").sum())  # every train row is graded
+    assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["gpu_s"] == 0 and not math.isnan(row["macro_f1"])
+    assert (tmp_path / "out" / "report" / "index.html").is_file()
