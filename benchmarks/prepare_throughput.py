@@ -60,7 +60,7 @@ def make_mimic(folder: Path, n_images: int, height: int, width: int) -> dict[str
         Image.fromarray(pixels).save(path, quality=95)
         rows.append((dicom, subject, study, "AP"))
         labels.append((subject, study, *rng.choice([1.0, 0.0, -1.0, np.nan], 4)))
-        splits.append((dicom, study, subject, ("train", "validate", "test")[int(subject % 10 == 0) + int(subject % 10 == 1) * 2]))
+        splits.append((dicom, study, subject, {0: "validate", 1: "test"}.get(subject % 10, "train")))
     tables = {"metadata": pd.DataFrame(rows, columns=["dicom_id", "subject_id", "study_id", "ViewPosition"]),
               "labels": pd.DataFrame(labels, columns=["subject_id", "study_id", "Lung Opacity", "Pneumonia",
                                                       "Cardiomegaly", "Edema"]),

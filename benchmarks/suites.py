@@ -41,7 +41,8 @@ class SuiteContext:
 def _train_configs(small: bool, device: torch.device) -> list[dict]:
     """(size, precision, batch, compile, channels_last) combinations of the train suite."""
     if small:
-        return [dict(size="tiny-32", precision=p, batch=16, compile=False, channels_last=False) for p in ("fp32", "bf16")]
+        return [dict(size="tiny-32", precision=p, batch=16, compile=False, channels_last=False)
+                for p in ("fp32", "bf16")]
     batches = {"tiny-32": 128, "paper-96": 64}
     configs = [dict(size=s, precision=p, batch=batches[s], compile=False, channels_last=False)
                for s in batches for p in ("fp32", "bf16", "fp16")]

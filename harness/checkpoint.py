@@ -53,10 +53,19 @@ def temporary_path(final_path: Path) -> Path:
     return final_path.parent / f"{TMP_PREFIX}{final_path.name}"
 
 
+def discard(folder: Path) -> None:
+    """Delete a checkpoint folder: renamed out of sight first (atomic), so that a crash part-way through the
+    deletion never leaves a half-deleted folder under a visible ``samples_`` name."""
+    hidden = folder.parent / f"{TMP_PREFIX}deleting-{folder.name}"
+    shutil.rmtree(hidden, ignore_errors=True)  # left over from an earlier crash
+    os.replace(folder, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def publish(tmp_path: Path, final_path: Path) -> None:
     """Make a fully written folder visible under its final name (atomic rename on one filesystem)."""
     if final_path.exists():  # the same sample count saved twice (e.g. resume then immediate stop)
-        shutil.rmtree(final_path)
+        discard(final_path)
     os.replace(tmp_path, final_path)
 
 
@@ -66,7 +75,7 @@ def prune(checkpoint_root: str | Path, keep: int) -> None:
     for stale in root.glob(f"{TMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        discard(old)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -40,10 +40,13 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where training images come from. ``source: phantoms`` generates the embedded default shards on first use."""
+    """Where images come from. ``phantoms`` generates the embedded default shards on first use; ``medmnist``
+    prepares shards from a MedMNIST .npz (``raw_path``) on first use; ``shards`` reads prepared shards."""
 
-    source: str = "phantoms"  # "phantoms" (generated if absent) | "shards" (must exist)
+    source: str = "phantoms"  # "phantoms" | "medmnist" | "shards"
     shard_dir: str = "runs/data/phantoms-32"
+    raw_path: str | None = None  # source file for "medmnist" (e.g. ../shared/data/pneumoniamnist.npz)
+    fit: str = "pad"  # how "medmnist" reaches image_size: "pad" (keep pixels, black border) | "resize"
     image_size: int = 32
     channels: int = 1
     phantom_counts: tuple[int, int, int] = (2048, 256, 256)  # train, val, test
@@ -54,7 +57,10 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        _require(self.source in ("phantoms", "shards"), "data.source", "must be 'phantoms' or 'shards'")
+        _require(self.source in ("phantoms", "medmnist", "shards"), "data.source",
+                 "must be 'phantoms', 'medmnist' or 'shards'")
+        _require(self.source != "medmnist" or bool(self.raw_path), "data.raw_path", "is required for medmnist")
+        _require(self.fit in ("pad", "resize"), "data.fit", "must be 'pad' or 'resize'")
         _require(self.on_error in ("raise", "skip"), "data.on_error", "must be 'raise' or 'skip'")
         _require(self.channels in (1, 3), "data.channels", "must be 1 (grayscale) or 3 (RGB)")
         _require(self.image_size >= 8, "data.image_size", "must be >= 8")
@@ -192,6 +198,7 @@ class EvalConfig:
     counterfactual_images: int = 8
     strip_images: int = 4
     latent_map_points: int = 1000
+    class_names: tuple[str, str] = ("healthy", "fractured")  # negative, positive class of the first task
 
 
 @dataclass(frozen=True)

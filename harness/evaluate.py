@@ -120,32 +120,68 @@ def phantom_truth(meta: list[dict[str, Any]], grades: np.ndarray, size: int) -> 
     return torch.stack(frames)
 
 
-def evaluate_phantom_counterfactuals(ae: DiffusionAutoencoder, batch: dict[str, Any], result: TaskResult, *,
-                                     invert_steps: int, decode_steps: int, lpips=None) -> tuple[list[dict], dict]:
-    """Binary CEs (reflection) and grade-targeted CEs to the opposite extreme, scored for validity, proximity and
-    against the true counterfactual (the same phantom rendered at the target grade)."""
+def centre_border_ratio(x: Tensor, x_ce: Tensor, border: float = 0.2) -> Tensor:
+    """Where a counterfactual changed the image: mean |CE - input| in the central region over the mean in the
+    border frame (``border`` of the side on each edge). > 1 means the change is concentrated in the centre
+    (the lungs of a chest X-ray, the central vertebra of a phantom) rather than at the image edge. (B,)"""
+    diff = (x_ce - x).abs().mean(dim=1)  # (B, H, W)
+    h, w = diff.shape[-2:]
+    bh, bw = max(1, round(border * h)), max(1, round(border * w))
+    centre = torch.zeros(h, w, dtype=torch.bool)
+    centre[bh:h - bh, bw:w - bw] = True
+    return diff[:, centre].mean(dim=1) / diff[:, ~centre].mean(dim=1).clamp_min(1e-8)
+
+
+def _row(name: str, metrics: dict, ce_x: Tensor, ce_x_ce: Tensor) -> dict[str, Any]:
+    ratio = centre_border_ratio(ce_x, ce_x_ce)
+    return {"kind": name, **metrics, "centre_border_ratio": float(ratio.median()),
+            "centre_concentrated": float((ratio > 1).float().mean())}
+
+
+def evaluate_counterfactual_set(ae: DiffusionAutoencoder, batch: dict[str, Any], result: TaskResult, *,
+                                invert_steps: int, decode_steps: int, lpips=None,
+                                class_names: tuple[str, str] = ("negative", "positive")) -> tuple[list[dict], dict]:
+    """Binary CEs by reflection in both directions and, on phantoms, grade-targeted CEs to the opposite extreme
+    scored against the true counterfactual (the same phantom rendered at the target grade).
+
+    Rows hold validity (the head's decision on the re-encoded CE), L1 (and LPIPS) proximity, where the change
+    sits (centre-vs-border ratio) and, on phantoms, the error against the truth beside the input's error."""
     x = batch["image"]
-    grades = batch["labels"][result.task.column].numpy()
-    calibration = result.calibration
     rows, outputs = [], {}
     binary = binary_counterfactuals(ae, x, result.head, invert_steps, decode_steps)
-    row = {"kind": "binary (reflection)", **evaluate_counterfactuals(ae, binary, result.head, lpips=lpips)}
-    rows.append(row)
     outputs["binary"] = binary
-    if calibration is not None and "phantom" in batch["meta"][0]:
+    source = result.head.predict(binary.z.numpy())  # (B,) the class each CE moves away from
+    for cls in (0, 1):
+        keep = torch.from_numpy(source == cls)
+        if keep.any():
+            subset = type(binary)(**{f: _subset(getattr(binary, f), keep) for f in binary.__dataclass_fields__})
+            metrics = evaluate_counterfactuals(ae, subset, result.head, lpips=lpips)
+            rows.append(_row(f"{class_names[cls]} -> {class_names[1 - cls]}", metrics, subset.x, subset.x_ce))
+    calibration = result.calibration
+    if calibration is not None and batch["meta"] and "phantom" in batch["meta"][0]:
+        grades = batch["labels"][result.task.column].numpy()
         low, high = calibration.grade_min, calibration.grade_max
-        for name, source, target in (("healthy -> grade %d" % high, grades == low, high),
-                                     ("fractured -> grade %d" % low, grades > low, low)):
-            if not source.any():
+        for name, chosen, target in ((f"grade {low} -> grade {high}", grades == low, high),
+                                     (f"grade >{low} -> grade {low}", grades > low, low)):
+            if not chosen.any():
                 continue
-            xs = x[torch.from_numpy(source)]
-            meta = [m for m, keep in zip(batch["meta"], source, strict=True) if keep]
+            xs = x[torch.from_numpy(chosen)]
+            meta = [m for m, keep in zip(batch["meta"], chosen, strict=True) if keep]
             ce = grade_counterfactuals(ae, xs, result.head, calibration, target, invert_steps, decode_steps)
             truth = phantom_truth(meta, np.full(len(meta), target), x.shape[-1])
-            rows.append({"kind": name, **evaluate_counterfactuals(ae, ce, result.head, calibration, lpips=lpips,
-                                                                   true_ce=truth)})
+            metrics = evaluate_counterfactuals(ae, ce, result.head, calibration, lpips=lpips, true_ce=truth)
+            rows.append(_row(name, metrics, ce.x, ce.x_ce))
             outputs[name] = (ce, truth)
     return rows, outputs
+
+
+def _subset(value: Any, keep: Tensor) -> Any:
+    """Rows ``keep`` of a batch field (tensor or array); scalars and strings pass through."""
+    if isinstance(value, Tensor):
+        return value[keep]
+    if isinstance(value, np.ndarray) and value.ndim > 0:
+        return value[keep.numpy()]
+    return value
 
 
 def save_counterfactual_figures(ae: DiffusionAutoencoder, batch: dict[str, Any], result: TaskResult,
@@ -174,7 +210,7 @@ def save_counterfactual_figures(ae: DiffusionAutoencoder, batch: dict[str, Any],
         ce, truth = value
         k = min(8, len(ce))
         grid = torch.cat([ce.x[:k], ce.x_ce[:k], truth[:k]])
-        slug = name.split(" ")[0]
+        slug = "to_high" if name.endswith(str(result.calibration.grade_max)) else "to_low"
         paths.append(figures.save_image_grid(grid, out_dir / f"truth_{slug}.png", nrow=k,
                                              suptitle=f"{name}: input / counterfactual / true counterfactual"))
     return paths

@@ -184,7 +184,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as indented JSON through a temporary file in the same folder, then rename."""
+    """Write ``data`` as strict, indented JSON (NaN/inf become null) through a temporary file, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

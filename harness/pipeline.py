@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from harness.data import eval_loader
 from harness.encode import encode_to_table
 from harness.evaluate import (
     evaluate_heads,
-    evaluate_phantom_counterfactuals,
+    evaluate_counterfactual_set,
     evaluate_reconstruction,
     save_counterfactual_figures,
     save_head_figures,
@@ -92,8 +93,9 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     lpips, lpips_reason = _lpips_or_reason()
     batch = _take(config.data.shard_dir, "test", ev.counterfactual_images, config, tasks[0].column)
     recon_rows = evaluate_reconstruction(ae, batch["image"], [(d.invert_steps, d.decode_steps)], lpips=lpips)
-    ce_rows, ce_outputs = evaluate_phantom_counterfactuals(ae, batch, main_result, invert_steps=d.invert_steps,
-                                                           decode_steps=d.decode_steps, lpips=lpips)
+    ce_rows, ce_outputs = evaluate_counterfactual_set(ae, batch, main_result, invert_steps=d.invert_steps,
+                                                      decode_steps=d.decode_steps, lpips=lpips,
+                                                      class_names=tuple(ev.class_names))
 
     # Report.
     report = Report(report_dir, f"dae-cf evaluation: {Path(config_path or 'defaults').stem}")
@@ -145,7 +147,7 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     headline = {f"{r['task']}/{r['kind']}/auc": r["auc"] for r in heads.detection_rows}
     headline.update({f"{r['task']}/{r['kind']}/{k}": r[k] for r in heads.grading_rows
                      for k in ("grade_macro_f1", "grade_mae")})
-    headline.update({f"ce/{r['kind'].split(' ')[0]}/validity": r["validity"] for r in ce_rows})
+    headline.update({f"ce/{re.sub(r'[^A-Za-z0-9_.]+', '_', r['kind'])}/validity": r["validity"] for r in ce_rows})
     headline["recon/mse"] = recon_rows[0]["mse"]
     tracker.log_metrics({k: v for k, v in headline.items() if isinstance(v, (int, float)) and v == v})
     tracker.log_artifacts(report_dir, "report")

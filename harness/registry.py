@@ -256,7 +256,7 @@ def _parse_metric(text: str) -> tuple[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line; returns 0 on success, 1 when a promotion is refused."""
+    """Command line; returns 0 on success, 1 when a promotion is refused, 2 on errors (printed to stderr)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -270,6 +270,16 @@ def main(argv: list[str] | None = None) -> int:
         if command == "tag":
             sub.add_argument("metrics", nargs="+", type=_parse_metric, help="NAME=VALUE, e.g. fracture/svm/auc=0.9")
     args = parser.parse_args(argv)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _run_command(args)
+    except (MlflowException, ValueError) as error:  # unknown model/version, unreachable store, bad tag name
+        print(f"error: {getattr(error, 'message', error)}", file=sys.stderr)
+        return 2
+
+
+def _run_command(args: argparse.Namespace) -> int:
     client = registry_client(args.tracking_uri)
     if args.command == "promote":
         decision = promote(client, args.name, args.version)

@@ -46,8 +46,7 @@ import numpy as np
 SETTINGS_VERSION = 1
 INPUT_COLUMNS = ("image", "target_grade")
 _GRAY_MODES = {"L": 255.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0}
-_MODE_CHANNELS = {"1": 1, "L": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "I": 1, "F": 1, "LA": 2, "P": 1,
-                  "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "CMYK": 4}
+_MODE_CHANNELS = {"1": 1, "L": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "LA": 2, "RGB": 3, "RGBA": 4, "CMYK": 4}
 _MODEL_SCRIPT = (
     '"""Entry script of a saved dae-cf explainer: builds the model from code (nothing pickled)."""\n'
     "import mlflow.models\n\nfrom harness.serving import DAEExplainer\n\nmlflow.models.set_model(DAEExplainer())\n"
@@ -77,14 +76,19 @@ def _png_to_array(text: str, where: str, image_size: int, channels: int) -> np.n
         image = Image.open(io.BytesIO(raw))  # lazy: only the header is read before the checks below
     except (UnidentifiedImageError, OSError):
         raise InvalidRequest(f"{where}: the decoded bytes are not an image (send a base64-encoded PNG)") from None
-    found = _MODE_CHANNELS.get(image.mode)
+    except Image.DecompressionBombError:
+        raise InvalidRequest(f"{where}: the image is far too large to decode") from None
     if image.size != (image_size, image_size):
         raise InvalidRequest(f"{where}: image is {image.size[0]}x{image.size[1]} pixels, the model takes "
                              f"{image_size}x{image_size}")
-    if found != channels or (channels == 1 and image.mode not in (*_GRAY_MODES, "1")):
-        kind = "gray" if channels == 1 else "RGB"
-        raise InvalidRequest(f"{where}: PNG mode {image.mode!r} has {found or 'unknown'} channel(s), the model takes "
-                             f"{channels} ({kind}); convert the image to {kind}")
+    kind, accepted = ("gray", (*_GRAY_MODES, "1")) if channels == 1 else ("RGB", ("RGB",))
+    if image.mode not in accepted:
+        found = _MODE_CHANNELS.get(image.mode)
+        if found is not None and found != channels:
+            raise InvalidRequest(f"{where}: image mode {image.mode!r} has {found} channel(s), the model takes "
+                                 f"{channels} ({kind}); convert the image to {kind}")
+        raise InvalidRequest(f"{where}: image mode {image.mode!r} is not supported; send an 8-bit "
+                             f"{'or 16-bit ' if channels == 1 else ''}{kind} PNG")
     try:
         if image.mode == "1":
             image = image.convert("L")
@@ -153,7 +157,8 @@ def request_rows(model_input: Any) -> list[tuple[Any, Any]]:
     if isinstance(model_input, dict):
         unknown = sorted(set(model_input) - set(INPUT_COLUMNS))
         if unknown or "image" not in model_input:
-            raise InvalidRequest(f"input fields must be {list(INPUT_COLUMNS)} (image required), got {sorted(model_input)}")
+            raise InvalidRequest(f"input fields must be {list(INPUT_COLUMNS)} (image required), "
+                                 f"got {sorted(model_input)}")
         images = model_input["image"]
         images = [images] if isinstance(images, str) else list(images)
         grades = model_input.get("target_grade")
@@ -263,9 +268,11 @@ class DAEExplainer(mlflow.pyfunc.PythonModel):
         graded = [i for i, grade in enumerate(targets) if grade is not None]
         with self._lock:
             z = self.ae.encode(x)  # (B, D)
-            x_T = self.ae.invert(x, z)  # (B, C, S, S): everything z_sem does not hold, shared by all CEs
             z_np = z.double().numpy()
             dist = head.decision(z_np)  # (B,) signed distance, Eq. 3
+            # DDIM inversion, the costly step, only when a counterfactual is asked for; x_T holds everything
+            # z_sem does not and is shared by all counterfactuals of an image.
+            x_T = self.ae.invert(x, z) if binary or graded else None  # (B, C, S, S)
             latents, codes = [], []
             if binary:
                 latents.append(reflect(z, head.hyperplane))  # Eq. 4: dist -> -dist

@@ -1,4 +1,6 @@
-"""MLflow tracking: the only module that imports mlflow.
+"""MLflow tracking: the one module through which training and evaluation jobs talk to MLflow.
+
+(``harness.registry`` and ``harness.serving`` are the registry and serving entry points; they use it too.)
 
 By default a run is tracked in an embedded store inside the run folder (``<out_dir>/mlruns.db`` plus an
 artifact folder), so nothing needs a server. ``--tracking-uri`` (or ``MLFLOW_TRACKING_URI``) points the same

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,8 @@ from tqdm.auto import tqdm
 from harness import checkpoint as ckpt
 from harness.autoencoder import DiffusionAutoencoder
 from harness.config import RunConfig, dump_yaml, flatten, load_config
-from harness.data import AugmentSpec, eval_loader, train_loader, write_phantom_shards
+from harness.data import AugmentSpec, eval_loader, train_loader
+from harness.data.sources import ensure_shards
 from harness.diffusion import alphas_cumprod, eps_loss, linear_betas
 from harness.figures import save_image_grid
 from harness.models import DAE, build_dae
@@ -39,21 +41,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in out_dir)")
     return parser.parse_known_args(argv)
-
-
-def ensure_data(config: RunConfig, accelerator: Accelerator) -> Path:
-    """Generate the embedded phantom shards once (main process), or check that given shards exist."""
-    data = config.data
-    shard_dir = Path(data.shard_dir)
-    if not (shard_dir / "manifest.json").is_file():
-        if data.source != "phantoms":
-            raise FileNotFoundError(f"{shard_dir}/manifest.json not found: prepare shards first (data.source=shards)")
-        if accelerator.is_main_process:
-            n_train, n_val, n_test = data.phantom_counts
-            write_phantom_shards(shard_dir, size=data.image_size, n_train=n_train, n_val=n_val, n_test=n_test,
-                                 seed=data.seed, samples_per_shard=data.samples_per_shard)
-    accelerator.wait_for_everyone()
-    return shard_dir
 
 
 @torch.no_grad()
@@ -99,7 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
     per_process_batch = tc.per_process_batch(world)
     is_main = accelerator.is_main_process
     out_dir.mkdir(parents=True, exist_ok=True)
-    shard_dir = ensure_data(config, accelerator)
+    if accelerator.is_main_process:
+        ensure_shards(config.data)
+    accelerator.wait_for_everyone()
+    shard_dir = Path(config.data.shard_dir)
 
     # Build the model. Same seed on every rank so the EMA copies agree with the broadcast weights.
     set_seed(tc.seed)
@@ -154,15 +144,22 @@ def main(argv: list[str] | None = None) -> dict:
     def save_checkpoint(samples_seen: int) -> Path:
         final = ckpt_root / ckpt.checkpoint_name(samples_seen)
         tmp = ckpt.temporary_path(final)
-        accelerator.save_state(str(tmp), safe_serialization=True)  # every rank writes its RNG state
-        accelerator.wait_for_everyone()
-        if is_main:
-            ckpt.save_state_dict(ema.state_dict(), tmp / "ema.safetensors")
-            (tmp / "config.yaml").write_text(dump_yaml(config))
-            (tmp / "trainer_state.json").write_text(json.dumps(
-                {"step": step, "samples_seen": samples_seen, "mlflow_run_id": tracker.run_id}))
-            ckpt.publish(tmp, final)
-            ckpt.prune(ckpt_root, tc.keep_checkpoints)
+        try:
+            accelerator.save_state(str(tmp), safe_serialization=True)  # every rank writes its RNG state
+            accelerator.wait_for_everyone()
+            if is_main:
+                ckpt.save_state_dict(ema.state_dict(), tmp / "ema.safetensors")
+                (tmp / "config.yaml").write_text(dump_yaml(config))
+                (tmp / "trainer_state.json").write_text(json.dumps(
+                    {"step": step, "samples_seen": samples_seen, "mlflow_run_id": tracker.run_id}))
+                ckpt.publish(tmp, final)
+                ckpt.prune(ckpt_root, tc.keep_checkpoints)
+        except Exception as err:  # a full disk or a lost permission: say where, and that nothing saved is lost
+            shutil.rmtree(tmp, ignore_errors=True)  # give back the space the failed save took
+            raise ckpt.CheckpointError(
+                f"could not write checkpoint {final}: {err}; the previous checkpoint "
+                f"({ckpt.latest_checkpoint(ckpt_root) or 'none'}) is intact: free space or fix permissions, "
+                "then rerun with --resume") from err
         accelerator.wait_for_everyone()
         return final
 

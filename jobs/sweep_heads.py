@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -139,6 +140,11 @@ def sweep_task(table: LatentsTable, task: SweepTask, job: SweepJob, out: Path, t
 
     metric = task.selection_metric
     trial_value = trials[best]["metrics"].get(f"val_{SELECT_METRICS[metric][0]}")
+    refit_value = final["val"].get(SELECT_METRICS[metric][0])
+    if trial_value is not None and refit_value is not None and not math.isclose(trial_value, refit_value,
+                                                                                 rel_tol=1e-6, abs_tol=1e-9):
+        log.warning("task %s: the refit scores val %s = %s, its trial scored %s (a non-deterministic backend?)",
+                    task.name, metric, refit_value, trial_value)
     run_ids = []
     for index, trial in enumerate(trials):
         tags = {"task": task.name, "selected": str(index == best).lower(), "trial_id": str(trial["trial_id"]),
@@ -171,7 +177,7 @@ def sweep_task(table: LatentsTable, task: SweepTask, job: SweepJob, out: Path, t
     trial_rows = [{**t["params"], **{k: v for k, v in t["metrics"].items() if k not in ("warnings",)},
                    "selected": i == best} for i, t in enumerate(trials)]
     return {"row": row, "trials": trial_rows, "best_path": str(best_path), "selected": params,
-            "val_check": (trial_value, final["val"]), "child_run_ids": run_ids}
+            "child_run_ids": run_ids}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -201,8 +201,9 @@ def reference(built) -> dict:
 
 
 def test_build_names_unknown_heads_and_mismatched_latents(built, tmp_path):
+    heads = built["root"] / "heads.json"
     with pytest.raises(KeyError, match="fracture/svm"):
-        serving.build_explainer(built["model_dir"], built["root"] / "heads.json", "fracture", "logistic", tmp_path / "a")
+        serving.build_explainer(built["model_dir"], heads, "fracture", "logistic", tmp_path / "a")
     small = tmp_path / "heads16.json"
     write_heads(small, built["model_dir"], built["images"], dim=16)
     with pytest.raises(ValueError, match="z_dim 512"):
@@ -301,6 +302,13 @@ def test_served_answers_match_the_direct_computation(built, server, reference):
     (row,) = answer.json()["predictions"]
     assert row["ce_binary_png"] is None and row["target_grade"] == 0
     assert np.abs(png_pixels(row["ce_grade_png"]) - reference["ce_grade"][0][1]).max() <= 2
+
+    # Prediction only: no counterfactual asked for, none returned.
+    answer = requests.post(server, json={"dataframe_records": [{"image": png_b64(images[1])}],
+                                         "params": {"binary": False}}, timeout=60)
+    (row,) = answer.json()["predictions"]
+    assert row["ce_binary_png"] is None and row["ce_grade_png"] is None
+    assert row["distance"] == pytest.approx(reference["dist"][1], abs=1e-4)
 
 
 def test_malformed_requests_get_400_and_the_server_keeps_serving(built, server):

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 
 from harness.data import read_manifest
 from harness.data.prepare import PrepareError, RunOptions, SliceRule, prepare_brats, prepare_spider, prepare_verse
+from harness.data.prepare.__main__ import main as cli_main
 from harness.data.prepare.verse import read_grades
 
 QUIET = RunOptions(items_per_shard=2, progress=False)
@@ -108,6 +109,18 @@ def test_verse_wide_xlsx_grades_and_stop_on_bad(verse_root, tmp_path):
     root, grades = verse_root
     with pytest.raises(PrepareError, match="sub-verse005_ct.nii.gz: no centroid file"):
         prepare_verse(root, grades, tmp_path / "stop", options=RunOptions(on_bad="stop", progress=False))
+
+
+def test_verse_command_line_with_worker_processes(verse_root, tmp_path, capsys):
+    root, grades = verse_root
+    out = tmp_path / "cli"
+    assert cli_main(["verse", str(root), "--grades", str(grades), "--levels", "T12-L1", "--size", "48",
+                     "--split-fractions", "train=0.5,test=0.5", "--workers", "2", "--items-per-shard", "1",
+                     "--out", str(out), "--no-progress"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["image_size"] == [48, 48] and manifest["prepare"]["config"]["levels"] == ["T12", "L1"]
+    assert sum(e["count"] for e in manifest["splits"].values()) == 2 + 2 + 2 + 1  # sub-verse003's L1 is graded 5
+    assert "label_out_of_range: 1" in capsys.readouterr().out
 
 
 # --- SPIDER ---------------------------------------------------------------------------------------------------

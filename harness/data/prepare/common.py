@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 STATE_DIR = ".prepare"  # finished-chunk records of an unfinished run; removed once the manifest is written
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}

@@ -52,7 +52,6 @@ from harness.data.prepare.common import (
     write_json_atomic,
 )
 from harness.data.shards import FORMAT_VERSION, MANIFEST_NAME, ShardError, ShardWriter, read_manifest, shard_name
-from harness.data.shards import verify_shards as _verify_shards
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +95,16 @@ class _PixelSums:
 
 
 def _load_item(load: LoadFn, item: WorkItem) -> list[Sample | Skip]:
-    """All results of one item; an item-level ``BadInput`` drops every sample of the item."""
+    """All results of one item; an item-level ``BadInput`` drops every sample of the item. Any other error
+    stops the run, named after the item (a bad input must be reported as ``BadInput``, not guessed)."""
     try:
         return list(load(item))
     except BadInput as exc:
         return [Skip(item.name, exc.kind, str(exc))]
+    except PrepareError:
+        raise
+    except Exception as exc:
+        raise PrepareError(f"{item.name}: unexpected {type(exc).__name__} while preparing it: {exc}") from exc
 
 
 def _run_chunk(task: _ChunkTask) -> dict[str, Any]:
@@ -327,8 +331,8 @@ def run_plan(plan: Plan, out_dir: str | Path, options: RunOptions = RunOptions()
             records[(record["split"], record["index"])] = record
     skips = list(plan.skipped) + [Skip(**s) for key in sorted(records) for s in records[key]["skipped"]]
     manifest = _assemble(out, plan, options, fingerprint, records, skips)
+    # Every checksum was taken from the finished shard file (new) or re-checked (resumed) before this point.
     write_json_atomic(out / MANIFEST_NAME, manifest)  # the folder is complete from here on
-    _verify_shards(out)
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     written = sum(1 for task in tasks if records[(task.split, task.index)]["shard"])
     return PrepareResult(out, read_manifest(out), skips, shards_written=written,
