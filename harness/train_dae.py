@@ -63,7 +63,10 @@ def preview(ema: DAE, config: RunConfig, images: torch.Tensor, path: Path) -> fl
     ae = DiffusionAutoencoder.from_config(ema, config, device=images.device, batch_size=config.eval.batch_size)
     z = ae.encode(images)
     recon = ae.decode(z, ae.invert(images, z))
-    random_xT = ae.decode(z, torch.randn_like(images))  # what z_sem alone carries
+    # What z_sem alone carries. A generator of its own: drawing from the global one would shift the training
+    # noise after every preview, so a run extended with --resume would differ from one trained straight through.
+    generator = torch.Generator(images.device).manual_seed(config.train.seed)
+    random_xT = ae.decode(z, torch.randn(images.shape, generator=generator, device=images.device))
     n = images.shape[0]
     save_image_grid(torch.cat([images, recon, random_xT]).cpu(), path, nrow=n)
     return torch.mean((recon - images) ** 2).item()

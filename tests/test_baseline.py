@@ -40,6 +40,15 @@ def load_job_module(name: str):
     return module
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Trials get one core each from Ray; the driver-side parts here do the same (threads spin on busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     from harness.data.shards import write_phantom_shards
@@ -111,8 +120,9 @@ def test_default_network_is_densenet121_from_scratch_and_learns_at_32px():
     before = torch.nn.functional.mse_loss(model(images).reshape(-1), grades)
     before.backward()
     optimizer.step()
-    after = torch.nn.functional.mse_loss(model(images).reshape(-1), grades)
-    assert model(images).shape == (4, 1) and float(after) < float(before)
+    with torch.no_grad():
+        after = torch.nn.functional.mse_loss(model(images).reshape(-1), grades)
+    assert float(after) < float(before.detach())
 
 
 # ---------------------------------------------------------------------------------------------------------
