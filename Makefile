@@ -12,7 +12,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test,dist]'
+	$(PY) -m pip install -q -e '.[test,dist,prepare]'
 	touch $@
 
 demo: install

@@ -73,8 +73,8 @@ def encode_suite(ctx: SuiteContext) -> SuiteResult:
 
     result = SuiteResult()
     small = ctx.small
-    n_images, batch = (8, 8) if small else (256, 64)
-    sweep = [1, 4, 16] if small else [1, 8, 32, 128, 256]
+    n_images, batch = (4, 4) if small else (256, 64)
+    sweep = [1, 4, 8] if small else [1, 8, 32, 128, 256]
     if ctx.model is not None:
         model_dir, label = ctx.model, "model"
         result.notes.append(f"model: {ctx.model}")

@@ -10,6 +10,7 @@ Full form (a GPU): the demo budget of ``jobs/phantoms_demo.yaml`` (60,000 sample
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from benchmarks.records import Metric, SuiteResult
 from benchmarks.suites import SuiteContext
 
-SMALL_BUDGET = dict(n_train=1024, n_val=32, n_test=256, total_samples=3072, batch_size=32, invert_steps=20,
+SMALL_BUDGET = dict(n_train=1024, n_val=32, n_test=256, total_samples=8192, batch_size=32, invert_steps=20,
                     decode_steps=20, ce_images=16)
 FULL_BUDGET = dict(n_train=2048, n_val=256, n_test=256, total_samples=60_000, batch_size=32, invert_steps=250,
                    decode_steps=100, ce_images=64)
@@ -43,7 +44,7 @@ def quality_suite(ctx: SuiteContext) -> SuiteResult:
     from harness.config import load_config
     from harness.data import eval_loader, write_phantom_shards
     from harness.encode import encode_to_table
-    from harness.evaluate import evaluate_heads, evaluate_phantom_counterfactuals, evaluate_reconstruction
+    from harness.evaluate import evaluate_counterfactual_set, evaluate_heads, evaluate_reconstruction
     from harness.heads import TaskSpec
     from harness.latents import load_latents
     from harness.train_dae import main as train_main
@@ -75,7 +76,8 @@ def quality_suite(ctx: SuiteContext) -> SuiteResult:
                                   channels=config.data.channels)))
     steps = dict(invert_steps=budget["invert_steps"], decode_steps=budget["decode_steps"])
     recon = evaluate_reconstruction(ae, batch["image"], [(steps["invert_steps"], steps["decode_steps"])])[0]
-    ce_rows, _ = evaluate_phantom_counterfactuals(ae, batch, head_result, **steps)
+    ce_rows, _ = evaluate_counterfactual_set(ae, batch, head_result, class_names=("healthy", "fracture"),
+                                             **steps)
     result.rows += [{"kind": "reconstruction", **recon}, *({"kind": "counterfactual", **r} for r in ce_rows)]
 
     # Tolerances: these are deterministic on one machine; the slack covers float differences elsewhere.
@@ -85,8 +87,8 @@ def quality_suite(ctx: SuiteContext) -> SuiteResult:
     m["quality/grading/macro_f1"] = Metric(grading["grade_macro_f1"], "F1", tolerance=0.15, abs_tolerance=0.05)
     m["quality/recon/mse"] = Metric(recon["mse"], "MSE in [-1, 1]", False, tolerance=0.25, abs_tolerance=0.002)
     m["quality/recon/mean_image_mse"] = Metric(recon["mean_image_mse"], "MSE in [-1, 1]", False, tolerance=None)
-    for row in ce_rows:
-        slug = {"binary (reflection)": "binary"}.get(row["kind"], row["kind"].split(" ")[0])
+    for row in ce_rows:  # "healthy -> fracture", ..., "grade >0 -> grade 0" -> healthy_to_fracture, grade_gt0_to_grade_0
+        slug = re.sub(r"[^a-z0-9]+", "_", row["kind"].replace(" -> ", " to ").replace(">", "gt")).strip("_")
         # Validity is a fraction of a handful of images: one image is 1 / ce_images.
         m[f"quality/ce/{slug}/validity"] = Metric(row["validity"], "fraction", tolerance=0.0, abs_tolerance=0.15)
         if "mae_true" in row:

@@ -7,7 +7,6 @@ The ``encode`` and ``quality`` suites live in ``encode_suite.py`` and ``quality_
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import os
@@ -150,7 +149,7 @@ def train_suite(ctx: SuiteContext) -> SuiteResult:
 
 
 def heads_suite(ctx: SuiteContext) -> SuiteResult:
-    """Fit time of each head kind on a rows x 512 latents table per backend; the Ray sweep speed-up when present."""
+    """Fit time of each head kind on a rows x 512 latents table per backend; the Ray sweep's speed-up."""
     from sklearn.metrics import roc_auc_score
 
     from harness.heads import HEAD_KINDS, cuda_available, fit_head
@@ -176,29 +175,24 @@ def heads_suite(ctx: SuiteContext) -> SuiteResult:
             # The data are fixed by the seed, so the training AUC only moves with the solver.
             result.metrics[f"{name}/train_auc"] = Metric(auc, "AUC", tolerance=0.0, abs_tolerance=0.02)
             print(f"[heads] {name}: fit {head.fit_seconds:.2f} s, train AUC {auc:.3f}", flush=True)
-    if not ctx.small:
-        _ray_sweep_speedup(result)
+    _ray_sweep_speedup(result, ctx.small)
     return result
 
 
-def _ray_sweep_speedup(result: SuiteResult) -> None:
-    """The speed-up of the Ray Tune heads sweep over a serial one, from ``benchmarks/sweep_speedup.py``.
+def _ray_sweep_speedup(result: SuiteResult, small: bool) -> None:
+    """Wall time of the Ray Tune heads sweep on 1 core and on all cores, from ``benchmarks/sweep_speedup.py``."""
+    from benchmarks import sweep_speedup
 
-    That module is optional here: it is used when it exposes ``measure(small: bool) -> dict`` with a
-    ``"speedup"`` entry, else the suite notes why the number is absent.
-    """
-    try:
-        module = importlib.import_module("benchmarks.sweep_speedup")
-    except ImportError as err:
-        result.notes.append(f"Ray sweep speed-up not measured: benchmarks/sweep_speedup.py unavailable ({err})")
-        return
-    measure = getattr(module, "measure", None)
-    if measure is None:
-        result.notes.append("Ray sweep speed-up not measured: benchmarks/sweep_speedup.py has no measure(small)")
-        return
-    row = measure(small=False)
-    result.rows.append({"kind": "ray_sweep", **row})
-    result.metrics["heads/ray_sweep/speedup"] = Metric(row["speedup"], "x serial", **TIMING)
+    rows = sweep_speedup.main(["--small"] if small else [])
+    most = max(row["cores"] for row in rows)
+    for row in rows:
+        result.rows.append({"kind": "ray_sweep", **row})
+        # Named by role, not by count, so that machines with other core counts compare.
+        cores = "one_core" if row["cores"] == 1 else "all_cores" if row["cores"] == most else f"{row['cores']}_cores"
+        name = f"heads/ray_sweep/{row['backend']}/{cores}"
+        result.metrics[f"{name}/wall_s"] = Metric(row["wall_s"], "s", False, abs_tolerance=2.0, **TIMING)
+        if row["cores"] == most and row.get("speedup_vs_1_core"):
+            result.metrics[f"{name}/speedup"] = Metric(row["speedup_vs_1_core"], "x one core", **TIMING)
 
 
 # --- data -----------------------------------------------------------------------------------------------------

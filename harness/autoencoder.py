@@ -42,7 +42,7 @@ class DiffusionAutoencoder:
         self.dtype = dtype
 
     @classmethod
-    def from_config(cls, dae: DAE, config: RunConfig, **kwargs) -> "DiffusionAutoencoder":
+    def from_config(cls, dae: DAE, config: RunConfig, **kwargs) -> DiffusionAutoencoder:
         d = config.diffusion
         alpha_bar = alphas_cumprod(linear_betas(d.num_timesteps, d.beta_start, d.beta_end))
         kwargs.setdefault("invert_steps", d.invert_steps)
@@ -50,7 +50,7 @@ class DiffusionAutoencoder:
         return cls(dae, alpha_bar, **kwargs)
 
     @classmethod
-    def load(cls, model_dir: str | Path, **kwargs) -> "DiffusionAutoencoder":
+    def load(cls, model_dir: str | Path, **kwargs) -> DiffusionAutoencoder:
         """From an exported model folder (``<run>/final``), a checkpoint folder, or an MLflow model URI."""
         dae, config = load_dae(model_dir)
         return cls.from_config(dae, config, **kwargs)

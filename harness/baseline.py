@@ -161,6 +161,11 @@ def build_densenet(spec: DenseNetSpec, in_channels: int) -> torch.nn.Module:
                     growth_rate=spec.growth_rate, block_config=spec.block_config, dropout_prob=spec.dropout)
 
 
+def trial_device(job: BaselineJob) -> torch.device:
+    """CUDA when the job gives trials a GPU share (Ray then exposes the assigned device), else the CPU."""
+    return torch.device("cuda" if job.resources.gpu > 0 and torch.cuda.is_available() else "cpu")
+
+
 def batch_column(batch: dict[str, Any], column: str) -> np.ndarray:
     """(B,) float labels of ``column``; NaN where a sample lacks it (such columns arrive in ``meta``)."""
     if column in batch["labels"]:
@@ -250,7 +255,7 @@ def train_trial(params: dict[str, Any], data: DataShape, task: BaselineTask, obj
 
     clock, search = Stopwatch(), job.search
     torch.manual_seed(search.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray exposes the trial's GPU share
+    device = trial_device(job)
     model = build_densenet(job.model, data.channels).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(params["lr"]), weight_decay=search.weight_decay)
     loader = train_loader(data.shards, search.batch_size, split=job.splits.train, image_size=data.image_size,
@@ -263,35 +268,38 @@ def train_trial(params: dict[str, Any], data: DataShape, task: BaselineTask, obj
     stopper = EarlyStopping(search.patience)
     pos_weight = torch.tensor(data.pos_weight, device=device)
     metrics: dict[str, Any] = {}
-    for epoch in range(1, int(params["epochs"]) + 1):
-        model.train()
-        losses = []
-        for batch in itertools.islice(stream, steps_per_epoch):
-            mask, target = targets(batch_column(batch, task.column), task, objective)
-            if not mask.any():
-                continue
-            images = batch["image"][torch.from_numpy(mask)].to(device)  # (b, C, H, W)
-            output = model(images).reshape(-1)  # (b,)
-            target_t = torch.from_numpy(target).to(device)
-            loss = F.binary_cross_entropy_with_logits(output, target_t, pos_weight=pos_weight) \
-                if objective == "detection" else F.mse_loss(output, target_t)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-        outputs, labels = predict(model, data, job.splits.val, search.eval_batch_size, task.column, device,
-                                  job.num_workers)
-        val = _scalars(score(outputs, labels, task, objective), "val_")
-        improved = stopper.update(sign * val.get(key, math.nan), epoch)
-        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else math.nan, **val,
-                   "best_score": stopper.best, "best_epoch": stopper.best_epoch, "stopped_early": 0,
-                   "cpu_s": clock.cpu(), "wall_s": clock.wall()}
-        if stopper.stop and epoch < int(params["epochs"]):
-            metrics["stopped_early"] = 1
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()} if improved else None
-        report(metrics, weights)
-        if metrics["stopped_early"]:
-            break
+    try:
+        for epoch in range(1, int(params["epochs"]) + 1):
+            model.train()
+            losses = []
+            for batch in itertools.islice(stream, steps_per_epoch):
+                mask, target = targets(batch_column(batch, task.column), task, objective)
+                if mask.sum() < 2:  # BatchNorm needs two samples (the last feature map is 1 x 1 at 32 px)
+                    continue
+                images = batch["image"][torch.from_numpy(mask)].to(device)  # (b, C, H, W)
+                output = model(images).reshape(-1)  # (b,)
+                target_t = torch.from_numpy(target).to(device)
+                loss = F.binary_cross_entropy_with_logits(output, target_t, pos_weight=pos_weight) \
+                    if objective == "detection" else F.mse_loss(output, target_t)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            outputs, labels = predict(model, data, job.splits.val, search.eval_batch_size, task.column, device,
+                                      job.num_workers)
+            val = _scalars(score(outputs, labels, task, objective), "val_")
+            improved = stopper.update(sign * val.get(key, math.nan), epoch)
+            metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else math.nan, **val,
+                       "best_score": stopper.best, "best_epoch": stopper.best_epoch, "stopped_early": 0,
+                       "cpu_s": clock.cpu(), "wall_s": clock.wall()}
+            if stopper.stop and epoch < int(params["epochs"]):
+                metrics["stopped_early"] = 1
+            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()} if improved else None
+            report(metrics, weights)
+            if metrics["stopped_early"]:
+                break
+    finally:
+        stream.close()  # stops DataLoader workers, if any
     return metrics
 
 
@@ -320,7 +328,7 @@ def evaluate_weights(weights_dir: str | Path, data: DataShape, task: BaselineTas
     from safetensors.torch import load_file
 
     clock = Stopwatch()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = trial_device(job)
     model = build_densenet(job.model, data.channels)
     model.load_state_dict(load_file(str(Path(weights_dir) / WEIGHTS_FILE)))
     model.to(device)

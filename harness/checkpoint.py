@@ -85,7 +85,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path,
+                    metadata: dict[str, str] | None = None) -> None:
     """safetensors, written to a temp file and renamed."""
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")

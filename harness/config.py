@@ -199,6 +199,8 @@ class EvalConfig:
     strip_images: int = 4
     latent_map_points: int = 1000
     class_names: tuple[str, str] = ("healthy", "fractured")  # negative, positive class of the first task
+    baseline_job: str | None = None  # a jobs/baseline_*.yaml: also train DenseNet121 and compare (Table 3 form)
+    baseline_cpus: int | None = None  # Ray CPUs for the baseline (default: all)
 
 
 @dataclass(frozen=True)
@@ -247,7 +249,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}: {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if annotation is bool:
         if isinstance(value, bool):
             return value

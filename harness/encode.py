@@ -127,9 +127,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
 
-    from accelerate import PartialState  # entry point only: ranks come from the launcher
-
     import torch
+    from accelerate import PartialState  # entry point only: ranks come from the launcher
 
     state = PartialState(cpu=not torch.cuda.is_available())
     ae = DiffusionAutoencoder.load(args.model, device=state.device, batch_size=args.batch_size)

@@ -62,7 +62,8 @@ def evaluate_heads(table: LatentsTable, tasks: list[TaskSpec], kinds: tuple[str,
     return HeadEvaluation(results, detection, grading, raw)
 
 
-def save_head_figures(evaluation: HeadEvaluation, table: LatentsTable, out_dir: Path, split: str = "test") -> list[Path]:
+def save_head_figures(evaluation: HeadEvaluation, table: LatentsTable, out_dir: Path,
+                      split: str = "test") -> list[Path]:
     """ROC curves per task (all kinds), calibration plot and confusion matrix per task for the first kind."""
     rows = table.select(split)
     paths: list[Path] = []

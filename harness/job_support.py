@@ -3,7 +3,7 @@ resources, timing, hashing and atomic JSON writes, and starting or joining a Ray
 
 Job files are parsed with the strictness of ``harness.config``: a YAML section becomes a frozen dataclass, an
 unknown key or an ill-typed value is a :class:`~harness.config.ConfigError` naming the key. Ray is imported only
-inside :func:`init_ray`, so importing this module stays cheap.
+inside :func:`init_ray` and :func:`ray_run_config`, so importing this module stays cheap.
 """
 
 from __future__ import annotations

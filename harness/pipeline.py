@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,8 +25,8 @@ from harness.config import RunConfig, dump_yaml, load_config
 from harness.data import eval_loader
 from harness.encode import encode_to_table
 from harness.evaluate import (
-    evaluate_heads,
     evaluate_counterfactual_set,
+    evaluate_heads,
     evaluate_reconstruction,
     save_counterfactual_figures,
     save_head_figures,
@@ -37,6 +38,8 @@ from harness.metrics import LPIPSMetric, MissingWeightsError, available_image_me
 from harness.report import Report, check_report
 from harness.tracking import Tracker
 from harness.train_dae import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _take(shard_dir: str, split: str, n: int, config: RunConfig, column: str) -> dict:
@@ -51,6 +54,26 @@ def _take(shard_dir: str, split: str, n: int, config: RunConfig, column: str) ->
     return {"image": batch["image"][chosen], "key": [batch["key"][i] for i in chosen],
             "labels": {k: v[chosen] for k, v in batch["labels"].items()},
             "meta": [batch["meta"][i] for i in chosen]}
+
+
+def run_baseline(config: RunConfig, out_dir: Path) -> list[dict]:
+    """Train the DenseNet121 baseline job on the same shards and splits; its test rows (Table 3 columns)."""
+    job = Path(config.eval.baseline_job)
+    baseline_out = out_dir / "baseline"
+    command = [sys.executable, str(REPO / "jobs" / "baseline_densenet.py"), "--shards", config.data.shard_dir,
+               "--config", str(job), "--out", str(baseline_out)]
+    if config.eval.baseline_cpus:
+        command += ["--num-cpus", str(config.eval.baseline_cpus)]
+    subprocess.run(command, check=True)
+    rows = []
+    for record_path in sorted((baseline_out / "best").glob("*-detection/record.json")):
+        record = json.loads(record_path.read_text())
+        summary = json.loads((baseline_out / "summary.json").read_text())
+        wall = next((r["wall_s"] for r in summary["rows"] if r["task"] == record["task"]["name"]), float("nan"))
+        rows.append({"task": record["task"]["name"], "method": f"{record['model']} (from scratch)",
+                     **{k: record["test"].get(k) for k in ("auc", "f1", "accuracy")}, "wall_s": wall,
+                     "selected": record["selected"]})
+    return rows
 
 
 def _lpips_or_reason() -> tuple[object | None, str | None]:
@@ -83,8 +106,10 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
 
     # Heads: every kind for every task, fitted on train, scored on test.
     tasks = [TaskSpec.from_config(t) for t in config.heads.tasks]
+    heads_started = time.perf_counter()
     heads = evaluate_heads(table, tasks, config.heads.kinds, C=config.heads.C, calibration=config.heads.calibration,
                            degree=config.heads.degree, backend=config.heads.backend, split="test")
+    heads_wall = (time.perf_counter() - heads_started) / max(1, len(heads.detection_rows))
     main_result = heads.results[(tasks[0].name, config.heads.kinds[0])]
     (out_dir / "heads.json").write_text(json.dumps(
         {f"{t}/{k}": r.to_dict() for (t, k), r in heads.results.items()}, indent=2, default=float))
@@ -97,6 +122,13 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
                                                       decode_steps=d.decode_steps, lpips=lpips,
                                                       class_names=tuple(ev.class_names))
 
+    # Fully supervised baseline on the same shards and splits (optional).
+    comparison = [{"task": r["task"], "method": f"DAE z_sem + {r['kind']}",
+                   **{k: r[k] for k in ("auc", "f1", "accuracy")}, "wall_s": heads_wall,
+                   "selected": f"C={config.heads.C}"} for r in heads.detection_rows]
+    if config.eval.baseline_job:
+        comparison += run_baseline(config, out_dir)
+
     # Report.
     report = Report(report_dir, f"dae-cf evaluation: {Path(config_path or 'defaults').stem}")
     report.add_text("Run", f"DAE `{config.model.size}` trained on `{config.data.shard_dir}` for "
@@ -104,6 +136,10 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
                            f"DDIM {d.invert_steps} inversion / {d.decode_steps} decoding steps.")
     report.add_table("detection", heads.detection_rows, "Detection on the test split (AUC from signed distances; "
                      "paper Table 3 form)", section="Heads")
+    if config.eval.baseline_job:
+        report.add_table("comparison", comparison, "Test split: linear heads on DAE latents vs DenseNet121 trained "
+                         "from scratch on the same shards (AUC from scores; wall_s: fit time of one head, or the "
+                         "whole baseline search)", section="Heads")
     if heads.grading_rows:
         report.add_table("grading", heads.grading_rows, f"Grading by calibrated distance ({config.heads.calibration},"
                          f" degree {config.heads.degree}; paper Table 4 form)", section="Heads")
@@ -133,8 +169,8 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
                                       nrow=len(batch["key"]), suptitle="test inputs / reconstructions"),
                       "inputs (top) and reconstructions (bottom)", section="Autoencoder")
     elapsed = time.perf_counter() - started
-    report.add_text("Run", f"Pipeline wall time {elapsed / 60:.1f} min on {'CUDA' if torch.cuda.is_available() else 'CPU'}"
-                           f" ({torch.get_num_threads()} threads).")
+    device = "CUDA" if torch.cuda.is_available() else "CPU"
+    report.add_text("Run", f"Pipeline wall time {elapsed / 60:.1f} min on {device} ({torch.get_num_threads()} threads).")
     (report_dir / "config.yaml").write_text(dump_yaml(config))
     index = report.write()
     missing = check_report(index)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import load as accelerate_load
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -48,7 +50,7 @@ def update_ema(ema: DAE, model: DAE, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, parameters in fp32; buffers copied."""
     ema_params = list(ema.parameters())
     torch._foreach_lerp_(ema_params, [p.detach().float() for p in model.parameters()], 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
+    for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
         b_ema.copy_(b)
 
 
@@ -114,6 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
     step, run_id = 0, None
     resume_from = ckpt.latest_checkpoint(ckpt_root) if args.resume else None
     if resume_from is not None:
+        rng_file = resume_from / f"random_states_{rank}.pkl"
+        try:  # Accelerate only logs (at info level) when it cannot restore the random state, then carries on
+            accelerate_load(rng_file)
+        except Exception as err:
+            raise ckpt.CheckpointError(f"cannot restore the random state from {rng_file}: {err}") from err
         accelerator.load_state(str(resume_from))
         ema.load_state_dict(ckpt.load_state_dict(resume_from / "ema.safetensors"))
         state = ckpt.read_json(resume_from / "trainer_state.json")
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
             if tc.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(model):
-                loss = eps_loss(lambda x_t, t: model(x_t, t, x_cond=x0), x0, alpha_bar)
+                loss = eps_loss(functools.partial(model, x_cond=x0), x0, alpha_bar)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -199,7 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
         update_ema(ema, accelerator.unwrap_model(model), ema_decay_at(step, tc.ema_decay))
 
         # Log, checkpoint, preview: on sample-count boundaries so they do not depend on the batch size.
-        crossed = lambda every: samples_seen // every != (samples_seen - tc.batch_size) // every  # noqa: E731
+        def crossed(every: int, seen: int = samples_seen) -> bool:
+            return seen // every != (seen - tc.batch_size) // every
+
         if crossed(tc.log_every) or step == total_steps:
             last_loss = accelerator.reduce(loss_sum / loss_count, "mean").item()
             images_per_s = window_samples / (time.perf_counter() - window_start)

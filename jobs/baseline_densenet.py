@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,9 @@ def tune_task(data: DataShape, task: BaselineTask, job: BaselineJob, storage: Pa
     """All objective x lr x epochs trials of one task (one Tuner, so trial processes are reused), in grid order."""
     from ray import tune
 
+    # Keeping one checkpoint forces an experiment snapshot after each; Tune warns when that happens often,
+    # which epochs of a few seconds do. Harmless for local storage: silence it unless the user set it.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     objectives = list(task.run_objectives)
     trainable = tune.with_resources(tune.with_parameters(ray_trial, data=data, task=task, job=job),
                                     job.resources.as_ray())

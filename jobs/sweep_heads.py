@@ -141,8 +141,8 @@ def sweep_task(table: LatentsTable, task: SweepTask, job: SweepJob, out: Path, t
     metric = task.selection_metric
     trial_value = trials[best]["metrics"].get(f"val_{SELECT_METRICS[metric][0]}")
     refit_value = final["val"].get(SELECT_METRICS[metric][0])
-    if trial_value is not None and refit_value is not None and not math.isclose(trial_value, refit_value,
-                                                                                 rel_tol=1e-6, abs_tol=1e-9):
+    comparable = all(isinstance(v, float) and math.isfinite(v) for v in (trial_value, refit_value))
+    if comparable and not math.isclose(trial_value, refit_value, rel_tol=1e-6, abs_tol=1e-9):
         log.warning("task %s: the refit scores val %s = %s, its trial scored %s (a non-deterministic backend?)",
                     task.name, metric, refit_value, trial_value)
     run_ids = []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -132,12 +131,14 @@ def test_default_network_is_densenet121_from_scratch_and_learns_at_32px():
 
 @pytest.fixture(scope="module")
 def local_ray():
-    os.environ["RAY_DISABLE_USAGE_STATS"] = "1"
+    """One local Ray (2 cores, no dashboard, no usage reporting) for every test of this module."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_DISABLE_USAGE_STATS", "1")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield ray
+        ray.shutdown()
 
 
 def test_baseline_tunes_selects_on_val_and_tests_once(shards, tmp_path, local_ray):

@@ -69,7 +69,7 @@ def test_encoding_split_over_ranks_equals_one_process_and_resumes(shards, tmp_pa
 def test_main_pipeline_tiny_budget_writes_complete_report(shards, tmp_path):
     from harness.pipeline import run
 
-    overrides = [f"--data.source=shards", f"--data.shard_dir={shards}", f"--train.out_dir={tmp_path / 'dae'}",
+    overrides = ["--data.source=shards", f"--data.shard_dir={shards}", f"--train.out_dir={tmp_path / 'dae'}",
                  f"--eval.out_dir={tmp_path / 'eval'}", "--train.total_samples=64", "--train.batch_size=16",
                  "--train.preview_images=4", "--diffusion.invert_steps=3", "--diffusion.decode_steps=3",
                  "--eval.counterfactual_images=8", "--eval.strip_images=2", "--eval.batch_size=16",
