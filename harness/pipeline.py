@@ -170,7 +170,8 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
                       "inputs (top) and reconstructions (bottom)", section="Autoencoder")
     elapsed = time.perf_counter() - started
     device = "CUDA" if torch.cuda.is_available() else "CPU"
-    report.add_text("Run", f"Pipeline wall time {elapsed / 60:.1f} min on {device} ({torch.get_num_threads()} threads).")
+    report.add_text("Run", f"Pipeline wall time {elapsed / 60:.1f} min on {device} "
+                           f"({torch.get_num_threads()} threads).")
     (report_dir / "config.yaml").write_text(dump_yaml(config))
     index = report.write()
     missing = check_report(index)
