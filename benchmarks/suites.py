@@ -203,13 +203,15 @@ def data_suite(ctx: SuiteContext) -> SuiteResult:
     result = SuiteResult()
     if ctx.small:
         argv = ["--size", "32", "--samples", "256", "--batch-size", "32", "--batches", "8", "--warmup", "2",
-                "--workers", "0", "1", "2"]
+                "--workers", "0", "1", "2", "--no-consumer"]
     else:
         argv = ["--size", "96", "--samples", "2048", "--batch-size", "64", "--batches", "30", "--warmup", "5",
                 "--augment", "--workers", "0", "2", "4", "8"]
     rows = data_throughput.main(argv)
     for row in rows:
         result.rows.append({**row, "argv": " ".join(argv)})
-        result.metrics[f"data/workers_{row['num_workers']}/images_per_s"] = Metric(row["images_per_s"], "images/s",
-                                                                                 **TIMING)
+        name = f"data/workers_{row['num_workers']}"
+        result.metrics[f"{name}/images_per_s"] = Metric(row["images_per_s"], "images/s", **TIMING)
+        if row.get("reader_over_consumer"):  # > 1: the reader outpaces the training step (context, not checked)
+            result.metrics[f"{name}/reader_over_consumer"] = Metric(row["reader_over_consumer"], "x", tolerance=None)
     return result

@@ -14,10 +14,14 @@ def test_defaults_and_overrides():
     assert config.train.lr == pytest.approx(3e-4)
     assert config.data.augment.enabled is True
     assert config.train.total_samples == 12_000_000
-    assert load_config(None).train.lr == pytest.approx(1e-4)  # defaults untouched
+    assert load_config(None).train.lr == pytest.approx(2e-4)  # defaults untouched
 
 
-@pytest.mark.parametrize("job", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.name)
+# Run files (the sweep and baseline jobs have their own schemas, checked by their own tests).
+RUN_FILES = sorted(p for p in JOBS.glob("*.yaml") if not p.name.startswith(("sweep_", "baseline_")))
+
+
+@pytest.mark.parametrize("job", RUN_FILES, ids=lambda p: p.name)
 def test_every_job_file_loads_and_round_trips(job, tmp_path):
     config = load_config(job)
     assert isinstance(config, RunConfig)
