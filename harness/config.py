@@ -241,11 +241,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
     if dataclasses.is_dataclass(annotation):
-        if isinstance(value, annotation):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {annotation.__name__} fields, got {value!r}")
-        return _build(annotation, value, key)
+        return value if isinstance(value, annotation) else build_dataclass(annotation, value, key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -284,18 +280,29 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if annotation is Any:
+        return value
     raise ConfigError(f"{key}: unsupported type {annotation!r}")
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+def build_dataclass(cls: type, values: Any, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from a YAML mapping; unknown keys, bad types and failed checks name ``where``.
+
+    Shared by the run config and the job files of other entry points (sweeps, baselines)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'top level'}: expected a mapping of {cls.__name__} fields, got {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        where = prefix or "top level"
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(known)}")
-    kwargs = {name: _coerce(v, hints[name], f"{prefix}.{name}" if prefix else name) for name, v in values.items()}
-    return cls(**kwargs)
+        raise ConfigError(f"unknown key(s) {unknown} in {where or 'top level'}; valid keys: {sorted(known)}")
+    kwargs = {name: _coerce(v, hints[name], f"{where}.{name}" if where else name) for name, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where or 'top level'}: {error}") from None
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -354,7 +361,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = loaded or {}
     tree = _merge(tree, parse_overrides(overrides or []))
     try:
-        return _build(RunConfig, tree, "")
+        return build_dataclass(RunConfig, tree, "")
     except ConfigError as err:
         raise ConfigError(f"{path or 'defaults'}: {err}") from None
 
@@ -363,7 +370,7 @@ def to_dict(config: Any) -> dict[str, Any]:
     """Plain dict (tuples as lists) suitable for YAML, JSON and MLflow params."""
 
     def plain(value: Any) -> Any:
-        if isinstance(value, tuple):
+        if isinstance(value, (tuple, list)):
             return [plain(v) for v in value]
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}

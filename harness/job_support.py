@@ -8,7 +8,6 @@ inside :func:`init_ray` and :func:`ray_run_config`, so importing this module sta
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -16,15 +15,13 @@ import math
 import os
 import tempfile
 import time
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from harness.config import ConfigError
+from harness.config import ConfigError, build_dataclass, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -32,77 +29,6 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------------
 # Strict YAML -> dataclass.
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """``value`` converted to ``annotation`` (lists become tuples), or ConfigError naming ``key``."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if errors else f"{key}: unexpected value {value!r}")
-    if dataclasses.is_dataclass(annotation):
-        return value if isinstance(value, annotation) else build_dataclass(annotation, value, key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}: {value!r}")
-        return tuple(_coerce(item, a, f"{key}[{i}]") for i, (item, a) in enumerate(zip(value, args, strict=True)))
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if annotation is Any:
-        return value
-    raise ConfigError(f"{key}: unsupported field type {annotation!r}")
-
-
-def build_dataclass(cls: type, values: Any, where: str) -> Any:
-    """Instantiate dataclass ``cls`` from a YAML mapping; unknown keys, bad types and failed checks name ``where``."""
-    label = where or "top level"
-    if not isinstance(values, dict):
-        raise ConfigError(f"{label}: expected a mapping of {cls.__name__} fields, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(f"{label}: unknown key(s) {unknown}; valid keys: {known}")
-    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}" if where else name) for name, value in values.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{label}: {error}") from None
 
 
 def load_job_yaml(path: str | os.PathLike, cls: type) -> Any:
@@ -122,14 +48,7 @@ def load_job_yaml(path: str | os.PathLike, cls: type) -> Any:
 
 def job_to_dict(spec: Any) -> dict[str, Any]:
     """A job dataclass as plain YAML/JSON values (tuples as lists)."""
-    def plain(value: Any) -> Any:
-        if isinstance(value, (tuple, list)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return plain(dataclasses.asdict(spec))
+    return to_dict(spec)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_job_file_is_strict(tmp_path):
     assert job.tasks[0].run_objectives == ("detection", "grading") and job.model.name.startswith("DenseNet(")
     assert load_job_yaml(ROOT / "jobs" / "baseline_phantoms.yaml", BaselineJob).model.name == "DenseNet121"
     for changes, message in (({"search": {"lrs": [1e-3]}}, r"unknown key\(s\) \['lrs'\]"),
-                             ({"augment": {"rotate": 10}}, r"augment: unknown key"),
+                             ({"augment": {"rotate": 10}}, r"unknown key\(s\) \[.rotate.\] in augment"),
                              ({"select_grading": "auc"}, "select_grading"),
                              ({"tasks": [{"name": "a", "column": "grade", "positives": [1],
                                           "objectives": ["grading"]}]}, "needs a grade_range")):

@@ -73,7 +73,7 @@ def test_job_file_is_strict(tmp_path):
     assert load_job_yaml(ROOT / "jobs" / "sweep_phantoms.yaml", SweepJob).tasks  # the shipped job file parses
     cases = [
         ({"serach": {}}, r"unknown key\(s\) \['serach'\]"),
-        ({"search": {"kinds": ["svm"], "Cs": [1.0]}}, r"search: unknown key\(s\) \['Cs'\]"),
+        ({"search": {"kinds": ["svm"], "Cs": [1.0]}}, r"unknown key\(s\) \['Cs'\] in search"),
         ({"search": {"calibration": ["poly"]}}, "calibration 'poly'"),
         ({"search": {"kinds": ["tree"]}}, "search.kinds"),
         ({"search": {"C": [1.0, "big"]}}, r"search.C"),
