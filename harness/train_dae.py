@@ -70,7 +70,9 @@ def preview(ema: DAE, config: RunConfig, images: torch.Tensor, path: Path) -> fl
     generator = torch.Generator(images.device).manual_seed(config.train.seed)
     random_xT = ae.decode(z, torch.randn(images.shape, generator=generator, device=images.device))
     n = images.shape[0]
-    save_image_grid(torch.cat([images, recon, random_xT]).cpu(), path, nrow=n)
+    save_image_grid(torch.cat([images, recon, random_xT]).cpu(), path, nrow=n,
+                    suptitle=f"rows: input / reconstruction (MSE {torch.mean((recon - images) ** 2).item():.4f}) / "
+                             "z_sem decoded from a random x_T")
     return torch.mean((recon - images) ** 2).item()
 
 
