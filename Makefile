@@ -3,6 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch/torchvision pinned to the builds this project is tested with; everything else comes from setup.cfg.
 TORCH := torch==2.14.1 torchvision==0.29.1
+# Idle OpenMP threads sleep instead of spinning: on a small shared CPU spinning threads of concurrent
+# processes (tests, DataLoader workers, Ray trials) slow each other down by an order of magnitude.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo train test lint bench clean
 
@@ -28,7 +31,7 @@ lint: install
 	$(VENV)/bin/ruff check harness tests jobs benchmarks
 
 bench: install
-	$(PY) benchmarks/train_throughput.py --small
+	$(PY) benchmarks/run.py --suite all --small --check benchmarks/baselines/cpu-small.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -87,7 +87,7 @@ def quality_suite(ctx: SuiteContext) -> SuiteResult:
     m["quality/grading/macro_f1"] = Metric(grading["grade_macro_f1"], "F1", tolerance=0.15, abs_tolerance=0.05)
     m["quality/recon/mse"] = Metric(recon["mse"], "MSE in [-1, 1]", False, tolerance=0.25, abs_tolerance=0.002)
     m["quality/recon/mean_image_mse"] = Metric(recon["mean_image_mse"], "MSE in [-1, 1]", False, tolerance=None)
-    for row in ce_rows:  # "healthy -> fracture", ..., "grade >0 -> grade 0" -> healthy_to_fracture, grade_gt0_to_grade_0
+    for row in ce_rows:  # "healthy -> fracture" -> healthy_to_fracture, "grade >0 -> grade 0" -> grade_gt0_to_grade_0
         slug = re.sub(r"[^a-z0-9]+", "_", row["kind"].replace(" -> ", " to ").replace(">", "gt")).strip("_")
         # Validity is a fraction of a handful of images: one image is 1 / ce_images.
         m[f"quality/ce/{slug}/validity"] = Metric(row["validity"], "fraction", tolerance=0.0, abs_tolerance=0.15)

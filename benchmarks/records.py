@@ -114,7 +114,8 @@ def machine_info() -> dict[str, Any]:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"hostname": platform.node(), "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "memory_gb": memory_gb, "gpu": gpu,
+            "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "load_average_1min": round(os.getloadavg()[0], 2), "memory_gb": memory_gb, "gpu": gpu,
             "gpu_count": torch.cuda.device_count() if gpu else 0, "cuda": torch.version.cuda if gpu else None}
 
 

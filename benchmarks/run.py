@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import tempfile
 import time
@@ -28,6 +29,11 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable for ``benchmarks.*``
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# OpenMP threads that busy-wait between parallel regions starve each other and every other process on a shared
+# CPU (small convolutions ran 40x slower at a load of 4 on 2 cores); waiting passively costs little on an idle
+# machine. Set before torch loads its OpenMP runtime; the suites' subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 

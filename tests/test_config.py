@@ -64,3 +64,10 @@ def test_batch_must_split_over_processes():
     assert config.train.per_process_batch(1) == 15
     with pytest.raises(ConfigError, match="not divisible by processes \\(4\\)"):
         config.train.per_process_batch(4)
+
+
+def test_yaml_syntax_error_names_file(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("train: {lr: [1e-4\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
+        load_config(bad)
