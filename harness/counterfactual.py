@@ -201,22 +201,31 @@ def grade_counterfactuals(ae: Autoencoder, x: Tensor, head: FittedHead, calibrat
 
 
 @torch.no_grad()
-def progression_strip(ae: Autoencoder, x: Tensor, head: FittedHead, calibration: Calibration,
-                      grades: Sequence[float] | None = None, invert_steps: int = 250,
-                      decode_steps: int = 100) -> Tensor:
-    """Decode one image at every grade of ``grades`` (default g_min-1 .. g_max+1) -> (G, C, H, W).
+def distance_strip(ae: Autoencoder, x: Tensor, head: FittedHead, distances: Sequence[float],
+                   invert_steps: int = 250, decode_steps: int = 100) -> Tensor:
+    """Decode one image with its latent moved to each signed distance of ``distances`` -> (G, C, H, W).
 
     All frames share the image's own x_T, so only what the head's direction encodes changes along the strip.
     The G latents go to the autoencoder as one batch.
     """
     x = _as_batch(x)
     if x.shape[0] != 1:
-        raise ValueError(f"progression_strip takes one image, got a batch of {x.shape[0]}")
-    grades = default_grades(calibration) if grades is None else list(grades)
+        raise ValueError(f"a strip takes one image, got a batch of {x.shape[0]}")
     z, x_T = _encode_and_invert(ae, x, invert_steps)  # (1, D), (1, C, H, W)
-    z_strip = progression_latents(z[0], head.hyperplane, calibration, grades)  # (G, D)
-    x_T_strip = x_T.repeat(len(grades), 1, 1, 1)  # (G, C, H, W); a real copy, safe for in-place samplers
+    targets = np.asarray(distances, dtype=np.float64).reshape(-1)  # (G,)
+    z_strip = move_to_distance(z.repeat(len(targets), 1), head.hyperplane, targets)  # (G, D)
+    x_T_strip = x_T.repeat(len(targets), 1, 1, 1)  # (G, C, H, W); a real copy, safe for in-place samplers
     return ae.decode(z_strip, x_T_strip, steps=decode_steps)
+
+
+def progression_strip(ae: Autoencoder, x: Tensor, head: FittedHead, calibration: Calibration,
+                      grades: Sequence[float] | None = None, invert_steps: int = 250,
+                      decode_steps: int = 100) -> Tensor:
+    """Decode one image at every grade of ``grades`` (default g_min-1 .. g_max+1) -> (G, C, H, W), each grade
+    at its calibrated distance (the paper's progression strips)."""
+    grades = default_grades(calibration) if grades is None else list(grades)
+    distances = np.asarray(calibration.distance_for_grade(np.asarray(grades, dtype=np.float64))).reshape(-1)
+    return distance_strip(ae, x, head, distances, invert_steps, decode_steps)
 
 
 # ---------------------------------------------------------------------------------------------------------

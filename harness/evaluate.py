@@ -19,6 +19,7 @@ from harness.autoencoder import DiffusionAutoencoder
 from harness.counterfactual import (
     binary_counterfactuals,
     default_grades,
+    distance_strip,
     evaluate_counterfactuals,
     grade_counterfactuals,
     progression_strip,
@@ -192,15 +193,22 @@ def save_counterfactual_figures(ae: DiffusionAutoencoder, batch: dict[str, Any],
     paths: list[Path] = []
     calibration = result.calibration
     x = batch["image"]
-    if calibration is not None:
+    n = min(n_strips, x.shape[0])
+    labels = batch["labels"][result.task.column]
+    titles = [f"{batch['key'][i][-6:]} ({result.task.column} {int(labels[i])})" for i in range(n)]
+    if calibration is not None:  # grades g_min-1 .. g_max+1 at their calibrated distances
         grades = default_grades(calibration)
         strips = [progression_strip(ae, x[i], result.head, calibration, grades, invert_steps, decode_steps)
-                  for i in range(min(n_strips, x.shape[0]))]
-        labels = batch["labels"][result.task.column]
-        titles = [f"{batch['key'][i][-10:]} (grade {int(labels[i])})" for i in range(len(strips))]
-        paths.append(figures.save_strips(strips, out_dir / "strips.png", titles, grade_labels=grades,
-                                         inputs=[x[i] for i in range(len(strips))]))
-        paths.append(figures.save_gif(strips[0], out_dir / "strip_0.gif"))
+                  for i in range(n)]
+        frame_labels = grades
+    else:  # binary task: symmetric distances scaled by the batch's typical distance to the boundary
+        scale = float(np.mean(np.abs(outputs["binary"].dist)))
+        distances = scale * np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+        strips = [distance_strip(ae, x[i], result.head, distances, invert_steps, decode_steps) for i in range(n)]
+        frame_labels = [f"d={d:+.3f}" for d in distances]
+    paths.append(figures.save_strips(strips, out_dir / "strips.png", titles, grade_labels=frame_labels,
+                                     inputs=[x[i] for i in range(n)]))
+    paths.append(figures.save_gif(strips[0], out_dir / "strip_0.gif"))
     binary = outputs["binary"]
     for i in range(min(n_strips, len(binary))):
         paths.append(figures.save_difference_map(binary.x[i], binary.x_ce[i], out_dir / f"difference_{i}.png",

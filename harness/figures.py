@@ -107,7 +107,8 @@ def _strip_row(axes: Sequence[plt.Axes], frames: np.ndarray, grade_labels: Seque
         offset = 1
     for i, frame in enumerate(frames):
         _show(axes[offset + i], frame)
-        axes[offset + i].set_xlabel(f"grade {grade_labels[i]}", fontsize=9)
+        label = grade_labels[i]  # a number is a grade; a string is shown as given (e.g. a signed distance)
+        axes[offset + i].set_xlabel(label if isinstance(label, str) else f"grade {label}", fontsize=9)
 
 
 def save_strip(frames: Any, path: str | Path, grade_labels: Sequence[Any], input_image: Any | None = None,
