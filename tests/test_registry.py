@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,7 +109,7 @@ def test_config_hash_ignores_locations_and_manifest_hash_ignores_the_timestamp(e
     moved.write_text(config_text.replace("out_dir: runs/dae-tiny", "out_dir: elsewhere/run")
                      .replace("experiment: dae-cf", "experiment: other"))
     changed = tmp_path / "changed.yaml"
-    changed.write_text(config_text.replace("lr: 0.0001", "lr: 0.0002"))
+    changed.write_text(re.sub(r"(?m)^  lr: .*$", "  lr: 0.123", config_text))
     assert moved.read_text() != config_text and changed.read_text() != config_text
     original = config_hash(exported["model_dir"] / "config.yaml")
     assert config_hash(moved) == original and config_hash(changed) != original
