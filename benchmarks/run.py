@@ -48,17 +48,18 @@ from benchmarks.records import (  # noqa: E402
 )
 from benchmarks.suites import SuiteContext  # noqa: E402
 
-SUITE_NAMES = ("train", "encode", "heads", "data", "quality")
+SUITE_NAMES = ("train", "encode", "heads", "data", "quality", "pneumonia")
 
 
 def suite_functions() -> dict[str, Callable[[SuiteContext], SuiteResult]]:
     """Suite name -> function; imported on demand so ``--compare`` needs none of the suites' dependencies."""
     from benchmarks.encode_suite import encode_suite
+    from benchmarks.pneumonia_suite import pneumonia_suite
     from benchmarks.quality_suite import quality_suite
     from benchmarks.suites import data_suite, heads_suite, train_suite
 
     return {"train": train_suite, "encode": encode_suite, "heads": heads_suite, "data": data_suite,
-            "quality": quality_suite}
+            "quality": quality_suite, "pneumonia": pneumonia_suite}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
