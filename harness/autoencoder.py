@@ -4,6 +4,10 @@
 paper's Section 3.2: ``encode(x) -> z_sem``, ``invert(x, z, steps) -> x_T`` (deterministic DDIM inversion) and
 ``decode(z, x_T, steps) -> x``. Inputs of any batch size are processed in chunks of ``batch_size`` on the
 autoencoder's device and returned on the caller's device.
+
+The network may predict eps or v (``diffusion.prediction``): :meth:`DiffusionAutoencoder.eps_fn` wraps it as the
+eps-predictor the DDIM functions consume. ``diffusion.clip_x0`` clamps the predicted x_0 at each decoding step and
+``diffusion.invert_to`` inverts to / decodes from that timestep instead of T-1 (partial depth).
 """
 
 from __future__ import annotations
@@ -16,7 +20,15 @@ from torch import Tensor
 
 from harness.checkpoint import CheckpointError, load_state_dict
 from harness.config import RunConfig, load_config
-from harness.diffusion import alphas_cumprod, ddim_invert, ddim_sample, linear_betas
+from harness.diffusion import (
+    PREDICTIONS,
+    DenoiseFn,
+    alphas_cumprod,
+    ddim_invert,
+    ddim_sample,
+    eps_fn_from_output,
+    linear_betas,
+)
 from harness.models import DAE, build_dae
 
 
@@ -28,11 +40,19 @@ def _chunked(fn: Callable[..., Tensor], batch_size: int, *tensors: Tensor) -> Te
 
 
 class DiffusionAutoencoder:
-    """A DAE with its schedule; device-agnostic and batched. All images are (B, C, H, W) in [-1, 1]."""
+    """A DAE with its schedule; device-agnostic and batched. All images are (B, C, H, W) in [-1, 1].
+
+    ``prediction`` ("eps" | "v") is what the network outputs; ``clip_x0`` clamps the predicted x_0 to [-1, 1] at
+    every decoding step; ``invert_to`` (a timestep, None = T-1) is the depth of inversion and the start of
+    decoding. :meth:`from_config` reads all three from ``config.diffusion``.
+    """
 
     def __init__(self, dae: DAE, alpha_bar: Tensor, device: str | torch.device | None = None,
                  batch_size: int = 64, invert_steps: int = 250, decode_steps: int = 100,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, prediction: str = "eps", clip_x0: bool = False,
+                 invert_to: int | None = None) -> None:
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dae = dae.to(self.device).eval()
         self.alpha_bar = alpha_bar
@@ -40,6 +60,9 @@ class DiffusionAutoencoder:
         self.invert_steps = invert_steps
         self.decode_steps = decode_steps
         self.dtype = dtype
+        self.prediction = prediction
+        self.clip_x0 = clip_x0
+        self.invert_to = invert_to
 
     @classmethod
     def from_config(cls, dae: DAE, config: RunConfig, **kwargs) -> DiffusionAutoencoder:
@@ -47,6 +70,9 @@ class DiffusionAutoencoder:
         alpha_bar = alphas_cumprod(linear_betas(d.num_timesteps, d.beta_start, d.beta_end))
         kwargs.setdefault("invert_steps", d.invert_steps)
         kwargs.setdefault("decode_steps", d.decode_steps)
+        kwargs.setdefault("prediction", d.prediction)
+        kwargs.setdefault("clip_x0", d.clip_x0)
+        kwargs.setdefault("invert_to", d.invert_to)
         return cls(dae, alpha_bar, **kwargs)
 
     @classmethod
@@ -55,8 +81,15 @@ class DiffusionAutoencoder:
         dae, config = load_dae(model_dir)
         return cls.from_config(dae, config, **kwargs)
 
-    def _denoiser(self, z: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-        return lambda x_t, t: self.dae(x_t, t, z_sem=z)
+    def eps_fn(self, z: Tensor) -> DenoiseFn:
+        """The eps-predictor conditioned on z_sem (B, D): ``(x_t (B, C, H, W), t (B,) long) -> eps (B, C, H, W)``.
+
+        ``z`` is moved to the autoencoder's device and dtype; ``x_t`` must be there already. A v-network's output
+        is converted with ``eps = sqrt(1 - ab_t) x_t + sqrt(ab_t) v`` (:func:`harness.diffusion.eps_fn_from_output`).
+        No gradient context is imposed: wrap calls in ``torch.no_grad()`` unless gradients are wanted.
+        """
+        z = z.to(self.device, self.dtype)
+        return eps_fn_from_output(lambda x_t, t: self.dae(x_t, t, z_sem=z), self.alpha_bar, self.prediction)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
@@ -70,25 +103,33 @@ class DiffusionAutoencoder:
 
     @torch.no_grad()
     def invert(self, x: Tensor, z: Tensor, steps: int | None = None) -> Tensor:
-        """Deterministic DDIM inversion x_0 -> x_T conditioned on z_sem. (B, C, H, W)."""
+        """Deterministic DDIM inversion x_0 -> x_T conditioned on z_sem. (B, C, H, W).
+
+        The code sits at timestep ``invert_to`` (T-1 when None); ``steps`` spaces the full schedule.
+        """
         steps = steps or self.invert_steps
         out_device = x.device
 
         def run(xb: Tensor, zb: Tensor) -> Tensor:
             xb, zb = xb.to(self.device, self.dtype), zb.to(self.device, self.dtype)
-            return ddim_invert(self._denoiser(zb), xb, self.alpha_bar, steps).float()
+            return ddim_invert(self.eps_fn(zb), xb, self.alpha_bar, steps, t_end=self.invert_to).float()
 
         return _chunked(run, self.batch_size, x, z).to(out_device)
 
     @torch.no_grad()
     def decode(self, z: Tensor, x_T: Tensor, steps: int | None = None) -> Tensor:
-        """DDIM sampling x_T -> x_0 conditioned on z_sem. (B, C, H, W), clipped to [-1, 1]."""
+        """DDIM sampling x_T -> x_0 conditioned on z_sem. (B, C, H, W), clipped to [-1, 1].
+
+        ``x_T`` is taken to sit at timestep ``invert_to`` (T-1 when None), as :meth:`invert` returns it.
+        """
         steps = steps or self.decode_steps
         out_device = x_T.device
 
         def run(zb: Tensor, xb: Tensor) -> Tensor:
             xb, zb = xb.to(self.device, self.dtype), zb.to(self.device, self.dtype)
-            return ddim_sample(self._denoiser(zb), xb, self.alpha_bar, steps).float().clamp(-1, 1)
+            x0 = ddim_sample(self.eps_fn(zb), xb, self.alpha_bar, steps, clip_x0=self.clip_x0,
+                             t_start=self.invert_to)  # (B, C, H, W)
+            return x0.float().clamp(-1, 1)
 
         return _chunked(run, self.batch_size, z, x_T).to(out_device)
 

@@ -88,13 +88,26 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """Noise schedule (paper: T=1000 linear betas) and the DDIM step counts for inversion and decoding."""
+    """Noise schedule (paper: T=1000 linear betas), the training objective and the DDIM inversion / decoding.
+
+    The defaults are the paper's: eps-prediction with the plain MSE (Eq. 1), no x_0 clipping, full-depth inversion.
+    ``prediction: v`` trains and decodes a v-predicting network (Salimans & Ho 2022); ``loss_weighting: min_snr``
+    weights the loss by Min-SNR-gamma (Hang et al. 2023) with ``snr_gamma``; ``clip_x0`` clamps the predicted x_0
+    to [-1, 1] at every decoding step (as the official DiffAE sampler); ``invert_to`` inverts only down to that
+    timestep and decodes from it (None = T-1). Step counts always space the full schedule 0..T-1: a partial walk
+    takes only the grid's steps below ``invert_to``.
+    """
 
     num_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
     invert_steps: int = 250
     decode_steps: int = 100
+    prediction: str = "eps"  # "eps" | "v": what the UNet outputs
+    loss_weighting: str = "none"  # "none" | "min_snr"
+    snr_gamma: float = 5.0  # gamma of Min-SNR-gamma (the paper's recommended 5)
+    clip_x0: bool = False  # clamp predicted x_0 to [-1, 1] per decoding step
+    invert_to: int | None = None  # partial inversion depth (a timestep); None = T-1
 
     def __post_init__(self) -> None:
         _require(self.num_timesteps > 1, "diffusion.num_timesteps", "must be > 1")
@@ -102,6 +115,13 @@ class DiffusionConfig:
         for name in ("invert_steps", "decode_steps"):
             steps = getattr(self, name)
             _require(0 < steps <= self.num_timesteps, f"diffusion.{name}", f"must be in 1..{self.num_timesteps}")
+        _require(self.prediction in ("eps", "v"), "diffusion.prediction",
+                 f"must be 'eps' or 'v', got {self.prediction!r}")
+        _require(self.loss_weighting in ("none", "min_snr"), "diffusion.loss_weighting",
+                 f"must be 'none' or 'min_snr', got {self.loss_weighting!r}")
+        _require(self.snr_gamma > 0, "diffusion.snr_gamma", f"must be > 0, got {self.snr_gamma}")
+        _require(self.invert_to is None or 0 <= self.invert_to < self.num_timesteps, "diffusion.invert_to",
+                 f"must be null or in 0..{self.num_timesteps - 1}, got {self.invert_to}")
 
 
 @dataclass(frozen=True)
@@ -129,7 +149,10 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = False
     preview_images: int = 16
+    probe_images: int = 128  # labelled val images probed at each preview (z-usage, AUC, CE validity); 0 = off
+    probe_counterfactuals: int = 8  # of which this many get a counterfactual
     record_keys: bool = False  # write the sample keys each rank consumed (checks data sharding)
+    encoder_jitter: float = 0.0  # > 0: the encoder sees a brightness/contrast-jittered x_0 of this strength
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
@@ -140,6 +163,10 @@ class TrainConfig:
         _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must lie in [0, 1)")
         _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
         _require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "must be no, fp16 or bf16")
+        _require(0.0 <= self.encoder_jitter <= 1.0, "train.encoder_jitter",
+                 f"must lie in [0, 1] (0 disables it), got {self.encoder_jitter}")
+        _require(self.probe_images >= 0, "train.probe_images", "must be >= 0 (0 disables the probe)")
+        _require(self.probe_counterfactuals >= 2, "train.probe_counterfactuals", "must be >= 2 (one per class)")
         for name in ("checkpoint_every", "preview_every", "log_every", "keep_checkpoints"):
             _require(getattr(self, name) > 0, f"train.{name}", "must be > 0")
 
@@ -192,6 +219,38 @@ class HeadsConfig:
         _require(self.C > 0, "heads.C", "must be > 0")
 
 
+# The names of harness.directions.DIRECTIONS and harness.counterfactual.RENDERS (a test keeps them equal); repeated
+# here so that loading a config imports nothing of the method.
+CE_DIRECTIONS = ("normal", "pattern", "normal_subspace", "mean_diff")
+CE_RENDERS = ("decode", "residual")
+
+
+@dataclass(frozen=True)
+class CounterfactualConfig:
+    """How counterfactuals move z_sem and are rendered (see harness.directions and harness.counterfactual).
+
+    ``direction`` is the one stored with the heads and used by strips, the served explainer and the headline
+    figures; ``evaluate_directions`` x ``move_sizes`` are all measured in the report.
+    """
+
+    direction: str = "pattern"
+    subspace_variance: float = 0.99  # normal_subspace: fewest principal components explaining this much
+    subspace_k: int | None = None  # normal_subspace: a fixed number of components instead
+    render: str = "decode"  # "decode" (the paper) | "residual" (input + decoded change)
+    evaluate_directions: tuple[str, ...] = CE_DIRECTIONS
+    move_sizes: tuple[float, ...] = (1.0, 2.0, 4.0)  # multiples of the reflection's move
+
+    def __post_init__(self) -> None:
+        for key, names in (("direction", (self.direction,)), ("evaluate_directions", self.evaluate_directions)):
+            bad = [n for n in names if n not in CE_DIRECTIONS]
+            _require(not bad, f"counterfactual.{key}", f"unknown direction(s) {bad}; known: {list(CE_DIRECTIONS)}")
+        _require(self.render in CE_RENDERS, "counterfactual.render", f"must be one of {list(CE_RENDERS)}")
+        _require(0.0 < self.subspace_variance <= 1.0, "counterfactual.subspace_variance", "must lie in (0, 1]")
+        _require(self.subspace_k is None or self.subspace_k >= 1, "counterfactual.subspace_k", "must be >= 1")
+        _require(bool(self.move_sizes) and all(m > 0 for m in self.move_sizes), "counterfactual.move_sizes",
+                 "must be a non-empty list of positive numbers")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """The evaluation half of the pipeline: encoding, counterfactuals and the report."""
@@ -205,6 +264,7 @@ class EvalConfig:
     class_names: tuple[str, str] = ("healthy", "fractured")  # negative, positive class of the first task
     baseline_job: str | None = None  # a jobs/baseline_*.yaml: also train DenseNet121 and compare (Table 3 form)
     baseline_cpus: int | None = None  # Ray CPUs for the baseline (default: all)
+    floors: bool = True  # also fit the heads on raw pixels and on a random encoder (the floors of Table 3)
 
 
 @dataclass(frozen=True)
@@ -215,6 +275,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    counterfactual: CounterfactualConfig = field(default_factory=CounterfactualConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

@@ -1,4 +1,4 @@
-"""Counterfactual explanations by moving the semantic latent along a linear head's normal.
+"""Counterfactual explanations by moving the semantic latent across a linear head's hyperplane.
 
 Atad et al., Sections 3.2-3.3. A Diffusion Autoencoder (DAE) encodes an image ``x`` to a semantic latent
 ``z_sem`` and, by deterministic DDIM inversion, to a stochastic code ``x_T`` that holds everything ``z_sem``
@@ -10,6 +10,12 @@ does not (texture, exact position). A linear head on ``z_sem`` is a hyperplane `
   ``w_ce = w + (d* - dist) * n / ||n||``;
 - progression strips: latents at the distances of grades ``g_min - 1 .. g_max + 1`` decoded with the image's
   own ``x_T`` (the outer two grades are illustrative extrapolations, as in the paper's figures).
+
+Every move takes an optional :class:`~harness.directions.Direction` (``pattern``, ``normal_subspace``,
+``mean_diff``; None = the paper's unit normal) and lands exactly on the same target distance whatever the
+direction. One batch is encoded and inverted once (:func:`encode_for_counterfactuals`) and shared by every
+direction, move size and grade. Rendering is ``decode`` (the paper: decode ``(z_ce, x_T)``) or ``residual``
+(the input plus ``decode(z_ce, x_T) - decode(z, x_T)``, so reconstruction error does not count as change).
 
 The latent arithmetic works on numpy arrays and torch tensors alike; the image-level functions take any object
 satisfying :class:`Autoencoder` and a fitted head from ``harness.heads``.
@@ -25,7 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from harness.directions import Direction, move_along
 from harness.metrics import l1_proximity, validity_rate
+from harness.probes import realised_fraction, realised_fraction_summary, truth_errors
 
 if TYPE_CHECKING:  # only for annotations: the head module is not needed to move latents
     from harness.heads import Calibration, FittedHead, Hyperplane
@@ -54,8 +62,8 @@ class Autoencoder(Protocol):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _normal_and_bias_like(z: LatentT, hyperplane: Hyperplane) -> tuple[LatentT, float, float]:
-    """The hyperplane's normal in z's array type / dtype / device, its bias and its norm."""
+def signed_distance(z: LatentT, hyperplane: Hyperplane) -> LatentT:
+    """Signed distance (n.w + b) / ||n|| of latents (..., D) -> (...), in z's own array type."""
     normal = np.asarray(hyperplane.normal, dtype=np.float64)  # (D,)
     if z.shape[-1] != normal.shape[0]:
         raise ValueError(f"latent has dimension {z.shape[-1]} but the hyperplane normal has {normal.shape[0]}")
@@ -63,45 +71,38 @@ def _normal_and_bias_like(z: LatentT, hyperplane: Hyperplane) -> tuple[LatentT, 
     if norm == 0.0:
         raise ValueError("hyperplane normal is all zeros: the head was not fitted or is degenerate")
     if isinstance(z, Tensor):
-        return torch.as_tensor(normal, dtype=z.dtype, device=z.device), float(hyperplane.bias), norm
-    return normal.astype(np.result_type(z.dtype, np.float32), copy=False), float(hyperplane.bias), norm
-
-
-def signed_distance(z: LatentT, hyperplane: Hyperplane) -> LatentT:
-    """Signed distance (n.w + b) / ||n|| of latents (..., D) -> (...), in z's own array type."""
-    normal, bias, norm = _normal_and_bias_like(z, hyperplane)
-    return (z @ normal + bias) / norm
-
-
-def move_to_distance(z: LatentT, hyperplane: Hyperplane, target_distance: float | np.ndarray | Tensor) -> LatentT:
-    """Move latents (..., D) along the unit normal so that their signed distance equals ``target_distance``.
-
-    ``w_ce = w + (d* - dist) * n / ||n||``: the component of ``w`` orthogonal to ``n`` is untouched, so nothing
-    but the head's evidence changes in latent space. ``target_distance`` is a scalar or one value per latent.
-    """
-    normal, _, norm = _normal_and_bias_like(z, hyperplane)
-    unit = normal / norm  # (D,)
-    dist = signed_distance(z, hyperplane)  # (...)
-    if isinstance(z, Tensor):
-        target = torch.as_tensor(target_distance, dtype=z.dtype, device=z.device)
+        n = torch.as_tensor(normal, dtype=z.dtype, device=z.device)
     else:
-        target = np.asarray(target_distance, dtype=dist.dtype)
-    step = target - dist  # (...)
-    return z + step[..., None] * unit
+        n = normal.astype(np.result_type(z.dtype, np.float32), copy=False)
+    return (z @ n + float(hyperplane.bias)) / norm
 
 
-def reflect(z: LatentT, hyperplane: Hyperplane) -> LatentT:
-    """Binary counterfactual by reflection through the hyperplane (paper Eq. 4): dist -> -dist."""
-    return move_to_distance(z, hyperplane, -signed_distance(z, hyperplane))
+def move_to_distance(z: LatentT, hyperplane: Hyperplane, target_distance: float | np.ndarray | Tensor,
+                     direction: Direction | None = None) -> LatentT:
+    """Move latents (..., D) so that their signed distance equals ``target_distance`` exactly.
+
+    Along the unit normal (``direction=None``, the paper): ``w_ce = w + (d* - dist) * n / ||n||``, which leaves
+    the component of ``w`` orthogonal to ``n`` untouched. Along another :class:`~harness.directions.Direction`
+    ``v`` the step is rescaled by ``||n|| / (n . v)`` so the landing distance is the same.
+    """
+    return move_along(z, hyperplane, direction, target_distance)
+
+
+def reflect(z: LatentT, hyperplane: Hyperplane, direction: Direction | None = None,
+            move_size: float = 1.0) -> LatentT:
+    """Binary counterfactual: dist -> -dist (paper Eq. 4); ``move_size`` m moves m times as far: (1 - 2m) dist."""
+    dist = signed_distance(z, hyperplane)
+    return move_to_distance(z, hyperplane, dist * (1.0 - 2.0 * float(move_size)), direction)
 
 
 def _distance_for_grade(calibration: Calibration, grade: float) -> float:
     return float(np.asarray(calibration.distance_for_grade(grade), dtype=np.float64).reshape(-1)[0])
 
 
-def to_grade(z: LatentT, hyperplane: Hyperplane, calibration: Calibration, grade: float) -> LatentT:
+def to_grade(z: LatentT, hyperplane: Hyperplane, calibration: Calibration, grade: float,
+             direction: Direction | None = None) -> LatentT:
     """Move latents to the distance the calibration assigns to ``grade`` (the inverse of distance -> grade)."""
-    return move_to_distance(z, hyperplane, _distance_for_grade(calibration, grade))
+    return move_to_distance(z, hyperplane, _distance_for_grade(calibration, grade), direction)
 
 
 def default_grades(calibration: Calibration) -> list[int]:
@@ -110,7 +111,7 @@ def default_grades(calibration: Calibration) -> list[int]:
 
 
 def progression_latents(z: LatentT, hyperplane: Hyperplane, calibration: Calibration,
-                        grades: Sequence[float]) -> LatentT:
+                        grades: Sequence[float], direction: Direction | None = None) -> LatentT:
     """One latent (D,) moved to each grade's calibrated distance -> (G, D), in the order of ``grades``."""
     if z.ndim != 1:
         raise ValueError(f"progression_latents takes one latent of shape (D,), got shape {tuple(z.shape)}")
@@ -119,7 +120,7 @@ def progression_latents(z: LatentT, hyperplane: Hyperplane, calibration: Calibra
     if targets.shape[0] != len(grades):
         raise ValueError(f"calibration returned {targets.shape[0]} distances for {len(grades)} grades")
     stacked = z[None].repeat(len(grades), 1) if isinstance(z, Tensor) else np.repeat(z[None], len(grades), 0)
-    return move_to_distance(stacked, hyperplane, targets)  # (G, D)
+    return move_to_distance(stacked, hyperplane, targets, direction)  # (G, D)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,12 +128,16 @@ def progression_latents(z: LatentT, hyperplane: Hyperplane, calibration: Calibra
 # ---------------------------------------------------------------------------------------------------------
 
 
+RENDERS = ("decode", "residual")
+
+
 @dataclass
 class CounterfactualBatch:
     """Inputs, codes and counterfactuals of one batch.
 
     ``kind`` is ``"binary"`` (``target`` = the class the head should now predict) or ``"grade"`` (``target`` =
-    the requested grade). ``target_distance`` is the signed distance ``z_ce`` was moved to.
+    the requested grade). ``target_distance`` is the signed distance ``z_ce`` was moved to; ``direction`` the
+    name of the direction it moved along, ``move_size`` the multiple of the reflection's move (binary only).
     """
 
     kind: str
@@ -141,9 +146,11 @@ class CounterfactualBatch:
     x_T: Tensor  # (B, C, H, W) stochastic codes from DDIM inversion
     dist: np.ndarray  # (B,) signed distance of z
     z_ce: Tensor  # (B, D) moved latents
-    x_ce: Tensor  # (B, C, H, W) decoded counterfactuals
+    x_ce: Tensor  # (B, C, H, W) counterfactuals
     target: np.ndarray  # (B,) target class (binary) or grade (grade)
     target_distance: np.ndarray  # (B,) signed distance of z_ce
+    direction: str = "normal"
+    move_size: float = 1.0
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -165,67 +172,124 @@ def _as_batch(x: Tensor) -> Tensor:
     return x
 
 
+@dataclass
+class Encoded:
+    """A batch encoded once and shared by every counterfactual made from it (all directions, sizes, grades).
+
+    ``recon`` is the decode of the unchanged latent, needed by the ``residual`` rendering.
+    """
+
+    x: Tensor  # (B, C, H, W)
+    z: Tensor  # (B, D)
+    x_T: Tensor  # (B, C, H, W)
+    decode_steps: int
+    render: str = "decode"
+    recon: Tensor | None = None  # (B, C, H, W)
+
+
 @torch.no_grad()
-def _encode_and_invert(ae: Autoencoder, x: Tensor, invert_steps: int) -> tuple[Tensor, Tensor]:
+def encode_for_counterfactuals(ae: Autoencoder, x: Tensor, invert_steps: int = 250, decode_steps: int = 100,
+                               render: str = "decode") -> Encoded:
+    """Encode, invert (and for ``residual`` reconstruct) a batch once: (B, C, H, W) -> :class:`Encoded`."""
+    if render not in RENDERS:
+        raise ValueError(f"counterfactual.render: unknown rendering {render!r}; known: {list(RENDERS)}")
+    x = _as_batch(x)
     z = ae.encode(x)  # (B, D)
     x_T = ae.invert(x, z, steps=invert_steps)  # (B, C, H, W)
-    return z, x_T
+    recon = ae.decode(z, x_T.clone(), steps=decode_steps) if render == "residual" else None
+    return Encoded(x, z, x_T, decode_steps, render, recon)
+
+
+@torch.no_grad()
+def render_counterfactuals(ae: Autoencoder, encoded: Encoded, z_ce: Tensor, index: Tensor | None = None) -> Tensor:
+    """Decode moved latents (M, D) with the x_T of rows ``index`` (default: all rows, M = B) -> (M, C, H, W).
+
+    ``decode`` returns the decode itself (the paper). ``residual`` adds the decoded change to the input,
+    ``x + decode(z_ce, x_T) - decode(z, x_T)``: the reconstruction error, identical in both decodes, cancels,
+    and what remains is the change the latent move causes. Clipped to [-1, 1].
+    """
+    index = torch.arange(encoded.x.shape[0]) if index is None else index
+    x_T = encoded.x_T[index].clone()  # (M, C, H, W); a real copy, safe for in-place samplers
+    decoded = ae.decode(z_ce, x_T, steps=encoded.decode_steps)
+    if encoded.render == "decode":
+        return decoded
+    return (encoded.x[index] + decoded - encoded.recon[index]).clamp(-1.0, 1.0)
+
+
+def _reuse_or_encode(ae: Autoencoder, x: Tensor, encoded: Encoded | None, invert_steps: int, decode_steps: int,
+                     render: str) -> Encoded:
+    if encoded is not None:
+        return encoded
+    return encode_for_counterfactuals(ae, x, invert_steps, decode_steps, render)
 
 
 @torch.no_grad()
 def binary_counterfactuals(ae: Autoencoder, x: Tensor, head: FittedHead, invert_steps: int = 250,
-                           decode_steps: int = 100) -> CounterfactualBatch:
-    """Reflect each image's latent through the head's hyperplane (Eq. 4) and decode with its own x_T."""
-    x = _as_batch(x)
-    z, x_T = _encode_and_invert(ae, x, invert_steps)
-    z_ce = reflect(z, head.hyperplane)  # (B, D)
-    x_ce = ae.decode(z_ce, x_T, steps=decode_steps)  # (B, C, H, W)
-    z_np = _to_numpy(z)
-    dist = np.asarray(head.hyperplane.distance(z_np), dtype=np.float64)
+                           decode_steps: int = 100, *, direction: Direction | None = None, move_size: float = 1.0,
+                           render: str = "decode", encoded: Encoded | None = None) -> CounterfactualBatch:
+    """Move each latent across the hyperplane to ``(1 - 2 m) dist`` (m = 1: the reflection of Eq. 4) along
+    ``direction`` (None: the unit normal) and render it with the image's own x_T.
+
+    Pass ``encoded`` (from :func:`encode_for_counterfactuals`) to reuse one inversion for many moves.
+    """
+    enc = _reuse_or_encode(ae, x, encoded, invert_steps, decode_steps, render)
+    z_np = _to_numpy(enc.z)
+    dist = np.asarray(head.hyperplane.distance(z_np), dtype=np.float64)  # (B,)
+    target_distance = dist * (1.0 - 2.0 * float(move_size))
+    z_ce = move_to_distance(enc.z, head.hyperplane, torch.as_tensor(target_distance, dtype=enc.z.dtype),
+                            direction)  # (B, D)
+    x_ce = render_counterfactuals(ae, enc, z_ce)  # (B, C, H, W)
     target = 1 - np.asarray(head.predict(z_np)).astype(np.int64)  # the class the input is not
-    return CounterfactualBatch("binary", x, z, x_T, dist, z_ce, x_ce, target, -dist)
+    name = "normal" if direction is None else direction.name
+    return CounterfactualBatch("binary", enc.x, enc.z, enc.x_T, dist, z_ce, x_ce, target, target_distance, name,
+                               float(move_size))
 
 
 @torch.no_grad()
 def grade_counterfactuals(ae: Autoencoder, x: Tensor, head: FittedHead, calibration: Calibration,
-                          target_grade: float, invert_steps: int = 250, decode_steps: int = 100) -> CounterfactualBatch:
-    """Move each image's latent to the calibrated distance of ``target_grade`` and decode with its own x_T."""
-    x = _as_batch(x)
-    z, x_T = _encode_and_invert(ae, x, invert_steps)
+                          target_grade: float, invert_steps: int = 250, decode_steps: int = 100, *,
+                          direction: Direction | None = None, render: str = "decode",
+                          encoded: Encoded | None = None) -> CounterfactualBatch:
+    """Move each latent to the calibrated distance of ``target_grade`` and render it with the image's own x_T."""
+    enc = _reuse_or_encode(ae, x, encoded, invert_steps, decode_steps, render)
     target_distance = _distance_for_grade(calibration, target_grade)  # d*, the inverse calibration
-    z_ce = move_to_distance(z, head.hyperplane, target_distance)  # (B, D)
-    x_ce = ae.decode(z_ce, x_T, steps=decode_steps)  # (B, C, H, W)
-    dist = np.asarray(head.hyperplane.distance(_to_numpy(z)), dtype=np.float64)
-    target = np.full(x.shape[0], target_grade, dtype=np.float64)
-    return CounterfactualBatch("grade", x, z, x_T, dist, z_ce, x_ce, target, np.full(x.shape[0], target_distance))
+    z_ce = move_to_distance(enc.z, head.hyperplane, target_distance, direction)  # (B, D)
+    x_ce = render_counterfactuals(ae, enc, z_ce)  # (B, C, H, W)
+    dist = np.asarray(head.hyperplane.distance(_to_numpy(enc.z)), dtype=np.float64)
+    target = np.full(enc.x.shape[0], target_grade, dtype=np.float64)
+    name = "normal" if direction is None else direction.name
+    return CounterfactualBatch("grade", enc.x, enc.z, enc.x_T, dist, z_ce, x_ce, target,
+                               np.full(enc.x.shape[0], target_distance), name)
 
 
 @torch.no_grad()
 def distance_strip(ae: Autoencoder, x: Tensor, head: FittedHead, distances: Sequence[float],
-                   invert_steps: int = 250, decode_steps: int = 100) -> Tensor:
-    """Decode one image with its latent moved to each signed distance of ``distances`` -> (G, C, H, W).
+                   invert_steps: int = 250, decode_steps: int = 100, *, direction: Direction | None = None,
+                   render: str = "decode", encoded: Encoded | None = None) -> Tensor:
+    """Render one image with its latent moved to each signed distance of ``distances`` -> (G, C, H, W).
 
-    All frames share the image's own x_T, so only what the head's direction encodes changes along the strip.
-    The G latents go to the autoencoder as one batch.
+    All frames share the image's own x_T, so only what the direction encodes changes along the strip. The G
+    latents go to the autoencoder as one batch.
     """
-    x = _as_batch(x)
-    if x.shape[0] != 1:
-        raise ValueError(f"a strip takes one image, got a batch of {x.shape[0]}")
-    z, x_T = _encode_and_invert(ae, x, invert_steps)  # (1, D), (1, C, H, W)
+    enc = _reuse_or_encode(ae, x, encoded, invert_steps, decode_steps, render)
+    if enc.x.shape[0] != 1:
+        raise ValueError(f"a strip takes one image, got a batch of {enc.x.shape[0]}")
     targets = np.asarray(distances, dtype=np.float64).reshape(-1)  # (G,)
-    z_strip = move_to_distance(z.repeat(len(targets), 1), head.hyperplane, targets)  # (G, D)
-    x_T_strip = x_T.repeat(len(targets), 1, 1, 1)  # (G, C, H, W); a real copy, safe for in-place samplers
-    return ae.decode(z_strip, x_T_strip, steps=decode_steps)
+    z_strip = move_to_distance(enc.z.repeat(len(targets), 1), head.hyperplane,
+                               torch.as_tensor(targets, dtype=enc.z.dtype), direction)  # (G, D)
+    return render_counterfactuals(ae, enc, z_strip, torch.zeros(len(targets), dtype=torch.long))
 
 
 def progression_strip(ae: Autoencoder, x: Tensor, head: FittedHead, calibration: Calibration,
                       grades: Sequence[float] | None = None, invert_steps: int = 250,
-                      decode_steps: int = 100) -> Tensor:
-    """Decode one image at every grade of ``grades`` (default g_min-1 .. g_max+1) -> (G, C, H, W), each grade
+                      decode_steps: int = 100, *, direction: Direction | None = None, render: str = "decode",
+                      encoded: Encoded | None = None) -> Tensor:
+    """Render one image at every grade of ``grades`` (default g_min-1 .. g_max+1) -> (G, C, H, W), each grade
     at its calibrated distance (the paper's progression strips)."""
     grades = default_grades(calibration) if grades is None else list(grades)
     distances = np.asarray(calibration.distance_for_grade(np.asarray(grades, dtype=np.float64))).reshape(-1)
-    return distance_strip(ae, x, head, distances, invert_steps, decode_steps)
+    return distance_strip(ae, x, head, distances, invert_steps, decode_steps, direction=direction, render=render,
+                          encoded=encoded)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -247,8 +311,12 @@ def evaluate_counterfactuals(ae: Autoencoder, batch: CounterfactualBatch, head: 
       (binary) or the calibration gives the target grade (grade). ``latent_validity`` scores ``z_ce`` itself,
       so a gap between the two is the autoencoder's, not the head's.
     - proximity: mean L1 (and LPIPS when a metric object is given) between ``x_ce`` and ``x``.
+    - ``realised_fraction``: median of (re-encoded distance change) / (intended change); near 0 means the
+      decoder ignored the move, whatever the latent validity says.
     - ``true_ce`` (B, C, H, W), e.g. phantoms re-rendered at the target grade with the same nuisance: MAE/MSE
-      of ``x_ce`` against it next to those of the unchanged input (the trivial baseline a useful CE must beat).
+      of ``x_ce`` against it next to those of the unchanged input (the trivial baseline a useful CE must beat),
+      the per-CE medians of both, and ``closer_than_input``: the fraction of CEs closer to the truth than
+      their input is.
     """
     if batch.kind == "grade" and calibration is None:
         raise ValueError("evaluating grade counterfactuals needs the calibration that chose their targets")
@@ -267,6 +335,9 @@ def evaluate_counterfactuals(ae: Autoencoder, batch: CounterfactualBatch, head: 
         "dist_target_mean": float(np.mean(batch.target_distance)),
         "dist_reencoded_mean": float(np.mean(dist_re)),
         "dist_reencoded_error": float(np.mean(np.abs(dist_re - batch.target_distance))),
+        # How much of the intended move survives decoding and re-encoding (1 = all of it, 0 = none).
+        "realised_fraction": realised_fraction_summary(
+            realised_fraction(batch.dist, batch.target_distance, dist_re))["median"],
         "l1": _mean(l1_proximity(batch.x_ce, batch.x)),
     }
     if lpips is not None:
@@ -275,8 +346,12 @@ def evaluate_counterfactuals(ae: Autoencoder, batch: CounterfactualBatch, head: 
         true_ce = true_ce.to(device=batch.x_ce.device, dtype=batch.x_ce.dtype)
         if true_ce.shape != batch.x_ce.shape:
             raise ValueError(f"true_ce has shape {tuple(true_ce.shape)}, counterfactuals {tuple(batch.x_ce.shape)}")
+        errors = truth_errors(batch.x, batch.x_ce, true_ce)
         out["mae_true"] = float((batch.x_ce - true_ce).abs().mean())
         out["mse_true"] = float((batch.x_ce - true_ce).pow(2).mean())
         out["mae_input_vs_true"] = float((batch.x - true_ce).abs().mean())
         out["mse_input_vs_true"] = float((batch.x - true_ce).pow(2).mean())
+        out["median_error_true"] = errors["ce_error_median"]
+        out["median_input_error_true"] = errors["input_error_median"]
+        out["closer_than_input"] = float(errors["closer_than_input"])
     return out

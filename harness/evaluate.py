@@ -6,6 +6,7 @@ pipeline (``harness.pipeline``) and the jobs put them into a report. Nothing her
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,19 +17,25 @@ from torch import Tensor
 
 from harness import figures
 from harness.autoencoder import DiffusionAutoencoder
+from harness.checkpoint import atomic_write_text
 from harness.counterfactual import (
+    Encoded,
     binary_counterfactuals,
     default_grades,
     distance_strip,
+    encode_for_counterfactuals,
     evaluate_counterfactuals,
     grade_counterfactuals,
     progression_strip,
 )
 from harness.data.phantoms import PhantomParams, render, to_uint8
 from harness.data.transforms import to_model_range
-from harness.heads import TaskResult, TaskSpec, evaluate_task, fit_task
+from harness.directions import Direction
+from harness.floors import floor_rows, images_from_shards, pixel_latents, random_encoder_latents
+from harness.heads import TaskResult, TaskSpec, evaluate_task, fit_task, task_direction
 from harness.latents import LatentsTable
 from harness.metrics import roc_curve_points
+from harness.probes import random_xT_identity, z_usage
 
 # Columns of the paper's Tables 3 and 4, in order.
 DETECTION_COLUMNS = ("task", "kind", "split", "auc", "f1", "accuracy", "sensitivity", "specificity", "n_pos", "n_neg")
@@ -61,6 +68,40 @@ def evaluate_heads(table: LatentsTable, tasks: list[TaskSpec], kinds: tuple[str,
             if result.calibration is not None:
                 grading.append({c: row.get(c) for c in GRADING_COLUMNS})
     return HeadEvaluation(results, detection, grading, raw)
+
+
+def detection_floors(config: Any, tasks: list[TaskSpec], splits: tuple[str, str] = ("train", "test")) -> list[dict]:
+    """Detection rows of the floors every DAE head must beat: logistic regression on raw pixels and the same heads
+    on a randomly initialised encoder of the run's architecture, fitted on train and scored on test."""
+    data, heads = config.data, config.heads
+    images = images_from_shards(data.shard_dir, list(splits), data.image_size, data.channels)
+    architecture = {k: v for k, v in config.model.overrides(data.image_size).items() if k != "image_size"}
+    random_table = random_encoder_latents(config.model.size, data.channels, data.image_size, images,
+                                          seed=config.train.seed, **architecture)
+    return floor_rows(pixel_latents(images), random_table, tasks, heads.kinds, C=heads.C,
+                      calibration=heads.calibration, degree=heads.degree, backend=heads.backend, split=splits[1])
+
+
+def evaluate_semantic_usage(ae: DiffusionAutoencoder, images: Tensor, seed: int = 0,
+                            timesteps: tuple[int, ...] = (250, 500, 750, 950)) -> tuple[list[dict], dict]:
+    """z-usage rows (true vs shuffled z_sem per timestep) and how often a random-x_T decode is nearest its source."""
+    z = ae.encode(images)  # (B, D)
+    rows = z_usage(ae.eps_fn, images.to(ae.device), z, ae.alpha_bar.float(), timesteps,
+                   generator=torch.Generator().manual_seed(seed))
+    identity = random_xT_identity(lambda zb, x_T: ae.decode(zb, x_T), images, z,
+                                  generator=torch.Generator().manual_seed(seed + 1))
+    return rows, identity
+
+
+def save_heads(path: Path, evaluation: HeadEvaluation, table: LatentsTable, counterfactual: Any) -> Path:
+    """Fit the configured CE direction (``counterfactual.direction``, ``subspace_*``) for every head and write
+    ``heads.json`` atomically: one ``"task/kind"`` entry of :meth:`TaskResult.to_dict` per head."""
+    for result in evaluation.results.values():
+        result.direction = task_direction(result, table, counterfactual.direction,
+                                          variance=counterfactual.subspace_variance, k=counterfactual.subspace_k)
+    atomic_write_text(path, json.dumps({f"{t}/{k}": r.to_dict() for (t, k), r in evaluation.results.items()},
+                                       indent=2, default=float))
+    return path
 
 
 def save_head_figures(evaluation: HeadEvaluation, table: LatentsTable, out_dir: Path,
@@ -134,46 +175,86 @@ def centre_border_ratio(x: Tensor, x_ce: Tensor, border: float = 0.2) -> Tensor:
     return diff[:, centre].mean(dim=1) / diff[:, ~centre].mean(dim=1).clamp_min(1e-8)
 
 
-def _row(name: str, metrics: dict, ce_x: Tensor, ce_x_ce: Tensor) -> dict[str, Any]:
+def _row(name: str, metrics: dict, ce_x: Tensor, ce_x_ce: Tensor, direction: str, move_size: float | None) -> dict:
     ratio = centre_border_ratio(ce_x, ce_x_ce)
-    return {"kind": name, **metrics, "centre_border_ratio": float(ratio.median()),
+    return {"direction": direction, "move": "-" if move_size is None else f"{move_size:g}x", "kind": name,
+            **metrics, "centre_border_ratio": float(ratio.median()),
             "centre_concentrated": float((ratio > 1).float().mean())}
 
 
-def evaluate_counterfactual_set(ae: DiffusionAutoencoder, batch: dict[str, Any], result: TaskResult, *,
-                                invert_steps: int, decode_steps: int, lpips=None,
-                                class_names: tuple[str, str] = ("negative", "positive")) -> tuple[list[dict], dict]:
-    """Binary CEs by reflection in both directions and, on phantoms, grade-targeted CEs to the opposite extreme
-    scored against the true counterfactual (the same phantom rendered at the target grade).
+def fit_directions(result: TaskResult, table: LatentsTable, names: tuple[str, ...], *, variance: float = 0.99,
+                   k: int | None = None) -> dict[str, Direction]:
+    """Every direction of ``names`` for one task's head, fitted on its training rows."""
+    return {name: task_direction(result, table, name, variance=variance, k=k) for name in names}
 
-    Rows hold validity (the head's decision on the re-encoded CE), L1 (and LPIPS) proximity, where the change
-    sits (centre-vs-border ratio) and, on phantoms, the error against the truth beside the input's error."""
+
+def _binary_truth(meta: list[dict[str, Any]], target_class: np.ndarray, target_distance: np.ndarray,
+                  calibration: Any, size: int) -> Tensor:
+    """On phantoms, the true binary CE: the phantom re-rendered at the grade its target distance calibrates to,
+    held on the target's side (at least grade g_min + 1 for a positive target, g_min for a negative one)."""
+    grade = np.asarray(calibration.grade(target_distance), dtype=np.int64)
+    low, high = int(calibration.grade_min), int(calibration.grade_max)
+    grade = np.where(target_class == 1, np.clip(grade, low + 1, high), low)
+    return phantom_truth(meta, grade, size)
+
+
+def evaluate_counterfactual_set(ae: DiffusionAutoencoder, batch: dict[str, Any], result: TaskResult, *,
+                                invert_steps: int, decode_steps: int, directions: dict[str, Direction] | None = None,
+                                primary: str | None = None, move_sizes: tuple[float, ...] = (1.0,),
+                                render: str = "decode", lpips=None,
+                                class_names: tuple[str, str] = ("negative", "positive")) -> tuple[list[dict], dict]:
+    """Binary CEs in both directions for every direction x move size, and, on phantoms, grade-targeted CEs to the
+    opposite extreme, all from one shared inversion of the batch.
+
+    Rows hold validity (the head's decision on the re-encoded CE), the realised fraction of the move, L1 (and
+    LPIPS) proximity, where the change sits (centre-vs-border ratio) and, on phantoms, the error against the
+    true counterfactual beside the unchanged input's, with the fraction of CEs closer to the truth than the
+    input. ``outputs`` holds the ``primary`` direction's 1x binary batch and its grade batches for figures."""
     x = batch["image"]
-    rows, outputs = [], {}
-    binary = binary_counterfactuals(ae, x, result.head, invert_steps, decode_steps)
-    outputs["binary"] = binary
-    source = result.head.predict(binary.z.numpy())  # (B,) the class each CE moves away from
-    for cls in (0, 1):
-        keep = torch.from_numpy(source == cls)
-        if keep.any():
-            subset = type(binary)(**{f: _subset(getattr(binary, f), keep) for f in binary.__dataclass_fields__})
-            metrics = evaluate_counterfactuals(ae, subset, result.head, lpips=lpips)
-            rows.append(_row(f"{class_names[cls]} -> {class_names[1 - cls]}", metrics, subset.x, subset.x_ce))
-    calibration = result.calibration
-    if calibration is not None and batch["meta"] and "phantom" in batch["meta"][0]:
+    directions = directions or {"normal": None}
+    primary = primary or next(iter(directions))
+    encoded = encode_for_counterfactuals(ae, x, invert_steps, decode_steps, render)
+    phantoms = bool(batch["meta"]) and "phantom" in batch["meta"][0] and result.calibration is not None
+    rows, outputs = [], {"encoded": encoded}
+    source = result.head.predict(encoded.z.numpy())  # (B,) the class each binary CE moves away from
+    for name, direction in directions.items():
+        for move_size in move_sizes:
+            binary = binary_counterfactuals(ae, x, result.head, direction=direction, move_size=move_size,
+                                            encoded=encoded)
+            if name == primary and move_size == move_sizes[0]:
+                outputs["binary"] = binary
+            truth = None
+            if phantoms:
+                truth = _binary_truth(batch["meta"], binary.target, binary.target_distance, result.calibration,
+                                      x.shape[-1])
+            for cls in (0, 1):
+                keep = torch.from_numpy(source == cls)
+                if keep.any():
+                    subset = type(binary)(**{f: _subset(getattr(binary, f), keep)
+                                             for f in binary.__dataclass_fields__})
+                    metrics = evaluate_counterfactuals(ae, subset, result.head, lpips=lpips,
+                                                       true_ce=None if truth is None else truth[keep])
+                    rows.append(_row(f"{class_names[cls]} -> {class_names[1 - cls]}", metrics, subset.x,
+                                     subset.x_ce, name, move_size))
+        if not phantoms:
+            continue
+        calibration = result.calibration
         grades = batch["labels"][result.task.column].numpy()
         low, high = calibration.grade_min, calibration.grade_max
-        for name, chosen, target in ((f"grade {low} -> grade {high}", grades == low, high),
-                                     (f"grade >{low} -> grade {low}", grades > low, low)):
+        for label, chosen, target in ((f"grade {low} -> grade {high}", grades == low, high),
+                                      (f"grade >{low} -> grade {low}", grades > low, low)):
             if not chosen.any():
                 continue
-            xs = x[torch.from_numpy(chosen)]
-            meta = [m for m, keep in zip(batch["meta"], chosen, strict=True) if keep]
-            ce = grade_counterfactuals(ae, xs, result.head, calibration, target, invert_steps, decode_steps)
+            keep = torch.from_numpy(chosen)
+            sub = Encoded(encoded.x[keep], encoded.z[keep], encoded.x_T[keep], encoded.decode_steps, encoded.render,
+                          None if encoded.recon is None else encoded.recon[keep])
+            meta = [m for m, kept in zip(batch["meta"], chosen, strict=True) if kept]
+            ce = grade_counterfactuals(ae, sub.x, result.head, calibration, target, direction=direction, encoded=sub)
             truth = phantom_truth(meta, np.full(len(meta), target), x.shape[-1])
             metrics = evaluate_counterfactuals(ae, ce, result.head, calibration, lpips=lpips, true_ce=truth)
-            rows.append(_row(name, metrics, ce.x, ce.x_ce))
-            outputs[name] = (ce, truth)
+            rows.append(_row(label, metrics, ce.x, ce.x_ce, name, None))
+            if name == primary:
+                outputs[label] = (ce, truth)
     return rows, outputs
 
 
@@ -186,11 +267,19 @@ def _subset(value: Any, keep: Tensor) -> Any:
     return value
 
 
+def _row_of(encoded: Encoded, i: int) -> Encoded:
+    keep = slice(i, i + 1)
+    return Encoded(encoded.x[keep], encoded.z[keep], encoded.x_T[keep], encoded.decode_steps, encoded.render,
+                   None if encoded.recon is None else encoded.recon[keep])
+
+
 def save_counterfactual_figures(ae: DiffusionAutoencoder, batch: dict[str, Any], result: TaskResult,
                                 outputs: dict, out_dir: Path, *, n_strips: int, invert_steps: int,
-                                decode_steps: int) -> list[Path]:
-    """Progression strips across the boundary (with -1 and max+1), a GIF, difference maps, CE-vs-truth grid."""
+                                decode_steps: int, direction: Direction | None = None) -> list[Path]:
+    """Progression strips across the boundary (with -1 and max+1), a GIF, difference maps, CE-vs-truth grid,
+    all along ``direction`` (None: the unit normal) from the inversions in ``outputs["encoded"]``."""
     paths: list[Path] = []
+    encoded = outputs["encoded"]
     calibration = result.calibration
     x = batch["image"]
     n = min(n_strips, x.shape[0])
@@ -198,13 +287,14 @@ def save_counterfactual_figures(ae: DiffusionAutoencoder, batch: dict[str, Any],
     titles = [f"{batch['key'][i][-6:]} ({result.task.column} {int(labels[i])})" for i in range(n)]
     if calibration is not None:  # grades g_min-1 .. g_max+1 at their calibrated distances
         grades = default_grades(calibration)
-        strips = [progression_strip(ae, x[i], result.head, calibration, grades, invert_steps, decode_steps)
-                  for i in range(n)]
+        strips = [progression_strip(ae, x[i], result.head, calibration, grades, direction=direction,
+                                    encoded=_row_of(encoded, i)) for i in range(n)]
         frame_labels = grades
     else:  # binary task: symmetric distances scaled by the batch's typical distance to the boundary
         scale = float(np.mean(np.abs(outputs["binary"].dist)))
         distances = scale * np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
-        strips = [distance_strip(ae, x[i], result.head, distances, invert_steps, decode_steps) for i in range(n)]
+        strips = [distance_strip(ae, x[i], result.head, distances, direction=direction, encoded=_row_of(encoded, i))
+                  for i in range(n)]
         frame_labels = [f"d={d:+.3f}" for d in distances]
     paths.append(figures.save_strips(strips, out_dir / "strips.png", titles, grade_labels=frame_labels,
                                      inputs=[x[i] for i in range(n)]))
@@ -214,7 +304,7 @@ def save_counterfactual_figures(ae: DiffusionAutoencoder, batch: dict[str, Any],
         paths.append(figures.save_difference_map(binary.x[i], binary.x_ce[i], out_dir / f"difference_{i}.png",
                                                  title=f"CE - input ({batch['key'][i][-10:]})"))
     for name, value in outputs.items():
-        if name == "binary":
+        if name in ("binary", "encoded"):
             continue
         ce, truth = value
         k = min(8, len(ce))

@@ -8,7 +8,7 @@ its inverse gives the distance of a requested grade.
 
 Head kinds: ``"svm"`` (linear SVM), ``"logistic"`` (logistic regression) and ``"linear"`` (ridge regression on
 the 0/1 target, thresholded at 0.5: the hyperplane ``w.x + b - 0.5 = 0``). Backends: scikit-learn, or cuML on a
-CUDA device. Pure numpy / scikit-learn: nothing here needs torch.
+CUDA device. numpy / scikit-learn; counterfactual directions come from ``harness.directions``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.directions import Direction, DirectionError, fit_direction, normal_direction
 from harness.latents import LatentsTable
 from harness.metrics import detection_metrics, grading_metrics
 
@@ -415,23 +416,49 @@ def fit_calibration(dist: np.ndarray, grades: np.ndarray, mode: str = "extremes"
 
 @dataclass
 class TaskResult:
-    """A task's fitted head and (when the task has a grade range) its calibration."""
+    """A task's fitted head, (when the task has a grade range) its calibration, and the counterfactual direction.
+
+    ``direction`` None means the paper's unit normal: heads files written before directions existed load so.
+    """
 
     task: TaskSpec
     head: FittedHead
     calibration: Calibration | None
     train_split: str = "train"
+    direction: Direction | None = None
 
     def to_dict(self) -> dict[str, Any]:
         calibration = None if self.calibration is None else self.calibration.to_dict()
+        direction = normal_direction(self.head.hyperplane) if self.direction is None else self.direction
         return {"task": self.task.to_dict(), "head": self.head.to_dict(), "calibration": calibration,
-                "train_split": self.train_split}
+                "train_split": self.train_split, "direction": direction.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TaskResult:
+    def from_dict(cls, data: dict[str, Any], where: str = "heads") -> TaskResult:
         calibration = data.get("calibration") and Calibration.from_dict(data["calibration"])
+        direction = data.get("direction")
+        if direction is not None:
+            direction = Direction.from_dict(direction, f"{where}.direction")
+            if len(direction.vector) != len(data["head"]["hyperplane"]["normal"]):
+                raise DirectionError(f"{where}.direction.vector: dimension {len(direction.vector)} differs from "
+                                     f"the head's {len(data['head']['hyperplane']['normal'])}")
         return cls(TaskSpec.from_dict(data["task"]), FittedHead.from_dict(data["head"]), calibration,
-                   data.get("train_split", "train"))
+                   data.get("train_split", "train"), direction)
+
+    @property
+    def direction_name(self) -> str:
+        return "normal" if self.direction is None else self.direction.name
+
+
+def task_direction(result: TaskResult, table: LatentsTable, name: str, *, variance: float = 0.99,
+                   k: int | None = None) -> Direction:
+    """Fit direction ``name`` for a task's head from the rows of its training split (those the head was fit on)."""
+    train = table.select(result.train_split)
+    mask, y = result.task.binary_targets(_label_column(train, result.task.column))
+    try:
+        return fit_direction(name, train.z_sem[mask], y, result.head.hyperplane, variance=variance, k=k)
+    except DirectionError as error:
+        raise DirectionError(f"task {result.task.name!r}, {result.head.kind} head: {error}") from None
 
 
 def _label_column(table: LatentsTable, column: str) -> np.ndarray:

@@ -25,13 +25,18 @@ from harness.config import RunConfig, dump_yaml, load_config
 from harness.data import eval_loader
 from harness.encode import encode_to_table
 from harness.evaluate import (
+    detection_floors,
     evaluate_counterfactual_set,
     evaluate_heads,
     evaluate_reconstruction,
+    evaluate_semantic_usage,
+    fit_directions,
     save_counterfactual_figures,
     save_head_figures,
+    save_heads,
 )
 from harness.figures import save_image_grid, save_latent_map
+from harness.floors import beats_floor
 from harness.heads import TaskSpec
 from harness.latents import load_latents
 from harness.metrics import LPIPSMetric, MissingWeightsError, available_image_metrics
@@ -42,7 +47,7 @@ from harness.train_dae import main as train_main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _take(shard_dir: str, split: str, n: int, config: RunConfig, column: str) -> dict:
+def take_balanced(shard_dir: str, split: str, n: int, config: RunConfig, column: str) -> dict:
     """The first ``n`` images of ``split`` with both classes present when possible (deterministic)."""
     batch = next(iter(eval_loader(shard_dir, 4 * n, split=split, image_size=config.data.image_size,
                                   channels=config.data.channels)))
@@ -110,17 +115,28 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     heads = evaluate_heads(table, tasks, config.heads.kinds, C=config.heads.C, calibration=config.heads.calibration,
                            degree=config.heads.degree, backend=config.heads.backend, split="test")
     heads_wall = (time.perf_counter() - heads_started) / max(1, len(heads.detection_rows))
+    cf = config.counterfactual
     main_result = heads.results[(tasks[0].name, config.heads.kinds[0])]
-    (out_dir / "heads.json").write_text(json.dumps(
-        {f"{t}/{k}": r.to_dict() for (t, k), r in heads.results.items()}, indent=2, default=float))
+    save_heads(out_dir / "heads.json", heads, table, cf)  # each head with the configured CE direction
 
     # Reconstruction and counterfactuals on test images.
     lpips, lpips_reason = _lpips_or_reason()
-    batch = _take(config.data.shard_dir, "test", ev.counterfactual_images, config, tasks[0].column)
+    batch = take_balanced(config.data.shard_dir, "test", ev.counterfactual_images, config, tasks[0].column)
     recon_rows = evaluate_reconstruction(ae, batch["image"], [(d.invert_steps, d.decode_steps)], lpips=lpips)
+    usage_rows, identity = evaluate_semantic_usage(ae, batch["image"], seed=config.train.seed)
+    floor_table, floor_verdict = [], []
+    if ev.floors:  # every detection figure beside raw-pixel logistic regression and a random encoder
+        floor_table = detection_floors(config, tasks)
+        floor_verdict = beats_floor(heads.detection_rows, floor_table)
+    names = tuple(dict.fromkeys((cf.direction, *cf.evaluate_directions)))  # the configured one first
+    directions = fit_directions(main_result, table, names, variance=cf.subspace_variance, k=cf.subspace_k)
+    ce_started = time.perf_counter()
     ce_rows, ce_outputs = evaluate_counterfactual_set(ae, batch, main_result, invert_steps=d.invert_steps,
-                                                      decode_steps=d.decode_steps, lpips=lpips,
+                                                      decode_steps=d.decode_steps, directions=directions,
+                                                      primary=cf.direction, move_sizes=tuple(cf.move_sizes),
+                                                      render=cf.render, lpips=lpips,
                                                       class_names=tuple(ev.class_names))
+    ce_wall = time.perf_counter() - ce_started
 
     # Fully supervised baseline on the same shards and splits (optional).
     comparison = [{"task": r["task"], "method": f"DAE z_sem + {r['kind']}",
@@ -143,11 +159,24 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     if heads.grading_rows:
         report.add_table("grading", heads.grading_rows, f"Grading by calibrated distance ({config.heads.calibration},"
                          f" degree {config.heads.degree}; paper Table 4 form)", section="Heads")
+    if floor_table:
+        report.add_table("floors", floor_table, "Floors on the test split: the same heads on raw pixels (logistic "
+                         "regression) and on a randomly initialised encoder of the same architecture",
+                         section="Heads")
+        report.add_table("beats_floors", floor_verdict, "Does z_sem beat its floors? The DAE's AUC beside the best "
+                         "floor AUC of the task (a DAE that does not is reported as such)", section="Heads")
+    report.add_table("z_usage", usage_rows, "How much the denoiser relies on z_sem: the denoising error with the "
+                     "true vs a shuffled z_sem at a few timesteps (usage = relative increase when shuffled); "
+                     f"random-x_T decodes are nearest their own source {identity['nearest_own_source']:.2f} of the "
+                     f"time (chance {identity['chance']:.2f})", section="Autoencoder")
     report.add_table("reconstruction", recon_rows, "Reconstruction of test images (encode -> invert -> decode); "
                      "mean_image_mse is the error of predicting the mean image", section="Autoencoder")
     report.add_table("counterfactuals", ce_rows, f"Counterfactual quality ({main_result.task.name}, "
-                     f"{main_result.head.kind} head): validity after re-encoding, L1 proximity, and error against "
-                     "the true counterfactual (mae_true) beside the unchanged input's error (mae_input_vs_true)",
+                     f"{main_result.head.kind} head, {len(batch['key'])} test images, rendering '{cf.render}', "
+                     f"{ce_wall:.0f} s): per direction and move size (multiples of the reflection's move), "
+                     "validity after re-encoding, the realised fraction of the move, L1 proximity and, on phantoms, "
+                     "the per-CE median error against the true counterfactual beside the unchanged input's, with the "
+                     f"fraction of CEs closer to the truth than their input. Strips use '{cf.direction}'.",
                      section="Counterfactuals")
     if lpips_reason:
         report.add_not_computed("LPIPS", lpips_reason)
@@ -157,7 +186,8 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     for path in save_head_figures(heads, table, fig_dir):
         report.add_figure(path, path.stem.replace("_", " "), section="Heads")
     for path in save_counterfactual_figures(ae, batch, main_result, ce_outputs, fig_dir, n_strips=ev.strip_images,
-                                            invert_steps=d.invert_steps, decode_steps=d.decode_steps):
+                                            invert_steps=d.invert_steps, decode_steps=d.decode_steps,
+                                            direction=directions[cf.direction]):
         report.add_figure(path, path.stem.replace("_", " "), section="Counterfactuals")
     test = table.select("test")
     n_map = min(ev.latent_map_points, len(test))
@@ -184,8 +214,14 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     headline = {f"{r['task']}/{r['kind']}/auc": r["auc"] for r in heads.detection_rows}
     headline.update({f"{r['task']}/{r['kind']}/{k}": r[k] for r in heads.grading_rows
                      for k in ("grade_macro_f1", "grade_mae")})
-    headline.update({f"ce/{re.sub(r'[^A-Za-z0-9_.]+', '_', r['kind'])}/validity": r["validity"] for r in ce_rows})
+    for r in ce_rows:
+        prefix = re.sub(r"[^A-Za-z0-9_./]+", "_", f"ce/{r['direction']}/{r['move']}/{r['kind']}")
+        headline.update({f"{prefix}/{k}": r[k] for k in ("validity", "realised_fraction", "closer_than_input")
+                         if k in r})
     headline["recon/mse"] = recon_rows[0]["mse"]
+    headline.update({f"z_usage/t{r['t']}": r["usage"] for r in usage_rows})
+    headline["random_xT/nearest_own_source"] = identity["nearest_own_source"]
+    headline.update({f"{r['task']}/{r['kind']}/beats_floors": float(r["beats_floors"]) for r in floor_verdict})
     tracker.log_metrics({k: v for k, v in headline.items() if isinstance(v, (int, float)) and v == v})
     tracker.log_artifacts(report_dir, "report")
     tracker.end()

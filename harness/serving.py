@@ -259,29 +259,37 @@ class DAEExplainer(mlflow.pyfunc.PythonModel):
         """Validate everything first, then encode + invert once and decode every counterfactual in one batch."""
         import torch
 
-        from harness.counterfactual import move_to_distance, reflect
+        from harness.counterfactual import encode_for_counterfactuals, move_to_distance, reflect, render_counterfactuals
 
         images, targets = self._parse(model_input, params)
         binary = bool(params.get("binary", True))
-        head, calibration = self.result.head, self.result.calibration
+        head, calibration, direction = self.result.head, self.result.calibration, self.result.direction
         x = torch.from_numpy(images) * 2.0 - 1.0  # (B, C, S, S) in [-1, 1], the training range
         graded = [i for i, grade in enumerate(targets) if grade is not None]
         with self._lock:
-            z = self.ae.encode(x)  # (B, D)
+            if binary or graded:
+                # The same path as the evaluation: encode and invert (the costly step) once per image; x_T holds
+                # everything z_sem does not and is shared by all counterfactuals of the image.
+                s = self.settings
+                encoded = encode_for_counterfactuals(self.ae, x, s["invert_steps"], s["decode_steps"],
+                                                     s.get("render", "decode"))
+                z = encoded.z  # (B, D)
+            else:
+                z = self.ae.encode(x)
             z_np = z.double().numpy()
             dist = head.decision(z_np)  # (B,) signed distance, Eq. 3
-            # DDIM inversion, the costly step, only when a counterfactual is asked for; x_T holds everything
-            # z_sem does not and is shared by all counterfactuals of an image.
-            x_T = self.ae.invert(x, z) if binary or graded else None  # (B, C, S, S)
-            latents, codes = [], []
+            latents, rows = [], []
             if binary:
-                latents.append(reflect(z, head.hyperplane))  # Eq. 4: dist -> -dist
-                codes.append(x_T)
+                latents.append(reflect(z, head.hyperplane, direction))  # Eq. 4: dist -> -dist
+                rows.append(torch.arange(len(x)))
             if graded:
                 wanted = calibration.distance_for_grade(np.asarray([targets[i] for i in graded], dtype=np.float64))
-                latents.append(move_to_distance(z[graded], head.hyperplane, torch.as_tensor(wanted, dtype=z.dtype)))
-                codes.append(x_T[graded])
-            decoded = self.ae.decode(torch.cat(latents), torch.cat(codes)).numpy() if latents else None
+                latents.append(move_to_distance(z[graded], head.hyperplane, torch.as_tensor(wanted, dtype=z.dtype),
+                                                direction))
+                rows.append(torch.as_tensor(graded, dtype=torch.long))
+            decoded = None
+            if latents:
+                decoded = render_counterfactuals(self.ae, encoded, torch.cat(latents), torch.cat(rows)).numpy()
         predicted = head.predict(z_np)
         grades = calibration.grade(dist) if calibration is not None else predicted
         probability = head.probability(z_np)
@@ -333,7 +341,7 @@ def load_task_result(heads_path: str | Path, task: str, kind: str) -> Any:
     key = f"{task}/{kind}"
     if key not in heads:
         raise KeyError(f"{heads_path} has no head {key!r}; available: {sorted(heads)}")
-    return TaskResult.from_dict(heads[key])
+    return TaskResult.from_dict(heads[key], where=f"{heads_path}: {key}")
 
 
 def build_explainer(model_dir: str | Path, heads_path: str | Path, task: str, kind: str, out_dir: str | Path, *,
@@ -365,6 +373,7 @@ def build_explainer(model_dir: str | Path, heads_path: str | Path, task: str, ki
             "invert_steps": invert_steps or config.diffusion.invert_steps,
             "decode_steps": decode_steps or config.diffusion.decode_steps,
             "batch_size": batch_size, "max_images": max_images, "dae": version_tags(model_dir),
+            "render": config.counterfactual.render, "direction": result.direction_name,
         }
         (staging / "head.json").write_text(json.dumps(result.to_dict(), indent=2, default=float))
         (staging / "serving.json").write_text(json.dumps(settings, indent=2))

@@ -4,7 +4,9 @@
 
 With no arguments it trains ``tiny-32`` on the embedded phantom shards (generated on first use) on the CPU.
 The budget is counted in samples, as the paper's 12M, not in epochs. Loss (paper Eq. 1):
-L = E || eps_theta(x_t, t, z_sem) - eps ||^2 with z_sem = Enc(x_0), both networks trained jointly.
+L = E || eps_theta(x_t, t, z_sem) - eps ||^2 with z_sem = Enc(x_0), both networks trained jointly; optionally a
+v target (diffusion.prediction=v), Min-SNR weights (diffusion.loss_weighting=min_snr) and an intensity-jittered
+encoder input z_sem = Enc(jitter(x_0)) (train.encoder_jitter > 0) while the UNet still denoises x_0.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from tqdm.auto import tqdm
 from harness import checkpoint as ckpt
 from harness.autoencoder import DiffusionAutoencoder
 from harness.config import RunConfig, dump_yaml, flatten, load_config
-from harness.data import AugmentSpec, eval_loader, train_loader
+from harness.data import AugmentSpec, eval_loader, photometric_jitter, train_loader
 from harness.data.sources import ensure_shards
-from harness.diffusion import alphas_cumprod, eps_loss, linear_betas
+from harness.diffusion import alphas_cumprod, diffusion_loss, linear_betas
 from harness.figures import save_image_grid
 from harness.models import DAE, build_dae
 from harness.tracking import Tracker
+from harness.training_probe import probe_from_config
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -65,6 +68,7 @@ def preview(ema: DAE, config: RunConfig, images: torch.Tensor, path: Path) -> fl
     ae = DiffusionAutoencoder.from_config(ema, config, device=images.device, batch_size=config.eval.batch_size)
     z = ae.encode(images)
     recon = ae.decode(z, ae.invert(images, z))
+    ae.invert_to = None  # the random code is pure noise at T-1, whatever the inversion depth
     # What z_sem alone carries. A generator of its own: drawing from the global one would shift the training
     # noise after every preview, so a run extended with --resume would differ from one trained straight through.
     generator = torch.Generator(images.device).manual_seed(config.train.seed)
@@ -152,6 +156,10 @@ def main(argv: list[str] | None = None) -> dict:
         first = next(iter(eval_loader(shard_dir, tc.preview_images, split="val", image_size=config.data.image_size,
                                       channels=config.data.channels)))
         preview_images = first["image"].to(device)
+    probe_batch = None  # labelled validation images: is the method already working? (harness.training_probe)
+    if is_main and tc.probe_images > 0 and config.heads.tasks:
+        probe_batch = next(iter(eval_loader(shard_dir, tc.probe_images, split="val",
+                                            image_size=config.data.image_size, channels=config.data.channels)))
 
     def save_checkpoint(samples_seen: int) -> Path:
         final = ckpt_root / ckpt.checkpoint_name(samples_seen)
@@ -191,8 +199,11 @@ def main(argv: list[str] | None = None) -> dict:
                     handle.write("\n".join(batch["key"]) + "\n")
             if tc.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
+            # The encoder may see a photometrically jittered x_0; the UNet always denoises the original.
+            x_cond = photometric_jitter(x0, tc.encoder_jitter)  # (B, C, H, W); x0 itself when off
             with accelerator.accumulate(model):
-                loss = eps_loss(functools.partial(model, x_cond=x0), x0, alpha_bar)
+                loss = diffusion_loss(functools.partial(model, x_cond=x_cond), x0, alpha_bar, prediction=d.prediction,
+                                      weighting=d.loss_weighting, snr_gamma=d.snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -222,6 +233,10 @@ def main(argv: list[str] | None = None) -> dict:
             grid = out_dir / "previews" / f"{ckpt.checkpoint_name(samples_seen)}.png"
             recon_mse = preview(ema, config, preview_images, grid)
             tracker.log_metrics({"val/recon_mse": recon_mse}, step=samples_seen)
+            if probe_batch is not None:
+                probe = probe_from_config(ema, config, probe_batch, device)
+                tracker.log_metrics({f"probe/{k}": v for k, v in probe.items() if v == v}, step=samples_seen)
+                bar.write(f"probe at {samples_seen:,} samples: " + ", ".join(f"{k} {v:.3f}" for k, v in probe.items()))
             tracker.log_artifact(grid, "previews")
         if crossed(tc.checkpoint_every) or step == total_steps:
             save_checkpoint(samples_seen)

@@ -4,20 +4,19 @@
     python jobs/fit_heads.py --latents my_latents.npz --heads.tasks='[{name: edema, column: edema,
         positives: [1], negatives: [], grade_range: null}]' --out runs/heads-edema
 
-Uses the ``heads`` section of the config (tasks, kinds, C, calibration). Writes heads.json (hyperplanes and
-calibrations in raw z_sem space), the detection/grading tables and ROC/calibration/confusion figures, and a
-t-SNE latent map, as an HTML report.
+Uses the ``heads`` section of the config (tasks, kinds, C, calibration) and ``counterfactual.direction``. Writes
+heads.json (hyperplanes, calibrations and CE directions in raw z_sem space), the detection/grading tables and
+ROC/calibration/confusion figures, and a t-SNE latent map, as an HTML report.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from harness.config import load_config
-from harness.evaluate import evaluate_heads, save_head_figures
+from harness.evaluate import evaluate_heads, save_head_figures, save_heads
 from harness.figures import save_latent_map
 from harness.heads import TaskSpec
 from harness.latents import load_latents
@@ -48,8 +47,7 @@ def main(argv: list[str] | None = None) -> Path:
     columns = dict.fromkeys(t.column for t in tasks)
     report.add_figure(save_latent_map(rows.z_sem[:n], {c: rows.labels[c][:n] for c in columns},
                                       out / "figures" / "latent_map.png"), "t-SNE of z_sem", section="Latent space")
-    (out / "heads.json").write_text(json.dumps(
-        {f"{t}/{k}": r.to_dict() for (t, k), r in heads.results.items()}, indent=2, default=float))
+    save_heads(out / "heads.json", heads, table, config.counterfactual)  # with each head's CE direction
     index = report.write()
     print(f"report: {index}")
     return index

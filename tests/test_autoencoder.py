@@ -49,3 +49,124 @@ def test_load_exported_folder_and_reject_mismatched_weights(tmp_path):
         load_dae(other)
     with pytest.raises(CheckpointError, match="no config.yaml"):
         load_dae(tmp_path / "missing")
+
+
+# --- prediction type, x_0 clipping, inversion depth ------------------------------------------------------------------
+
+class EpsAsV(torch.nn.Module):
+    """A v-network made from an eps-DAE: v = (eps - sqrt(1 - ab) x_t) / sqrt(ab), the inverse of the eps wrapper."""
+
+    def __init__(self, dae: torch.nn.Module, alpha_bar: torch.Tensor) -> None:
+        super().__init__()
+        self.dae = dae
+        self.register_buffer("alpha_bar", alpha_bar.double(), persistent=False)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dae.encode(x)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, z_sem: torch.Tensor) -> torch.Tensor:
+        ab = self.alpha_bar[t].reshape(-1, 1, 1, 1)  # (B, 1, 1, 1) float64
+        eps = self.dae(x_t, t, z_sem=z_sem)
+        return ((eps.double() - (1 - ab).sqrt() * x_t.double()) / ab.sqrt()).to(x_t.dtype)
+
+
+def test_v_prediction_dae_reconstructs_through_the_autoencoder():
+    # The fresh eps-DAE predicts eps = 0 (exact round trip); its v-version outputs v = -sqrt((1 - ab) / ab) x_t,
+    # which must be converted back exactly for encode -> invert -> decode to reconstruct.
+    alpha_bar = alphas_cumprod(linear_betas())
+    torch.manual_seed(0)
+    v_ae = DiffusionAutoencoder(EpsAsV(build_dae("tiny-32"), alpha_bar), alpha_bar, device="cpu", batch_size=4,
+                                invert_steps=4, decode_steps=4, prediction="v")
+    x = torch.rand(3, 1, 32, 32) * 2 - 1  # (B, C, H, W)
+    z = v_ae.encode(x)
+    x_T = v_ae.invert(x, z)
+    assert not torch.allclose(x_T, x)
+    torch.testing.assert_close(x_T, make_ae().invert(x, z), atol=1e-4, rtol=0)
+    torch.testing.assert_close(v_ae.decode(z, x_T), x, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        DiffusionAutoencoder(build_dae("tiny-32"), alpha_bar, device="cpu", prediction="x0")
+
+
+def test_eps_fn_converts_the_network_output_by_prediction_type():
+    config = load_config(None, ["--diffusion.prediction=v"])
+    torch.manual_seed(0)
+    dae = build_dae("tiny-32")
+    with torch.no_grad():
+        dae.unet.out[-1].weight.normal_(0, 0.05)  # a non-zero output so the conversion is visible
+    ae = DiffusionAutoencoder.from_config(dae, config, device="cpu")
+    assert ae.prediction == "v"
+    x_t = torch.randn(2, 1, 32, 32)
+    t = torch.tensor([10, 900])
+    z = torch.randn(2, 512)
+    with torch.no_grad():
+        v = dae(x_t, t, z_sem=z)
+        ab = ae.alpha_bar[t].float().reshape(-1, 1, 1, 1)
+        torch.testing.assert_close(ae.eps_fn(z)(x_t, t), (1 - ab).sqrt() * x_t + ab.sqrt() * v)
+        eps_ae = DiffusionAutoencoder.from_config(dae, load_config(None), device="cpu")
+        torch.testing.assert_close(eps_ae.eps_fn(z)(x_t, t), v, rtol=0, atol=0)
+
+
+def test_clip_x0_and_invert_to_reach_the_ddim_calls(monkeypatch):
+    import harness.autoencoder as autoencoder
+
+    calls = []
+    for name in ("ddim_sample", "ddim_invert"):
+        real = getattr(autoencoder, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append((_name, kwargs))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(autoencoder, name, spy)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    defaults = DiffusionAutoencoder.from_config(build_dae("tiny-32"), load_config(None), device="cpu")
+    defaults.decode(defaults.encode(x), x, steps=2)
+    assert calls[-1] == ("ddim_sample", {"clip_x0": False, "t_start": None})  # today's decoding
+    config = load_config(None, ["--diffusion.clip_x0=true", "--diffusion.invert_to=400"])
+    ae = DiffusionAutoencoder.from_config(build_dae("tiny-32"), config, device="cpu")
+    z = ae.encode(x)
+    ae.invert(x, z, steps=2)
+    ae.decode(z, x, steps=2)
+    assert calls[-2:] == [("ddim_invert", {"t_end": 400}), ("ddim_sample", {"clip_x0": True, "t_start": 400})]
+
+
+def test_partial_depth_round_trip_through_the_autoencoder():
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    ae = make_ae()
+    ae.invert_to = 300
+    z = ae.encode(x)
+    x_t = ae.invert(x, z, steps=10)
+    full = make_ae().invert(x, z, steps=10)
+    assert (x_t - x).abs().max() > 0.05 and (x_t - full).abs().max() > 0.05  # a partial code, not x_T
+    torch.testing.assert_close(ae.decode(z, x_t, steps=7), x, atol=1e-4, rtol=0)  # any step count meets at t=300
+
+
+def test_old_exported_config_without_the_new_keys_loads_with_todays_defaults(tmp_path):
+    (tmp_path / "config.yaml").write_text(
+        "model:\n  size: tiny-32\n"
+        "diffusion:\n  num_timesteps: 1000\n  beta_start: 1.0e-4\n  beta_end: 0.02\n  invert_steps: 250\n"
+        "  decode_steps: 100\n"
+        "train:\n  lr: 2.0e-4\n  batch_size: 32\n")
+    save_state_dict(build_dae("tiny-32").state_dict(), tmp_path / "ema.safetensors")
+    _, config = load_dae(tmp_path)
+    d = config.diffusion
+    assert (d.prediction, d.loss_weighting, d.snr_gamma, d.clip_x0, d.invert_to) == ("eps", "none", 5.0, False, None)
+    assert config.train.encoder_jitter == 0.0
+    ae = DiffusionAutoencoder.load(tmp_path, device="cpu")
+    assert (ae.prediction, ae.clip_x0, ae.invert_to) == ("eps", False, None)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("--diffusion.prediction=x0", "diffusion.prediction: must be 'eps' or 'v'"),
+    ("--diffusion.loss_weighting=p2", "diffusion.loss_weighting: must be 'none' or 'min_snr'"),
+    ("--diffusion.snr_gamma=0", "diffusion.snr_gamma: must be > 0"),
+    ("--diffusion.invert_to=1000", "diffusion.invert_to: must be null or in 0..999"),
+    ("--diffusion.clip_x0=maybe", "diffusion.clip_x0: expected true/false"),
+    ("--train.encoder_jitter=-0.1", "train.encoder_jitter: must lie in [0, 1]"),
+])
+def test_bad_objective_and_decoding_values_name_the_key(override, fragment):
+    from harness.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert fragment in str(err.value)

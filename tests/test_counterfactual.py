@@ -252,3 +252,199 @@ def test_fitted_head_and_calibration_drive_valid_grade_counterfactuals() -> None
         assert evaluate_counterfactuals(ae, batch, head, calibration=calibration)["validity"] == 1.0
     strip = progression_strip(ae, x[0], head, calibration, invert_steps=3, decode_steps=2)
     np.testing.assert_array_equal(calibration.grade(head.decision(ae.encode(strip).numpy())), [0, 0, 1, 2, 3, 3])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Directions (harness.directions): every direction lands exactly on the target distance.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def low_rank_latents(n: int = 80, rank: int = 3, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Latents (n, Z_DIM) living in a rank-3 subspace plus tiny noise, with a 0/1 label along its first axis."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(Z_DIM, rank)))[0].T  # (rank, D) orthonormal
+    scores = rng.normal(size=(n, rank)) * np.array([3.0, 1.0, 0.5][:rank])
+    y = (scores[:, 0] > 0).astype(np.int64)
+    return scores @ basis + 1e-3 * rng.normal(size=(n, Z_DIM)), y
+
+
+@pytest.mark.parametrize("name", ["normal", "pattern", "normal_subspace", "mean_diff"])
+def test_every_direction_lands_exactly_on_the_target_distance(name: str) -> None:
+    from harness.directions import fit_direction
+
+    z_train, y = low_rank_latents()
+    head = make_head()
+    direction = fit_direction(name, z_train, y, head.hyperplane, variance=0.99)
+    assert direction.name == name and np.isclose(np.linalg.norm(direction.vector), 1.0)
+    assert direction.vector @ head.hyperplane.normal > 0  # oriented to the positive side
+    z = np.random.default_rng(9).normal(size=(7, Z_DIM))
+    targets = np.linspace(-2.0, 3.0, 7)
+    moved = move_to_distance(z, head.hyperplane, targets, direction)
+    np.testing.assert_allclose(signed_distance(moved, head.hyperplane), targets, atol=1e-10)
+    delta = moved - z  # every move is along the direction itself
+    np.testing.assert_allclose(np.abs(delta @ direction.vector), np.linalg.norm(delta, axis=1), atol=1e-10)
+    moved_t = move_to_distance(torch.as_tensor(z), head.hyperplane, torch.as_tensor(targets), direction)
+    np.testing.assert_allclose(moved_t.numpy(), moved, atol=1e-10)
+    reflected = reflect(z, head.hyperplane, direction, move_size=2.0)  # 2x the reflection's move: dist -> -3 dist
+    np.testing.assert_allclose(signed_distance(reflected, head.hyperplane),
+                               -3.0 * signed_distance(z, head.hyperplane), atol=1e-10)
+
+
+def test_directions_are_the_pattern_subspace_and_mean_difference_they_claim() -> None:
+    from harness.directions import fit_direction
+
+    z_train, y = low_rank_latents()
+    hp = make_head().hyperplane
+    cov = np.cov(z_train, rowvar=False)
+    pattern = fit_direction("pattern", z_train, y, hp).vector
+    expected = cov @ hp.unit_normal
+    np.testing.assert_allclose(pattern, expected / np.linalg.norm(expected), atol=1e-10)
+    sub = fit_direction("normal_subspace", z_train, y, hp, variance=0.99)
+    assert sub.info["k"] == 3 and sub.info["explained_variance"] >= 0.99  # the three real axes, not the noise
+    _, _, vt = np.linalg.svd(z_train - z_train.mean(0))
+    outside = sub.vector - vt[:3].T @ (vt[:3] @ sub.vector)
+    assert np.linalg.norm(outside) < 1e-10  # lies in the principal subspace
+    mean_diff = fit_direction("mean_diff", z_train, y, hp).vector
+    expected = z_train[y == 1].mean(0) - z_train[y == 0].mean(0)
+    np.testing.assert_allclose(np.abs(mean_diff @ expected) / np.linalg.norm(expected), 1.0, atol=1e-10)
+
+
+def test_direction_mistakes_name_the_field() -> None:
+    from harness.directions import DirectionError, fit_direction
+
+    z_train, y = low_rank_latents(n=4)
+    hp = make_head().hyperplane
+    with pytest.raises(DirectionError, match=r"counterfactual.subspace_k: 4 is outside 1..3"):
+        fit_direction("normal_subspace", z_train, y, hp, k=4)  # 4 centred latents have rank 3
+    with pytest.raises(DirectionError, match="counterfactual.direction: unknown direction 'sideways'"):
+        fit_direction("sideways", z_train, y, hp)
+    with pytest.raises(DirectionError, match="both classes"):
+        fit_direction("mean_diff", z_train, np.zeros(4, dtype=int), hp)
+
+
+def test_config_rejects_unknown_direction_and_matches_the_registries() -> None:
+    from harness import counterfactual, directions
+    from harness.config import CE_DIRECTIONS, CE_RENDERS, ConfigError, load_config
+
+    assert CE_DIRECTIONS == directions.DIRECTIONS and CE_RENDERS == counterfactual.RENDERS
+    with pytest.raises(ConfigError, match="counterfactual.direction"):
+        load_config(None, ["--counterfactual.direction=sideways"])
+    with pytest.raises(ConfigError, match="counterfactual.render"):
+        load_config(None, ["--counterfactual.render=blend"])
+    assert load_config(None, []).counterfactual.direction == "pattern"
+
+
+def test_heads_file_stores_the_direction_and_old_files_load_as_normal() -> None:
+    from harness.directions import DirectionError, fit_direction
+    from harness.heads import TaskResult, TaskSpec
+
+    z_train, y = low_rank_latents()
+    head = make_head()
+    task = TaskSpec("fracture", "grade", (1, 2, 3), None, (0, 3))
+    direction = fit_direction("pattern", z_train, y, head.hyperplane)
+    stored = TaskResult(task, head, make_calibration(), direction=direction).to_dict()
+    loaded = TaskResult.from_dict(stored)
+    assert loaded.direction_name == "pattern"
+    np.testing.assert_allclose(loaded.direction.vector, direction.vector)
+    old = {k: v for k, v in stored.items() if k != "direction"}  # a heads.json written before directions
+    legacy = TaskResult.from_dict(old)
+    assert legacy.direction is None and legacy.direction_name == "normal"
+    z = np.random.default_rng(1).normal(size=(3, Z_DIM))
+    np.testing.assert_allclose(reflect(z, head.hyperplane, legacy.direction), reflect(z, head.hyperplane))
+    assert TaskResult(task, head, None).to_dict()["direction"]["name"] == "normal"
+    broken = {**stored, "direction": {"name": "pattern"}}
+    with pytest.raises(DirectionError, match=r"heads.json: fracture/svm.direction: field 'vector' is missing"):
+        TaskResult.from_dict(broken, where="heads.json: fracture/svm")
+
+
+def test_on_manifold_direction_flips_a_decoder_that_only_sees_the_latent_subspace() -> None:
+    """A decoder that renders only the part of z inside the training subspace (as a DAE trained on such latents
+    does): the paper's normal barely moves the image, the pattern moves it across the boundary."""
+    from harness.directions import fit_direction
+
+    z_train, y = low_rank_latents(rank=2, seed=11)
+    basis = np.linalg.svd(z_train - z_train.mean(0))[2][:2]  # (2, D)
+    rng = np.random.default_rng(4)
+    normal = basis[0] * 0.2 + rng.normal(size=Z_DIM)  # mostly off the data
+    hp = Hyperplane(normal=normal, bias=-float(normal @ z_train.mean(0)))
+    z = z_train[:10]
+
+    def decode_then_encode(z_ce: np.ndarray) -> np.ndarray:  # keeps only the on-manifold part of the move
+        return z + (z_ce - z) @ basis.T @ basis
+
+    for name, expect_valid in (("normal", False), ("pattern", True)):
+        direction = None if name == "normal" else fit_direction(name, z_train, y, hp)
+        z_ce = reflect(z, hp, direction)
+        realised = signed_distance(decode_then_encode(z_ce), hp)
+        flipped = np.mean(np.sign(realised) != np.sign(signed_distance(z, hp)))
+        assert (flipped == 1.0) == expect_valid, (name, flipped)
+
+
+def test_residual_rendering_adds_the_decoded_change_to_the_input() -> None:
+    from harness.counterfactual import encode_for_counterfactuals, render_counterfactuals
+
+    ae = LinearAutoencoder()
+    x = make_images(4)
+    enc = encode_for_counterfactuals(ae, x, invert_steps=3, decode_steps=2, render="residual")
+    z_ce = enc.z + 0.1
+    plain = ae.decode(z_ce, enc.x_T.clone(), 2)
+    residual = render_counterfactuals(ae, enc, z_ce)
+    expected = (x + plain - ae.decode(enc.z, enc.x_T.clone(), 2)).clamp(-1, 1)
+    torch.testing.assert_close(residual, expected)
+    with pytest.raises(ValueError, match="counterfactual.render"):
+        encode_for_counterfactuals(ae, x, render="blend")
+
+
+def test_truth_error_on_a_phantom_pair_with_a_known_answer() -> None:
+    """A phantom re-rendered at grade 3 is the true CE of its grade-0 self: returning the truth scores 0 and is
+    closer than the input; returning the input scores exactly the input's error."""
+    from harness.data.phantoms import sample_params
+    from harness.evaluate import phantom_truth
+    from harness.probes import truth_errors
+
+    params = [sample_params(np.random.default_rng(s)).to_dict() for s in range(3)]
+    meta = [{"phantom": p} for p in params]
+    x = phantom_truth(meta, np.zeros(3), 32)
+    truth = phantom_truth(meta, np.full(3, 3), 32)
+    assert (x - truth).abs().mean() > 0.005  # the grade changes the image
+    exact = truth_errors(x, truth, truth)
+    assert exact["ce_error_median"] == 0.0 and exact["closer_than_input"] == 1.0
+    unchanged = truth_errors(x, x, truth)
+    assert unchanged["closer_than_input"] == 0.0
+    assert np.isclose(unchanged["ce_error_median"], unchanged["input_error_median"])
+
+
+class ProbeAutoencoder(LinearAutoencoder):
+    """The analytic autoencoder with what the training probe also reads: a device, a schedule and a denoiser
+    that is blind to z (so z-usage is exactly 0). With ``ignore_z`` decoding returns the inverted image."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, ignore_z: bool = False) -> None:
+        super().__init__(ignore_z=ignore_z)
+        from harness.diffusion import alphas_cumprod, linear_betas
+
+        self.alpha_bar = alphas_cumprod(linear_betas(1000, 1e-4, 0.02))
+
+    def eps_fn(self, z: torch.Tensor):
+        return lambda x_t, t: torch.zeros_like(x_t)
+
+    def invert(self, x: torch.Tensor, z: torch.Tensor, steps: int) -> torch.Tensor:
+        self.original_z = z  # what the blind decoder renders whatever latent it is given
+        return super().invert(x, z, steps)
+
+
+def test_training_probe_sees_a_decoder_that_follows_z_and_one_that_ignores_it() -> None:
+    from harness.heads import TaskSpec
+    from harness.training_probe import training_probe
+
+    task = TaskSpec("bright", "label", (1,), None, None)
+    x = make_images(24, seed=7)
+    labels = (x.mean(dim=(1, 2, 3)) > x.mean()).double().numpy()
+    figures = {ignore_z: training_probe(ProbeAutoencoder(ignore_z), x, labels, task, direction="normal",
+                                        n_counterfactuals=8, invert_steps=2, decode_steps=2)
+               for ignore_z in (False, True)}
+    assert figures[False]["ce_validity"] == 1.0 and figures[True]["ce_validity"] == 0.0
+    assert figures[False]["ce_realised"] > 0.99 and abs(figures[True]["ce_realised"]) < 1e-9
+    assert figures[False]["z_usage_t500"] == 0.0
+    assert figures[False]["auc"] > 0.9

@@ -15,10 +15,17 @@ from harness.diffusion import (
     ddim_invert,
     ddim_sample,
     ddim_step,
+    diffusion_loss,
+    eps_fn_from_output,
     eps_loss,
+    eps_x0_from_output,
     linear_betas,
+    min_snr_weight,
+    prediction_target,
     q_sample,
     respaced_timesteps,
+    snr,
+    v_from_eps_x0,
 )
 
 T = 1000
@@ -37,6 +44,17 @@ def single_point_denoiser(x_star: Tensor):
         return (x_t - ab.sqrt() * x_star) / (1 - ab).sqrt()
 
     return denoise
+
+
+def single_point_v_model(x_star: Tensor):
+    """The exact v for data that is the single point x*: v = sqrt(ab) eps - sqrt(1 - ab) x* (Salimans & Ho 2022)."""
+    eps_of = single_point_denoiser(x_star)
+
+    def predict_v(x_t: Tensor, t: Tensor) -> Tensor:
+        ab = _per_sample(ALPHA_BAR[t], x_t)
+        return ab.sqrt() * eps_of(x_t, t) - (1 - ab).sqrt() * x_star
+
+    return predict_v
 
 
 def gaussian_denoiser(mean: float, std: float):
@@ -286,3 +304,168 @@ def test_ddim_step_matches_diffusers_inverse_scheduler_step_by_step():
         x_ref = scheduler.step(eps, t, x_ref).prev_sample
         x_ours = ddim_step(smooth_denoiser, x_ours, t - stride if t >= stride else CLEAN, t, ALPHA_BAR)
         torch.testing.assert_close(x_ours.float(), x_ref, rtol=1e-4, atol=1e-4)
+
+
+# --- v-prediction, Min-SNR weights, diffusion_loss ------------------------------------------------------------------
+
+def test_v_and_eps_conversions_golden_values_and_exact_inverses():
+    # ab = 0.64: sqrt(ab) = 0.8, sqrt(1 - ab) = 0.6. x_t = 0.8 x0 + 0.6 eps; v = 0.8 eps - 0.6 x0 (by hand).
+    x0 = torch.tensor([[[[0.5, -1.0]]]], dtype=torch.float64)  # (1, 1, 1, 2)
+    eps = torch.tensor([[[[1.0, 2.0]]]], dtype=torch.float64)
+    x_t = torch.tensor([[[[1.0, 0.4]]]], dtype=torch.float64)
+    v = v_from_eps_x0(eps, x0, 0.64)
+    torch.testing.assert_close(v, torch.tensor([[[[0.5, 2.2]]]], dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(prediction_target(x0, eps, 0.64, "v"), v, rtol=0, atol=0)
+    assert prediction_target(x0, eps, 0.64, "eps") is eps
+    for prediction, output in (("v", v), ("eps", eps)):
+        eps_back, x0_back = eps_x0_from_output(output, x_t, 0.64, prediction)
+        torch.testing.assert_close(eps_back, eps, rtol=0, atol=1e-15)
+        torch.testing.assert_close(x0_back, x0, rtol=0, atol=1e-15)
+    # Per-sample alpha_bar (B,) over the whole schedule: v -> (eps, x0) inverts (eps, x0) -> v.
+    generator = torch.Generator().manual_seed(10)
+    t = torch.tensor([0, 1, 250, 500, 998, 999])
+    x0 = torch.rand(6, 1, 4, 4, generator=generator, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    x_t = q_sample(x0, t, eps, ALPHA_BAR)
+    eps_back, x0_back = eps_x0_from_output(v_from_eps_x0(eps, x0, ALPHA_BAR[t]), x_t, ALPHA_BAR[t], "v")
+    torch.testing.assert_close(eps_back, eps, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x0_back, x0, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        eps_x0_from_output(eps, x_t, ALPHA_BAR[t], "x0")
+
+
+def test_eps_fn_from_output_turns_the_exact_v_into_the_exact_eps():
+    x_star = torch.rand(1, 1, 6, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64) * 2 - 1
+    x_t = torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    t = torch.tensor([0, 300, 700, 999])
+    eps_fn = eps_fn_from_output(single_point_v_model(x_star), ALPHA_BAR, "v")
+    torch.testing.assert_close(eps_fn(x_t, t), single_point_denoiser(x_star)(x_t, t), rtol=0, atol=1e-12)
+    model = single_point_denoiser(x_star)
+    assert eps_fn_from_output(model, ALPHA_BAR, "eps") is model  # eps networks pass through untouched
+    # A v-network decodes through the unchanged DDIM functions: any noise lands on x*, x* round-trips.
+    out = ddim_sample(eps_fn, x_t, ALPHA_BAR, steps=20)
+    torch.testing.assert_close(out, x_star.expand_as(out), rtol=0, atol=1e-9)
+    torch.testing.assert_close(ddim_sample(eps_fn, ddim_invert(eps_fn, x_star, ALPHA_BAR, 20), ALPHA_BAR, 20), x_star,
+                               rtol=0, atol=1e-9)
+
+
+def test_min_snr_weights_match_hand_computed_values():
+    # SNR = ab / (1 - ab) = 9, 1, 1/9. gamma = 5. eps: min(SNR, 5) / SNR; v: min(SNR, 5) / (SNR + 1).
+    ab = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)
+    torch.testing.assert_close(snr(ab), torch.tensor([9.0, 1.0, 1 / 9], dtype=torch.float64))
+    torch.testing.assert_close(min_snr_weight(ab, "eps", 5.0), torch.tensor([5 / 9, 1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(min_snr_weight(ab, "v", 5.0), torch.tensor([0.5, 0.5, 0.1], dtype=torch.float64))
+    # On the real schedule at t = 0, 500, 999 (SNR ~ 1e4, ~0.086, ~4e-5).
+    t = [0, 500, 999]
+    expected_eps, expected_v = [], []
+    for step in t:
+        a = ALPHA_BAR[step].item()
+        s = a / (1 - a)
+        expected_eps.append(min(s, 5.0) / s)
+        expected_v.append(min(s, 5.0) / (s + 1))
+    torch.testing.assert_close(min_snr_weight(ALPHA_BAR[t], "eps"), torch.tensor(expected_eps, dtype=torch.float64))
+    torch.testing.assert_close(min_snr_weight(ALPHA_BAR[t], "v"), torch.tensor(expected_v, dtype=torch.float64))
+    assert min_snr_weight(ALPHA_BAR[t], "eps")[1:].tolist() == [1.0, 1.0]  # SNR < gamma: eps weight exactly 1
+    with pytest.raises(ValueError, match="snr_gamma"):
+        min_snr_weight(ab, "eps", 0.0)
+
+
+def test_diffusion_loss_eps_none_equals_eps_loss_draws_included():
+    x0 = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(13)) * 2 - 1
+    model = lambda x_t, t: torch.tanh(x_t) * (t.float() / T).reshape(-1, 1, 1, 1)
+    expected = eps_loss(model, x0, ALPHA_BAR, generator=torch.Generator().manual_seed(14))
+    actual = diffusion_loss(model, x0, ALPHA_BAR, generator=torch.Generator().manual_seed(14))
+    assert actual.item() == expected.item()  # bit-identical: the default training objective is unchanged
+    torch.manual_seed(15)  # the global RNG, as in training
+    expected = eps_loss(model, x0, ALPHA_BAR)
+    torch.manual_seed(15)
+    assert diffusion_loss(model, x0, ALPHA_BAR, prediction="eps", weighting="none").item() == expected.item()
+    per_sample = diffusion_loss(model, x0, ALPHA_BAR, generator=torch.Generator().manual_seed(14), reduce=False)
+    assert per_sample.shape == (5,)
+    torch.testing.assert_close(per_sample.mean(), diffusion_loss(model, x0, ALPHA_BAR,
+                                                                 generator=torch.Generator().manual_seed(14)))
+
+
+def test_diffusion_loss_targets_and_min_snr_weighting():
+    x_star = torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    x0 = x_star.expand(8, -1, -1, -1)
+    for weighting in ("none", "min_snr"):  # the exact v-network has zero loss, a wrong one does not
+        exact = diffusion_loss(single_point_v_model(x_star), x0, ALPHA_BAR, prediction="v", weighting=weighting,
+                               generator=torch.Generator().manual_seed(17))
+        assert exact.item() < 1e-12  # squared errors are taken in float32
+        wrong = diffusion_loss(single_point_v_model(x_star + 0.1), x0, ALPHA_BAR, prediction="v",
+                               weighting=weighting, generator=torch.Generator().manual_seed(17))
+        assert wrong.item() > 1e-6
+    # A zero network: per-sample MSE against the target, times the Min-SNR weight.
+    zero = lambda x_t, t: torch.zeros_like(x_t)
+    t = torch.tensor([0, 500, 999])
+    x0 = torch.full((3, 1, 2, 2), 0.5)
+    noise = torch.full_like(x0, 2.0)
+    for prediction in ("eps", "v"):
+        target = prediction_target(x0.double(), noise.double(), ALPHA_BAR[t], prediction)
+        plain = (target**2).flatten(1).mean(1)
+        weights = min_snr_weight(ALPHA_BAR[t], prediction, 2.0)
+        per_sample = diffusion_loss(zero, x0, ALPHA_BAR, prediction=prediction, weighting="min_snr", snr_gamma=2.0,
+                                    t=t, noise=noise, reduce=False)
+        torch.testing.assert_close(per_sample.double(), plain * weights, rtol=1e-6, atol=0)
+        reduced = diffusion_loss(zero, x0, ALPHA_BAR, prediction=prediction, weighting="min_snr", snr_gamma=2.0,
+                                 t=t, noise=noise)
+        assert reduced.item() == pytest.approx((plain * weights).mean().item(), rel=1e-6)
+        unweighted = diffusion_loss(zero, x0, ALPHA_BAR, prediction=prediction, t=t, noise=noise, reduce=False)
+        torch.testing.assert_close(unweighted.double(), plain, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        diffusion_loss(zero, x0, ALPHA_BAR, weighting="p2")
+
+
+# --- partial-depth inversion (invert_to) ----------------------------------------------------------------------------
+
+def _recording(denoise):
+    seen: list[int] = []
+
+    def wrapped(x_t: Tensor, t: Tensor) -> Tensor:
+        seen.append(int(t[0]))
+        return denoise(x_t, t)
+
+    return wrapped, seen
+
+
+def test_partial_walk_uses_the_grid_below_t_end_and_ends_exactly_there():
+    x0 = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(18), dtype=torch.float64) * 2 - 1
+    denoise, seen = _recording(smooth_denoiser)
+    # steps = 10 spaces the FULL schedule: 0, 111, ..., 444, 555, ...; t_end = 500 keeps 0..444, then 444 -> 500.
+    x_t = ddim_invert(denoise, x0, ALPHA_BAR, 10, t_end=500)
+    assert seen == [0, 111, 222, 333, 444, 500]
+    seen.clear()
+    ddim_sample(denoise, x_t, ALPHA_BAR, 10, t_start=500)
+    assert seen == [500, 444, 333, 222, 111, 0]
+    # On the grid the partial walk is the full walk's head, step for step; None and T-1 are today's full walk.
+    taus = respaced_timesteps(T, 10).tolist()
+    x = x0
+    for t_from, t_to in zip([CLEAN] + taus[:4], taus[:5], strict=True):
+        x = ddim_step(smooth_denoiser, x, t_from, t_to, ALPHA_BAR)
+    torch.testing.assert_close(ddim_invert(smooth_denoiser, x0, ALPHA_BAR, 10, t_end=taus[4]), x, rtol=0, atol=0)
+    full = ddim_invert(smooth_denoiser, x0, ALPHA_BAR, 10)
+    torch.testing.assert_close(ddim_invert(smooth_denoiser, x0, ALPHA_BAR, 10, t_end=None), full, rtol=0, atol=0)
+    torch.testing.assert_close(ddim_invert(smooth_denoiser, x0, ALPHA_BAR, 10, t_end=T - 1), full, rtol=0, atol=0)
+    torch.testing.assert_close(ddim_sample(smooth_denoiser, full, ALPHA_BAR, 10, t_start=None),
+                               ddim_sample(smooth_denoiser, full, ALPHA_BAR, 10), rtol=0, atol=0)
+    for bad in (-1, T):
+        with pytest.raises(ValueError, match="partial depth"):
+            ddim_invert(smooth_denoiser, x0, ALPHA_BAR, 10, t_end=bad)
+
+
+@pytest.mark.parametrize("t_end", [0, 250, 500, 998])
+def test_partial_inversion_round_trips(t_end: int):
+    generator = torch.Generator().manual_seed(19)
+    x0 = torch.rand(2, 1, 8, 8, generator=generator, dtype=torch.float64) * 2 - 1
+    denoise = state_independent_denoiser(tuple(x0.shape))  # exact inversion: isolates the walk bookkeeping
+    x_t = ddim_invert(denoise, x0, ALPHA_BAR, 50, t_end=t_end)
+    assert t_end == 0 or (x_t - x0).abs().max().item() > 1e-2  # (at t = 0 hardly any noise is mixed in)
+    torch.testing.assert_close(ddim_sample(denoise, x_t, ALPHA_BAR, 50, t_start=t_end), x0, rtol=0, atol=1e-9)
+    # With the exact eps of Gaussian data: the code is at noise level t_end whatever the step count, so inverting
+    # with 100 steps and decoding with 60 (different grids around t_end) still reconstructs.
+    mean, std = 0.3, 0.5
+    gaussian = gaussian_denoiser(mean, std)
+    x0 = mean + std * torch.randn(2, 1, 8, 8, generator=generator, dtype=torch.float64)
+    x_t = ddim_invert(gaussian, x0, ALPHA_BAR, 100, t_end=t_end)
+    assert (ddim_sample(gaussian, x_t, ALPHA_BAR, 60, t_start=t_end) - x0).abs().max().item() < 0.1

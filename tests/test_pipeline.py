@@ -80,8 +80,22 @@ def test_main_pipeline_tiny_budget_writes_complete_report(shards, tmp_path):
     for figure in ("strips.png", "latent_map.png", "roc_fracture.png", "calibration_fracture.png", "truth_to_high.png"):
         assert f"figures/{figure}" in html
     tables = index.parent / "tables"
-    for name in ("detection", "grading", "counterfactuals", "reconstruction"):
+    for name in ("detection", "grading", "counterfactuals", "reconstruction", "floors", "beats_floors", "z_usage"):
         assert (tables / f"{name}.csv").is_file()
+    import csv
+    import json
+
+    with open(tables / "counterfactuals.csv") as handle:
+        ce_rows = list(csv.DictReader(handle))
+    measured = {(r["direction"], r["move"]) for r in ce_rows}
+    for direction in ("normal", "pattern", "normal_subspace", "mean_diff"):  # every direction x move size, both ways
+        assert {(direction, "1x"), (direction, "2x"), (direction, "4x"), (direction, "-")} <= measured
+    assert all(r["closer_than_input"] != "" for r in ce_rows)  # phantoms: every CE row is scored against the truth
+    with open(tables / "floors.csv") as handle:
+        floors = {(r["floor"], r["kind"]) for r in csv.DictReader(handle)}
+    assert ("raw pixels", "logistic") in floors and ("random encoder", "svm") in floors
+    heads = json.loads((tmp_path / "eval" / "heads.json").read_text())
+    assert {entry["direction"]["name"] for entry in heads.values()} == {"pattern"}  # the job's direction
     detection = (tables / "detection.csv").read_text().splitlines()
     assert detection[0].startswith("task,kind,split,auc,f1") and len(detection) == 1 + 2 * 3  # 2 tasks x 3 kinds
     table = load_latents(tmp_path / "eval" / "latents.parquet")

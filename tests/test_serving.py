@@ -31,6 +31,7 @@ from harness.autoencoder import DiffusionAutoencoder
 from harness.checkpoint import save_state_dict
 from harness.config import dump_yaml, load_config
 from harness.counterfactual import move_to_distance, reflect
+from harness.directions import Direction
 from harness.data.phantoms import generate_phantoms
 from harness.heads import Calibration, FittedHead, Hyperplane, TaskResult, TaskSpec
 from harness.models import build_dae
@@ -88,7 +89,9 @@ def write_heads(path: Path, model_dir: Path, images: np.ndarray, dim: int = 512)
     slope = 3.0 / (dist.max() - dist.min())
     calibration = Calibration("lstsq", (slope, -slope * dist.min()), 0, 3, (float(dist.min()), float(dist.max())))
     head = FittedHead("svm", hyperplane, 1.0, "sklearn", TASK, True, (2.0, 0.1), 10, 10)
-    result = TaskResult(TASK, head, calibration)
+    # A stored CE direction other than the normal: the server must move latents along it, not along n.
+    oblique = hyperplane.unit_normal + rng.normal(size=dim) / np.sqrt(dim)
+    result = TaskResult(TASK, head, calibration, direction=Direction("pattern", oblique / np.linalg.norm(oblique)))
     path.write_text(json.dumps({"fracture/svm": result.to_dict()}))
     return result
 
@@ -186,12 +189,13 @@ def reference(built) -> dict:
     z = ae.encode(x)
     x_T = ae.invert(x, z)
     dist = result.head.decision(z.double().numpy())
-    grade_z = {g: move_to_distance(z, result.head.hyperplane, float(result.calibration.distance_for_grade(g)))
-               for g in (0, 3)}
+    grade_z = {g: move_to_distance(z, result.head.hyperplane, float(result.calibration.distance_for_grade(g)),
+                                   result.direction) for g in (0, 3)}
     to_pixels = lambda t: np.rint((t[:, 0].numpy() + 1.0) * 127.5).astype(np.int16)  # noqa: E731
     return {"dist": dist, "probability": result.head.probability(z.double().numpy()),
             "grade": result.calibration.grade(dist),
-            "ce_binary": to_pixels(ae.decode(reflect(z, result.head.hyperplane), x_T)),
+            "ce_binary": to_pixels(ae.decode(reflect(z, result.head.hyperplane, result.direction), x_T)),
+            "ce_binary_along_normal": to_pixels(ae.decode(reflect(z, result.head.hyperplane), x_T)),
             "ce_grade": {g: to_pixels(ae.decode(moved, x_T)) for g, moved in grade_z.items()}}
 
 
@@ -294,6 +298,8 @@ def test_served_answers_match_the_direct_computation(built, server, reference):
     assert np.abs(png_pixels(rows[1]["ce_grade_png"]) - reference["ce_grade"][3][1]).max() <= 2
     assert np.abs(png_pixels(rows[3]["ce_grade_png"]) - reference["ce_grade"][0][3]).max() <= 2
     assert np.abs(reference["ce_grade"][3][1] - reference["ce_grade"][0][1]).max() > 2  # grades look different
+    # the stored direction matters: moving along the normal instead would have given other images
+    assert np.abs(reference["ce_binary"] - reference["ce_binary_along_normal"]).max() > 2
 
     # A request-wide target grade from params; binary counterfactuals switched off.
     answer = requests.post(server, json={"dataframe_split": {"columns": ["image"], "data": [[png_b64(images[1])]]},

@@ -112,3 +112,16 @@ def test_two_cpu_processes_see_disjoint_data(shards, tmp_path):
     assert not keys[0] & keys[1], "ranks trained on the same samples"
     assert (tmp_path / "ddp" / "final" / "ema.safetensors").is_file()
     assert "2 process(es) x batch 8" in output
+
+
+def test_one_step_with_v_prediction_min_snr_jitter_clipping_and_partial_depth(shards, tmp_path):
+    # Every new objective / decoding knob at once, one optimizer step: the wiring runs end to end.
+    options = {"diffusion.prediction": "v", "diffusion.loss_weighting": "min_snr", "diffusion.snr_gamma": "5",
+               "diffusion.clip_x0": "true", "diffusion.invert_to": "600", "train.encoder_jitter": "0.2"}
+    result = train_main(tiny_args(shards, tmp_path / "run", total=16, **options))
+    assert result["final_loss"] == result["final_loss"] and result["final_loss"] < 10.0
+    assert result["recon_mse"] == result["recon_mse"]
+    from harness.config import load_config
+
+    saved = load_config(Path(result["model_dir"]) / "config.yaml")
+    assert (saved.diffusion.prediction, saved.diffusion.invert_to, saved.train.encoder_jitter) == ("v", 600, 0.2)

@@ -15,6 +15,7 @@ from harness.data.transforms import (
     decode_image,
     encode_image,
     from_model_range,
+    photometric_jitter,
     prepare_image,
     resize,
     set_channels,
@@ -119,3 +120,33 @@ def test_spec_validation_and_config_bridge():
     assert spec == AugmentSpec(rotation_deg=10.0, flip=False, p=0.3)
     with pytest.raises(ValueError, match="Generator"):
         prepare_image(np.zeros((8, 8), np.uint8), image_size=None, channels=1, augment_spec=AugmentSpec())
+
+
+def test_photometric_jitter_changes_intensity_not_geometry():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.full((6, 1, 16, 16), -0.5)  # (B, C, H, W): a bright square on a dark background
+    x[:, :, 4:12, 5:11] = 0.3
+    x = x + 0.05 * torch.rand(x.shape, generator=generator)
+    out = photometric_jitter(x, 0.2, generator=torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and out.dtype == x.dtype
+    means, stds = out.mean(dim=(1, 2, 3)), out.std(dim=(1, 2, 3))
+    assert (means - x.mean(dim=(1, 2, 3))).abs().min() > 1e-4 and (stds - x.std(dim=(1, 2, 3))).abs().min() > 1e-4
+    assert means.std() > 0.01  # different per sample
+    # Geometry: each sample is one increasing affine map of the original (no clamping at this strength), so the
+    # pixel ordering, hence every edge and the square's support, is unchanged.
+    for original, jittered in zip(x, out, strict=True):
+        design = torch.stack([original.flatten(), torch.ones(original.numel())], dim=1)
+        coef = torch.linalg.lstsq(design, jittered.flatten().unsqueeze(1)).solution.flatten()
+        assert coef[0] > 0
+        torch.testing.assert_close(design @ coef, jittered.flatten(), atol=1e-5, rtol=0)
+        assert torch.equal(original.flatten().argsort(), jittered.flatten().argsort())
+    # Strong jitter stays in range; strength 0 is the identity (and draws nothing); the global RNG seeds it.
+    assert photometric_jitter(x, 1.0, generator=generator).abs().max() <= 1.0
+    state = torch.get_rng_state()
+    assert photometric_jitter(x, 0.0) is x and torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    first = photometric_jitter(x, 0.3)
+    torch.manual_seed(2)
+    torch.testing.assert_close(photometric_jitter(x, 0.3), first, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="strength"):
+        photometric_jitter(x, -0.1)

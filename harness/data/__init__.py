@@ -19,7 +19,14 @@ from harness.data.phantoms import (
     render_central_mask,
     sample_params,
 )
-from harness.data.transforms import AugmentSpec, augment, from_model_range, prepare_image, to_model_range
+from harness.data.transforms import (
+    AugmentSpec,
+    augment,
+    from_model_range,
+    photometric_jitter,
+    prepare_image,
+    to_model_range,
+)
 
 _SHARD_NAMES = {name: "harness.data.shards" for name in (
     "ShardError", "ShardWriter", "read_manifest", "verify_shards", "write_phantom_shards", "write_shards")}
@@ -41,6 +48,7 @@ __all__ = [
     "from_model_range",
     "generate_phantoms",
     "height_loss_for",
+    "photometric_jitter",
     "prepare_image",
     "render",
     "render_central_mask",

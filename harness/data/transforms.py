@@ -175,6 +175,28 @@ def augment(image: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) 
     return out.squeeze(0).to(image.dtype)  # (C, H, W)
 
 
+def photometric_jitter(x: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample random contrast and brightness of a batch (B, C, H, W) in [-1, 1]; geometry untouched.
+
+    ``x' = clamp((x - m) * exp(c) + m + b, -1, 1)`` with ``m`` the sample's mean over (C, H, W) and ``c``, ``b``
+    drawn uniformly from [-strength, strength] per sample (contrast first, then brightness), from ``generator``
+    (None = the global RNG of ``x``'s device). Each sample undergoes one increasing affine map of its
+    intensities, so edges and shapes stay where they are. ``strength = 0`` returns ``x`` itself, drawing nothing.
+    Used to show the semantic encoder an intensity-jittered x_0 while the UNet denoises the original, which pushes
+    global intensity into x_T rather than z_sem.
+    """
+    if strength < 0:
+        raise ValueError(f"photometric_jitter: strength must be >= 0, got {strength}")
+    if strength == 0:
+        return x
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # (B, 1, 1, 1)
+    log_contrast = (torch.rand(shape, generator=generator, device=x.device) * 2.0 - 1.0) * strength
+    brightness = (torch.rand(shape, generator=generator, device=x.device) * 2.0 - 1.0) * strength
+    mean = x.float().mean(dim=tuple(range(1, x.ndim)), keepdim=True)  # (B, 1, 1, 1)
+    out = (x.float() - mean) * log_contrast.exp() + mean + brightness
+    return out.clamp(-1.0, 1.0).to(x.dtype)
+
+
 def prepare_image(array: np.ndarray, *, image_size: int | None, channels: int, augment_spec: AugmentSpec | None = None,
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """A decoded image array (uint8, or float in [0, 1]; (H, W) or (H, W, C)) -> model input (C, S, S) in [-1, 1].

@@ -17,8 +17,9 @@ Key to DDIM notation (Song et al. 2021, "Denoising Diffusion Implicit Models", E
     eta = 0          always: sampling is a deterministic ODE discretisation, so it can be inverted.
 
 Sampling walks tau_S -> ... -> tau_1 -> clean; inversion walks the same grid backwards, clean -> tau_1 -> ... ->
-tau_S. Both use :func:`ddim_step`, which queries the network at the *noisier* end of the step. A sampling step
-and the inversion step over the same interval therefore use the same timestep label; they differ only in the
+tau_S (at partial depth both stop at / start from a timestep below T-1 instead: :func:`_sampling_walk`). Both
+use :func:`ddim_step`, which queries the network at the *noisier* end of the step. A sampling step and the
+inversion step over the same interval therefore use the same timestep label; they differ only in the
 point where eps is evaluated (x_{t_k} vs. x_{t_(k-1)}), which is the standard DDIM inversion approximation
 (Song et al. 2021, Sec. 4.3; diffusers' ``DDIMInverseScheduler``). The official DiffAE code instead queries
 inversion steps at the less noisy end; on Gaussian data with the exact eps that gives a ~1.7x larger round-trip
@@ -77,7 +78,9 @@ def eps_loss(denoise_fn: DenoiseFn, x0: Tensor, alpha_bar: Tensor, t: Tensor | N
     """The simple epsilon-prediction loss, DiffAE Eq. 1: ``E_{t, eps} || eps_theta(x_t, t) - eps ||^2`` (scalar).
 
     ``t`` defaults to uniform draws from 0..T-1 and ``noise`` to standard normal draws, both from ``generator``
-    (which must then live on ``x0``'s device). The mean runs over batch and pixels.
+    (which must then live on ``x0``'s device). The mean runs over batch and pixels. This is the eps / unweighted
+    case of :func:`harness.diffusion.objectives.diffusion_loss` (v targets, Min-SNR weights), which equals it
+    exactly.
     """
     batch = x0.shape[0]
     if t is None:
@@ -123,35 +126,57 @@ def _maybe_progress(iterable: list[tuple[int, int]], progress: bool, desc: str) 
     return tqdm(iterable, desc=desc, leave=False)
 
 
-def _sampling_walk(num_timesteps: int, steps: int) -> list[tuple[int, int]]:
-    """(t_from, t_to) pairs from tau_S down to clean: [(tau_S, tau_{S-1}), ..., (tau_1 = 0, -1)]."""
+def _sampling_walk(num_timesteps: int, steps: int, t_start: int | None = None) -> list[tuple[int, int]]:
+    """(t_from, t_to) pairs from tau_S down to clean: [(tau_S, tau_{S-1}), ..., (tau_1 = 0, -1)].
+
+    With ``t_start`` (partial depth) the walk starts at ``t_start`` itself: the grid's timesteps below it, then
+    clean, i.e. [(t_start, tau_k), (tau_k, tau_{k-1}), ..., (0, -1)] with tau_k the largest grid point < t_start.
+    ``steps`` still spaces the grid over the FULL schedule 0..T-1, so a partial walk takes fewer network calls
+    (about steps * t_start / (T - 1)). When ``t_start`` is on the grid the walk is the full walk's tail; otherwise
+    its first step is shorter than the grid spacing. Either way the code sits exactly at ``t_start``, whatever the
+    step count, so inverting with one count and decoding with another meet at the same noise level.
+    """
     taus = respaced_timesteps(num_timesteps, steps).tolist()
+    if t_start is not None:
+        if not 0 <= t_start < num_timesteps:
+            raise ValueError(f"partial depth {t_start} is outside 0..{num_timesteps - 1}")
+        taus = [tau for tau in taus if tau < t_start] + [t_start]
     targets = [CLEAN] + taus[:-1]
     return list(zip(reversed(taus), reversed(targets), strict=True))
 
 
 @torch.no_grad()
 def ddim_sample(denoise_fn: DenoiseFn, x_T: Tensor, alpha_bar: Tensor, steps: int, clip_x0: bool = False,
-                progress: bool = False) -> Tensor:
-    """Decode ``x_T`` (at timestep T-1) to clean data with ``steps`` deterministic DDIM steps. (B, C, H, W)."""
+                progress: bool = False, t_start: int | None = None) -> Tensor:
+    """Decode ``x_T`` (at timestep T-1) to clean data with ``steps`` deterministic DDIM steps. (B, C, H, W).
+
+    ``t_start`` (partial depth; None = T-1, the full walk) says ``x_T`` is a code at that timestep, as returned by
+    :func:`ddim_invert` with ``t_end=t_start``; ``steps`` counts steps over the full schedule (see
+    :func:`_sampling_walk`), so only the grid's steps below ``t_start`` are taken.
+    """
     alpha_bar = alpha_bar.detach().to("cpu", torch.float64)  # scalars read per step: no device syncs in the loop
     x = x_T
-    for t_from, t_to in _maybe_progress(_sampling_walk(alpha_bar.shape[0], steps), progress, "DDIM sample"):
+    walk = _sampling_walk(alpha_bar.shape[0], steps, t_start)
+    for t_from, t_to in _maybe_progress(walk, progress, "DDIM sample"):
         x = ddim_step(denoise_fn, x, t_from, t_to, alpha_bar, clip_x0=clip_x0)
     return x
 
 
 @torch.no_grad()
 def ddim_invert(denoise_fn: DenoiseFn, x0: Tensor, alpha_bar: Tensor, steps: int,
-                progress: bool = False) -> Tensor:
+                progress: bool = False, t_end: int | None = None) -> Tensor:
     """Encode clean ``x0`` to its deterministic noise code ``x_T`` (timestep T-1): the sampling walk reversed.
 
     Decoding the result with :func:`ddim_sample` and the same ``denoise_fn`` reconstructs ``x0`` up to the
     inversion approximation, which vanishes as ``steps`` grows (DiffAE Sec. 3.2, "stochastic encoder").
+    ``t_end`` (partial depth, "inversion depth"; None = T-1, the full walk) stops the walk at timestep ``t_end``
+    after the grid's steps below it; ``steps`` keeps counting steps over the full schedule (see
+    :func:`_sampling_walk`). Decode such a code with ``ddim_sample(..., t_start=t_end)``.
     """
     alpha_bar = alpha_bar.detach().to("cpu", torch.float64)  # scalars read per step: no device syncs in the loop
     x = x0
-    reverse_walk = [(t_to, t_from) for t_from, t_to in reversed(_sampling_walk(alpha_bar.shape[0], steps))]
+    walk = _sampling_walk(alpha_bar.shape[0], steps, t_end)
+    reverse_walk = [(t_to, t_from) for t_from, t_to in reversed(walk)]
     for t_from, t_to in _maybe_progress(reverse_walk, progress, "DDIM invert"):
         x = ddim_step(denoise_fn, x, t_from, t_to, alpha_bar)
     return x

@@ -1,0 +1,163 @@
+"""Which training recipe makes the demo's counterfactuals valid and faithful? One recipe x budget per call.
+
+    python benchmarks/ce_recipes.py --recipe v_jitter --samples 30000 [60000 ...] [--ce pattern:decode,...]
+
+Each recipe is a set of run-config overrides on ``jobs/phantoms_demo.yaml``. The DAE is trained (resumed) to each
+budget in ``--out/<recipe>``, then measured on the phantoms, where the true counterfactual is known:
+
+- z-usage: the denoising error with the true vs a shuffled z_sem at t = 250 .. 950 (``harness.probes.z_usage``);
+  random-x_T decodes: how often a decode is nearest its own source (chance = 1/B);
+- detection AUC of the ``fracture`` SVM head on z_sem beside the raw-pixel and random-encoder floors;
+- for each ``direction:render`` of ``--ce``: binary CE validity both ways at 1x, the realised fraction of the
+  move, and the median per-CE error against the true counterfactual beside the unchanged input's.
+
+One JSON line per (recipe, budget) is appended to ``--results``; ``--table`` prints the markdown table of a
+results file (the one in ``benchmarks/RESULTS.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from harness.autoencoder import DiffusionAutoencoder  # noqa: E402
+from harness.checkpoint import checkpoint_name  # noqa: E402
+from harness.config import load_config  # noqa: E402
+from harness.encode import encode_to_table  # noqa: E402
+from harness.evaluate import evaluate_counterfactual_set, evaluate_heads, fit_directions  # noqa: E402
+from harness.floors import floor_rows, images_from_shards, pixel_latents, random_encoder_latents  # noqa: E402
+from harness.heads import TaskSpec  # noqa: E402
+from harness.latents import load_latents  # noqa: E402
+from harness.pipeline import take_balanced  # noqa: E402
+from harness.probes import random_xT_identity, z_usage  # noqa: E402
+from harness.train_dae import main as train_main  # noqa: E402
+
+JOB = REPO / "jobs" / "phantoms_demo.yaml"
+RECIPES: dict[str, list[str]] = {
+    "eps": [],  # the paper's objective: eps-prediction, plain MSE
+    "eps_minsnr": ["--diffusion.loss_weighting=min_snr"],
+    "v": ["--diffusion.prediction=v"],
+    "v_minsnr": ["--diffusion.prediction=v", "--diffusion.loss_weighting=min_snr"],
+    "eps_jitter": ["--train.encoder_jitter=0.3"],
+    "v_jitter": ["--diffusion.prediction=v", "--train.encoder_jitter=0.3"],
+    "v_minsnr_jitter": ["--diffusion.prediction=v", "--diffusion.loss_weighting=min_snr",
+                        "--train.encoder_jitter=0.3"],
+}
+
+
+def _floors(config, cache: Path) -> dict:
+    """Raw-pixel logistic and random-encoder SVM AUC for the fracture task (cached per shard folder)."""
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    images = images_from_shards(config.data.shard_dir, ["train", "test"], config.data.image_size, config.data.channels)
+    task = TaskSpec.from_config(config.heads.tasks[0])
+    overrides = {k: v for k, v in config.model.overrides(config.data.image_size).items() if k != "image_size"}
+    random_table = random_encoder_latents(config.model.size, config.data.channels, config.data.image_size, images,
+                                          **overrides)
+    rows = floor_rows(pixel_latents(images), random_table, [task], ("svm",))
+    floors = {f"{r['floor']}/{r['kind']}": r["auc"] for r in rows}
+    cache.write_text(json.dumps(floors))
+    return floors
+
+
+def measure(config, model_dir: Path, out: Path, ce_specs: list[tuple[str, str]], n_images: int) -> dict:
+    d = config.diffusion
+    ae = DiffusionAutoencoder.load(model_dir, batch_size=64)
+    row: dict = {}
+    # z-usage on validation images, and what z_sem alone carries (random x_T).
+    val = take_balanced(config.data.shard_dir, "val", 64, config, "grade")["image"]
+    z_val = ae.encode(val)
+    generator = torch.Generator().manual_seed(0)
+    for r in z_usage(ae.eps_fn, val, z_val, ae.alpha_bar.float(), generator=generator):
+        row[f"z_usage_t{r['t']}"] = r["usage"]
+    test = take_balanced(config.data.shard_dir, "test", n_images, config, "grade")
+    z_test = ae.encode(test["image"])
+    identity = random_xT_identity(lambda z, x_T: ae.decode(z, x_T, d.decode_steps), test["image"], z_test,
+                                  generator=torch.Generator().manual_seed(1))
+    row["random_xT_own_source"] = identity["nearest_own_source"]
+    # Detection on z_sem.
+    latents = out / "latents.parquet"
+    encode_to_table(ae, config.data.shard_dir, ["train", "test"], latents, batch_size=64,
+                    image_size=config.data.image_size, channels=config.data.channels,
+                    meta={"model_dir": str(model_dir)})
+    table = load_latents(latents)
+    task = TaskSpec.from_config(config.heads.tasks[0])
+    heads = evaluate_heads(table, [task], ("svm",), split="test")
+    result = heads.results[(task.name, "svm")]
+    row["auc_svm"] = heads.detection_rows[0]["auc"]
+    # Counterfactuals, per direction and rendering, from one inversion per rendering.
+    cf = config.counterfactual
+    names = tuple(dict.fromkeys(name for name, _ in ce_specs))
+    directions = fit_directions(result, table, names, variance=cf.subspace_variance, k=cf.subspace_k)
+    for render in dict.fromkeys(r for _, r in ce_specs):
+        chosen = {n: directions[n] for n, r in ce_specs if r == render}
+        ce_rows, _ = evaluate_counterfactual_set(ae, test, result, invert_steps=d.invert_steps,
+                                                 decode_steps=d.decode_steps, directions=chosen, render=render,
+                                                 class_names=("healthy", "fractured"))
+        for name in chosen:
+            mine = [r for r in ce_rows if r["direction"] == name]
+            binary = [r for r in mine if r["move"] == "1x"]
+            key = f"{name}:{render}"
+            row[f"{key}:validity_min"] = min(r["validity"] for r in binary)
+            row[f"{key}:validity"] = {r["kind"]: r["validity"] for r in binary}
+            row[f"{key}:realised"] = float(np.median([r["realised_fraction"] for r in binary]))
+            row[f"{key}:truth"] = {r["kind"]: [r.get("median_error_true"), r.get("median_input_error_true"),
+                                               r.get("closer_than_input")] for r in mine}
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", choices=sorted(RECIPES))
+    parser.add_argument("--samples", type=int, nargs="+", default=[30000])
+    parser.add_argument("--out", default="runs/recipes")
+    parser.add_argument("--ce", default="normal:decode,pattern:decode,pattern:residual")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "ce_recipes.jsonl"))
+    parser.add_argument("--extra", nargs="*", default=[], help="more run-config overrides (--section.key=value)")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="measure the run's saved checkpoint at each budget instead of training to it")
+    parser.add_argument("--steps", type=int, nargs=2, default=[100, 50], metavar=("INVERT", "DECODE"),
+                        help="DDIM steps of inversion and decoding for the measurements")
+    args = parser.parse_args(argv)
+    ce_specs = [tuple(spec.split(":")) for spec in args.ce.split(",")]
+    overrides = RECIPES[args.recipe] + [f"--{e.lstrip('-')}" for e in args.extra]
+    run_dir = Path(args.out) / (args.recipe + "".join(f"_{e.lstrip('-').replace('=', '')}" for e in args.extra))
+    for budget in args.samples:
+        run_overrides = overrides + [f"--train.out_dir={run_dir}", f"--train.total_samples={budget}",
+                                     "--track.enabled=false", f"--train.preview_every={budget}",
+                                     f"--diffusion.invert_steps={args.steps[0]}",
+                                     f"--diffusion.decode_steps={args.steps[1]}"]
+        started = time.perf_counter()
+        if args.checkpoint:  # e.g. the samples_20000 checkpoint a 30k run left behind
+            trained = {"model_dir": str(run_dir / "checkpoints" / checkpoint_name(budget))}
+        else:
+            trained = train_main(["--config", str(JOB), *run_overrides, "--resume"])
+        train_wall = time.perf_counter() - started
+        config = load_config(JOB, run_overrides)
+        torch.manual_seed(0)
+        eval_dir = run_dir / f"eval-{budget}"
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        row = {"recipe": args.recipe, "overrides": overrides, "samples": budget, "train_wall_s": round(train_wall, 1),
+               "invert_steps": config.diffusion.invert_steps, "decode_steps": config.diffusion.decode_steps,
+               **_floors(config, Path(args.out) / "floors.json"),
+               **measure(config, Path(trained["model_dir"]), eval_dir, ce_specs, args.images)}
+        row["eval_wall_s"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(row, default=float), flush=True)
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.results, "a") as handle:
+            handle.write(json.dumps(row, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    main()
