@@ -8,8 +8,9 @@ budget in ``--out/<recipe>``, then measured on the phantoms, where the true coun
 - z-usage: the denoising error with the true vs a shuffled z_sem at t = 250 .. 950 (``harness.probes.z_usage``);
   random-x_T decodes: how often a decode is nearest its own source (chance = 1/B);
 - detection AUC of the ``fracture`` SVM head on z_sem beside the raw-pixel and random-encoder floors;
-- for each ``direction:render`` of ``--ce``: binary CE validity both ways at 1x, the realised fraction of the
-  move, and the median per-CE error against the true counterfactual beside the unchanged input's.
+- for each ``direction:render[:depth]`` of ``--ce`` (depth: the timestep the inversion stops at; T = full) and
+  each of ``--moves``: binary CE validity both ways, the realised fraction of the move, and the median per-CE
+  error against the true counterfactual beside the unchanged input's; grade-targeted CEs to the extremes.
 
 One JSON line per (recipe, budget) is appended to ``--results``; ``--table`` prints the markdown table of a
 results file (the one in ``benchmarks/RESULTS.md``).
@@ -69,7 +70,8 @@ def _floors(config, cache: Path) -> dict:
     return floors
 
 
-def measure(config, model_dir: Path, out: Path, ce_specs: list[tuple[str, str]], n_images: int) -> dict:
+def measure(config, model_dir: Path, out: Path, ce_specs: list[tuple[str, str, str]], n_images: int,
+            move_sizes: tuple[float, ...] = (1.0,)) -> dict:
     d = config.diffusion
     ae = DiffusionAutoencoder.load(model_dir, batch_size=64)
     row: dict = {}
@@ -98,20 +100,26 @@ def measure(config, model_dir: Path, out: Path, ce_specs: list[tuple[str, str]],
     cf = config.counterfactual
     names = tuple(dict.fromkeys(name for name, _ in ce_specs))
     directions = fit_directions(result, table, names, variance=cf.subspace_variance, k=cf.subspace_k)
-    for render in dict.fromkeys(r for _, r in ce_specs):
-        chosen = {n: directions[n] for n, r in ce_specs if r == render}
+    for render, depth in dict.fromkeys((r, t) for _, r, t in ce_specs):
+        chosen = {n: directions[n] for n, r, t in ce_specs if (r, t) == (render, depth)}
+        ae.invert_to = None if depth == "T" else int(depth)  # inversion depth of this group
         ce_rows, _ = evaluate_counterfactual_set(ae, test, result, invert_steps=d.invert_steps,
                                                  decode_steps=d.decode_steps, directions=chosen, render=render,
-                                                 class_names=("healthy", "fractured"))
+                                                 move_sizes=move_sizes, class_names=("healthy", "fractured"))
         for name in chosen:
-            mine = [r for r in ce_rows if r["direction"] == name]
-            binary = [r for r in mine if r["move"] == "1x"]
-            key = f"{name}:{render}"
-            row[f"{key}:validity_min"] = min(r["validity"] for r in binary)
-            row[f"{key}:validity"] = {r["kind"]: r["validity"] for r in binary}
-            row[f"{key}:realised"] = float(np.median([r["realised_fraction"] for r in binary]))
-            row[f"{key}:truth"] = {r["kind"]: [r.get("median_error_true"), r.get("median_input_error_true"),
-                                               r.get("closer_than_input")] for r in mine}
+            key = f"{name}:{render}" + ("" if depth == "T" else f":{depth}")
+            for move in move_sizes:
+                binary = [r for r in ce_rows if r["direction"] == name and r["move"] == f"{move:g}x"]
+                tag = key if move == 1.0 else f"{key}:{move:g}x"
+                row[f"{tag}:validity_min"] = min(r["validity"] for r in binary)
+                row[f"{tag}:validity"] = {r["kind"]: r["validity"] for r in binary}
+                row[f"{tag}:realised"] = float(np.median([r["realised_fraction"] for r in binary]))
+                row[f"{tag}:truth"] = {r["kind"]: [r.get("median_error_true"), r.get("median_input_error_true"),
+                                                   r.get("closer_than_input")] for r in binary}
+            grades = [r for r in ce_rows if r["direction"] == name and r["move"] == "-"]
+            row[f"{key}:grade_truth"] = {r["kind"]: [r.get("median_error_true"), r.get("median_input_error_true"),
+                                                     r.get("closer_than_input"), r["validity"]] for r in grades}
+    ae.invert_to = config.diffusion.invert_to
     return row
 
 
@@ -122,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/recipes")
     parser.add_argument("--ce", default="normal:decode,pattern:decode,pattern:residual")
     parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--moves", default="1", help="move sizes, multiples of the reflection's move (e.g. 1,2,4)")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "ce_recipes.jsonl"))
     parser.add_argument("--extra", nargs="*", default=[], help="more run-config overrides (--section.key=value)")
     parser.add_argument("--checkpoint", action="store_true",
@@ -129,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, nargs=2, default=[100, 50], metavar=("INVERT", "DECODE"),
                         help="DDIM steps of inversion and decoding for the measurements")
     args = parser.parse_args(argv)
-    ce_specs = [tuple(spec.split(":")) for spec in args.ce.split(",")]
+    ce_specs = [tuple((spec + ":T").split(":")[:3]) for spec in args.ce.split(",")]  # direction:render[:depth]
+    move_sizes = tuple(float(m) for m in args.moves.split(","))
     overrides = RECIPES[args.recipe] + [f"--{e.lstrip('-')}" for e in args.extra]
     run_dir = Path(args.out) / (args.recipe + "".join(f"_{e.lstrip('-').replace('=', '')}" for e in args.extra))
     for budget in args.samples:
@@ -138,8 +148,10 @@ def main(argv: list[str] | None = None) -> None:
                                      f"--diffusion.invert_steps={args.steps[0]}",
                                      f"--diffusion.decode_steps={args.steps[1]}"]
         started = time.perf_counter()
-        if args.checkpoint:  # e.g. the samples_20000 checkpoint a 30k run left behind
-            trained = {"model_dir": str(run_dir / "checkpoints" / checkpoint_name(budget))}
+        if args.checkpoint:  # the first checkpoint at or past the budget (batches do not divide it evenly)
+            saved = sorted(run_dir.glob("checkpoints/" + checkpoint_name(0).rstrip("0") + "*"))
+            at_or_past = [c for c in saved if int(c.name.rsplit("_", 1)[-1]) >= budget]
+            trained = {"model_dir": str(at_or_past[0])}
         else:
             trained = train_main(["--config", str(JOB), *run_overrides, "--resume"])
         train_wall = time.perf_counter() - started
@@ -151,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         row = {"recipe": args.recipe, "overrides": overrides, "samples": budget, "train_wall_s": round(train_wall, 1),
                "invert_steps": config.diffusion.invert_steps, "decode_steps": config.diffusion.decode_steps,
                **_floors(config, Path(args.out) / "floors.json"),
-               **measure(config, Path(trained["model_dir"]), eval_dir, ce_specs, args.images)}
+               **measure(config, Path(trained["model_dir"]), eval_dir, ce_specs, args.images, move_sizes)}
         row["eval_wall_s"] = round(time.perf_counter() - started, 1)
         print(json.dumps(row, default=float), flush=True)
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)

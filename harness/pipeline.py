@@ -88,11 +88,30 @@ def _lpips_or_reason() -> tuple[object | None, str | None]:
         return None, str(err)
 
 
+class StageClock:
+    """Wall time of each pipeline stage, printed as it ends and kept for the report and MLflow."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._name, self._started = None, time.perf_counter()
+
+    def next(self, name: str | None) -> None:
+        """End the running stage (if any) and start ``name`` (None: just end)."""
+        now = time.perf_counter()
+        if self._name is not None:
+            self.seconds[self._name] = now - self._started
+            print(f"stage {self._name}: {self.seconds[self._name]:.1f} s", flush=True)
+        self._name, self._started = name, now
+
+
 def run(config_path: str | None, overrides: list[str]) -> Path:
     started = time.perf_counter()
+    clock = StageClock()
     # Train (or resume / reuse the finished run).
+    clock.next("train")
     train_args = (["--config", config_path] if config_path else []) + overrides + ["--resume"]
     trained = train_main(train_args)
+    clock.next("encode")
     config = load_config(config_path, overrides)
     out_dir = Path(config.eval.out_dir)
     report_dir = out_dir / "report"
@@ -110,6 +129,7 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     table = load_latents(latents_path)
 
     # Heads: every kind for every task, fitted on train, scored on test.
+    clock.next("heads")
     tasks = [TaskSpec.from_config(t) for t in config.heads.tasks]
     heads_started = time.perf_counter()
     heads = evaluate_heads(table, tasks, config.heads.kinds, C=config.heads.C, calibration=config.heads.calibration,
@@ -120,14 +140,17 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     save_heads(out_dir / "heads.json", heads, table, cf)  # each head with the configured CE direction
 
     # Reconstruction and counterfactuals on test images.
+    clock.next("reconstruction and z-usage")
     lpips, lpips_reason = _lpips_or_reason()
     batch = take_balanced(config.data.shard_dir, "test", ev.counterfactual_images, config, tasks[0].column)
     recon_rows = evaluate_reconstruction(ae, batch["image"], [(d.invert_steps, d.decode_steps)], lpips=lpips)
     usage_rows, identity = evaluate_semantic_usage(ae, batch["image"], seed=config.train.seed)
     floor_table, floor_verdict = [], []
+    clock.next("floors")
     if ev.floors:  # every detection figure beside raw-pixel logistic regression and a random encoder
         floor_table = detection_floors(config, tasks)
         floor_verdict = beats_floor(heads.detection_rows, floor_table)
+    clock.next("counterfactuals")
     names = tuple(dict.fromkeys((cf.direction, *cf.evaluate_directions)))  # the configured one first
     directions = fit_directions(main_result, table, names, variance=cf.subspace_variance, k=cf.subspace_k)
     ce_started = time.perf_counter()
@@ -139,6 +162,7 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     ce_wall = time.perf_counter() - ce_started
 
     # Fully supervised baseline on the same shards and splits (optional).
+    clock.next("baseline" if config.eval.baseline_job else "report")
     comparison = [{"task": r["task"], "method": f"DAE z_sem + {r['kind']}",
                    **{k: r[k] for k in ("auc", "f1", "accuracy")}, "wall_s": heads_wall,
                    "selected": f"C={config.heads.C}"} for r in heads.detection_rows]
@@ -146,6 +170,8 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
         comparison += run_baseline(config, out_dir)
 
     # Report.
+    if config.eval.baseline_job:
+        clock.next("report")
     report = Report(report_dir, f"dae-cf evaluation: {Path(config_path or 'defaults').stem}")
     report.add_text("Run", f"DAE `{config.model.size}` trained on `{config.data.shard_dir}` for "
                            f"{trained['samples_seen']:,} samples; latents from `{latents_path}`; "
@@ -198,10 +224,12 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     report.add_figure(save_image_grid(torch.cat([batch["image"], recon]), fig_dir / "reconstructions.png",
                                       nrow=len(batch["key"]), suptitle="test inputs / reconstructions"),
                       "inputs (top) and reconstructions (bottom)", section="Autoencoder")
+    clock.next(None)
     elapsed = time.perf_counter() - started
     device = "CUDA" if torch.cuda.is_available() else "CPU"
     report.add_text("Run", f"Pipeline wall time {elapsed / 60:.1f} min on {device} "
-                           f"({torch.get_num_threads()} threads).")
+                           f"({torch.get_num_threads()} threads); by stage: "
+                           + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in clock.seconds.items()) + ".")
     (report_dir / "config.yaml").write_text(dump_yaml(config))
     index = report.write()
     missing = check_report(index)
@@ -221,6 +249,7 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     headline["recon/mse"] = recon_rows[0]["mse"]
     headline.update({f"z_usage/t{r['t']}": r["usage"] for r in usage_rows})
     headline["random_xT/nearest_own_source"] = identity["nearest_own_source"]
+    headline.update({f"time/{re.sub(r'[^A-Za-z0-9_]+', '_', name)}_s": sec for name, sec in clock.seconds.items()})
     headline.update({f"{r['task']}/{r['kind']}/beats_floors": float(r["beats_floors"]) for r in floor_verdict})
     tracker.log_metrics({k: v for k, v in headline.items() if isinstance(v, (int, float)) and v == v})
     tracker.log_artifacts(report_dir, "report")
