@@ -31,8 +31,8 @@ from harness.autoencoder import DiffusionAutoencoder
 from harness.checkpoint import save_state_dict
 from harness.config import dump_yaml, load_config
 from harness.counterfactual import move_to_distance, reflect
-from harness.directions import Direction
 from harness.data.phantoms import generate_phantoms
+from harness.directions import Direction
 from harness.heads import Calibration, FittedHead, Hyperplane, TaskResult, TaskSpec
 from harness.models import build_dae
 
