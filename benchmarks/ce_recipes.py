@@ -98,7 +98,7 @@ def measure(config, model_dir: Path, out: Path, ce_specs: list[tuple[str, str, s
     row["auc_svm"] = heads.detection_rows[0]["auc"]
     # Counterfactuals, per direction and rendering, from one inversion per rendering.
     cf = config.counterfactual
-    names = tuple(dict.fromkeys(name for name, _ in ce_specs))
+    names = tuple(dict.fromkeys(name for name, *_ in ce_specs))
     directions = fit_directions(result, table, names, variance=cf.subspace_variance, k=cf.subspace_k)
     for render, depth in dict.fromkeys((r, t) for _, r, t in ce_specs):
         chosen = {n: directions[n] for n, r, t in ce_specs if (r, t) == (render, depth)}
@@ -123,9 +123,41 @@ def measure(config, model_dir: Path, out: Path, ce_specs: list[tuple[str, str, s
     return row
 
 
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def markdown_tables(results: Path) -> str:
+    """The recipe table (one row per recipe x budget) and the CE table (one row per CE setting and move)."""
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    out = ["| recipe | samples | AUC svm (pixels / random enc.) | z-usage t=250 / 500 / 750 / 950 | random-x_T own |",
+           "|---|---|---|---|---|"]
+    for r in rows:
+        usage = " / ".join(f"{r[f'z_usage_t{t}']:.2f}" for t in (250, 500, 750, 950))
+        floors = f"{r['raw pixels/logistic']:.3f} / {r['random encoder/svm']:.3f}"
+        out.append(f"| {r['recipe']} | {r['samples']:,} | {r['auc_svm']:.3f} ({floors}) | {usage} | "
+                   f"{r['random_xT_own_source']:.2f} |")
+    out += ["", "| recipe | samples | direction:render[:depth] | move | validity healthy->fractured / "
+            "fractured->healthy | realised | median error vs truth: CE / input (h->f) "
+            "| closer than input (h->f / f->h) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for key in [k[: -len(":validity")] for k in r if k.endswith(":validity")]:
+            parts = key.split(":")
+            move = parts[-1] if parts[-1].endswith("x") else "1x"
+            setting = ":".join(p for p in parts if not p.endswith("x"))
+            validity = list(r[f"{key}:validity"].values())
+            truth = list(r[f"{key}:truth"].values())
+            errors = f"{_fmt(truth[0][0])} / {_fmt(truth[0][1])}" if truth and truth[0][0] is not None else "-"
+            closer = " / ".join(_fmt(t[2]) for t in truth[:2]) if truth and truth[0][2] is not None else "-"
+            out.append(f"| {r['recipe']} | {r['samples']:,} | {setting} | {move} | "
+                       f"{' / '.join(_fmt(v) for v in validity)} | {r[f'{key}:realised']:.2f} | {errors} | {closer} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", choices=sorted(RECIPES))
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="eps")
     parser.add_argument("--samples", type=int, nargs="+", default=[30000])
     parser.add_argument("--out", default="runs/recipes")
     parser.add_argument("--ce", default="normal:decode,pattern:decode,pattern:residual")
@@ -137,7 +169,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="measure the run's saved checkpoint at each budget instead of training to it")
     parser.add_argument("--steps", type=int, nargs=2, default=[100, 50], metavar=("INVERT", "DECODE"),
                         help="DDIM steps of inversion and decoding for the measurements")
+    parser.add_argument("--table", action="store_true", help="print the markdown tables of --results and stop")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_tables(Path(args.results)))
+        return
     ce_specs = [tuple((spec + ":T").split(":")[:3]) for spec in args.ce.split(",")]  # direction:render[:depth]
     move_sizes = tuple(float(m) for m in args.moves.split(","))
     overrides = RECIPES[args.recipe] + [f"--{e.lstrip('-')}" for e in args.extra]
