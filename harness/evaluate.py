@@ -227,6 +227,8 @@ def evaluate_counterfactual_set(ae: DiffusionAutoencoder, batch: dict[str, Any],
             if phantoms:
                 truth = _binary_truth(batch["meta"], binary.target, binary.target_distance, result.calibration,
                                       x.shape[-1])
+            if name == primary:  # for the figure of the CE at every move size beside its truth
+                outputs.setdefault("moves", {})[move_size] = (binary, truth)
             for cls in (0, 1):
                 keep = torch.from_numpy(source == cls)
                 if keep.any():
@@ -267,6 +269,19 @@ def _subset(value: Any, keep: Tensor) -> Any:
     return value
 
 
+def _save_moves_figure(moves: dict[float, tuple], path: Path, direction: Direction | None, k: int = 8) -> Path:
+    """Rows: inputs, the binary CE at each move size (multiples of the reflection), and on phantoms the true CE
+    of the smallest move: what the head's direction changes, and how far that is from the truth."""
+    sizes = sorted(moves)
+    first, truth = moves[sizes[0]]
+    k = min(k, len(first))
+    rows = [first.x[:k]] + [moves[m][0].x_ce[:k] for m in sizes] + ([truth[:k]] if truth is not None else [])
+    name = "normal" if direction is None else direction.name
+    labels = ["input"] + [f"{m:g}x" for m in sizes] + (["truth (1x)"] if truth is not None else [])
+    return figures.save_image_grid(torch.cat(rows), path, nrow=k,
+                                   suptitle=f"binary CEs along '{name}', rows: " + " / ".join(labels))
+
+
 def _row_of(encoded: Encoded, i: int) -> Encoded:
     keep = slice(i, i + 1)
     return Encoded(encoded.x[keep], encoded.z[keep], encoded.x_T[keep], encoded.decode_steps, encoded.render,
@@ -303,8 +318,9 @@ def save_counterfactual_figures(ae: DiffusionAutoencoder, batch: dict[str, Any],
     for i in range(min(n_strips, len(binary))):
         paths.append(figures.save_difference_map(binary.x[i], binary.x_ce[i], out_dir / f"difference_{i}.png",
                                                  title=f"CE - input ({batch['key'][i][-10:]})"))
+    paths.append(_save_moves_figure(outputs["moves"], out_dir / "moves.png", direction))
     for name, value in outputs.items():
-        if name in ("binary", "encoded"):
+        if name in ("binary", "encoded", "moves"):
             continue
         ce, truth = value
         k = min(8, len(ce))

@@ -77,7 +77,8 @@ def test_main_pipeline_tiny_budget_writes_complete_report(shards, tmp_path):
     index = run(str(REPO / "jobs" / "phantoms_demo.yaml"), overrides)
     assert index.is_file() and check_report(index) == []
     html = index.read_text()
-    for figure in ("strips.png", "latent_map.png", "roc_fracture.png", "calibration_fracture.png", "truth_to_high.png"):
+    for figure in ("strips.png", "moves.png", "latent_map.png", "roc_fracture.png", "calibration_fracture.png",
+                   "truth_to_high.png"):
         assert f"figures/{figure}" in html
     tables = index.parent / "tables"
     for name in ("detection", "grading", "counterfactuals", "reconstruction", "floors", "beats_floors", "z_usage"):
