@@ -46,6 +46,8 @@ JOB = REPO / "jobs" / "phantoms_demo.yaml"
 RECIPES: dict[str, list[str]] = {
     "eps": [],  # the paper's objective: eps-prediction, plain MSE
     "eps_minsnr": ["--diffusion.loss_weighting=min_snr"],
+    "eps_batch16": ["--train.batch_size=16"],  # twice the optimizer steps for the same samples
+    "eps_lr5e-4": ["--train.lr=5e-4"],
     "v": ["--diffusion.prediction=v"],
     "v_minsnr": ["--diffusion.prediction=v", "--diffusion.loss_weighting=min_snr"],
     "eps_jitter": ["--train.encoder_jitter=0.3"],
@@ -83,7 +85,8 @@ def measure(config, model_dir: Path, out: Path, ce_specs: list[tuple[str, str, s
         row[f"z_usage_t{r['t']}"] = r["usage"]
     test = take_balanced(config.data.shard_dir, "test", n_images, config, "grade")
     z_test = ae.encode(test["image"])
-    identity = random_xT_identity(lambda z, x_T: ae.decode(z, x_T, d.decode_steps), test["image"], z_test,
+    identity = random_xT_identity(lambda z, x_T: ae.decode(z, x_T, d.decode_steps, from_noise=True), test["image"],
+                                  z_test,
                                   generator=torch.Generator().manual_seed(1))
     row["random_xT_own_source"] = identity["nearest_own_source"]
     # Detection on z_sem.

@@ -117,18 +117,20 @@ class DiffusionAutoencoder:
         return _chunked(run, self.batch_size, x, z).to(out_device)
 
     @torch.no_grad()
-    def decode(self, z: Tensor, x_T: Tensor, steps: int | None = None) -> Tensor:
+    def decode(self, z: Tensor, x_T: Tensor, steps: int | None = None, from_noise: bool = False) -> Tensor:
         """DDIM sampling x_T -> x_0 conditioned on z_sem. (B, C, H, W), clipped to [-1, 1].
 
-        ``x_T`` is taken to sit at timestep ``invert_to`` (T-1 when None), as :meth:`invert` returns it.
+        ``x_T`` is taken to sit at timestep ``invert_to`` (T-1 when None), as :meth:`invert` returns it;
+        ``from_noise=True`` starts at T-1 whatever the inversion depth (for pure Gaussian noise as x_T).
         """
         steps = steps or self.decode_steps
         out_device = x_T.device
+        t_start = None if from_noise else self.invert_to
 
         def run(zb: Tensor, xb: Tensor) -> Tensor:
             xb, zb = xb.to(self.device, self.dtype), zb.to(self.device, self.dtype)
             x0 = ddim_sample(self.eps_fn(zb), xb, self.alpha_bar, steps, clip_x0=self.clip_x0,
-                             t_start=self.invert_to)  # (B, C, H, W)
+                             t_start=t_start)  # (B, C, H, W)
             return x0.float().clamp(-1, 1)
 
         return _chunked(run, self.batch_size, z, x_T).to(out_device)

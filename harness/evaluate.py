@@ -88,7 +88,7 @@ def evaluate_semantic_usage(ae: DiffusionAutoencoder, images: Tensor, seed: int 
     z = ae.encode(images)  # (B, D)
     rows = z_usage(ae.eps_fn, images.to(ae.device), z, ae.alpha_bar.float(), timesteps,
                    generator=torch.Generator().manual_seed(seed))
-    identity = random_xT_identity(lambda zb, x_T: ae.decode(zb, x_T), images, z,
+    identity = random_xT_identity(lambda zb, x_T: ae.decode(zb, x_T, from_noise=True), images, z,
                                   generator=torch.Generator().manual_seed(seed + 1))
     return rows, identity
 

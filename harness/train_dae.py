@@ -68,11 +68,10 @@ def preview(ema: DAE, config: RunConfig, images: torch.Tensor, path: Path) -> fl
     ae = DiffusionAutoencoder.from_config(ema, config, device=images.device, batch_size=config.eval.batch_size)
     z = ae.encode(images)
     recon = ae.decode(z, ae.invert(images, z))
-    ae.invert_to = None  # the random code is pure noise at T-1, whatever the inversion depth
     # What z_sem alone carries. A generator of its own: drawing from the global one would shift the training
     # noise after every preview, so a run extended with --resume would differ from one trained straight through.
     generator = torch.Generator(images.device).manual_seed(config.train.seed)
-    random_xT = ae.decode(z, torch.randn(images.shape, generator=generator, device=images.device))
+    random_xT = ae.decode(z, torch.randn(images.shape, generator=generator, device=images.device), from_noise=True)
     n = images.shape[0]
     save_image_grid(torch.cat([images, recon, random_xT]).cpu(), path, nrow=n,
                     suptitle=f"rows: input / reconstruction (MSE {torch.mean((recon - images) ** 2).item():.4f}) / "

@@ -128,6 +128,8 @@ def test_clip_x0_and_invert_to_reach_the_ddim_calls(monkeypatch):
     ae.invert(x, z, steps=2)
     ae.decode(z, x, steps=2)
     assert calls[-2:] == [("ddim_invert", {"t_end": 400}), ("ddim_sample", {"clip_x0": True, "t_start": 400})]
+    ae.decode(z, torch.randn_like(x), steps=2, from_noise=True)  # pure noise sits at T-1 whatever the depth
+    assert calls[-1] == ("ddim_sample", {"clip_x0": True, "t_start": None})
 
 
 def test_partial_depth_round_trip_through_the_autoencoder():
