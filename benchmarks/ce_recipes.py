@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from harness.autoencoder import DiffusionAutoencoder  # noqa: E402
 from harness.checkpoint import checkpoint_name  # noqa: E402
+from harness.cli import run_main  # noqa: E402
 from harness.config import load_config  # noqa: E402
 from harness.encode import encode_to_table  # noqa: E402
 from harness.evaluate import evaluate_counterfactual_set, evaluate_heads, fit_directions  # noqa: E402
@@ -211,4 +212,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from harness.autoencoder import DiffusionAutoencoder
+from harness.cli import run_main
 from harness.data import eval_loader
 from harness.latents import LatentsTable, load_latents, save_latents
 
@@ -144,4 +146,4 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

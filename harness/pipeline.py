@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from harness.autoencoder import DiffusionAutoencoder
+from harness.cli import run_main
 from harness.config import RunConfig, dump_yaml, load_config
 from harness.data import eval_loader
 from harness.encode import encode_to_table
@@ -266,4 +267,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from harness import checkpoint as ckpt
 from harness.autoencoder import DiffusionAutoencoder
+from harness.cli import run_main
 from harness.config import RunConfig, dump_yaml, flatten, load_config
 from harness.data import AugmentSpec, eval_loader, photometric_jitter, train_loader
 from harness.data.sources import ensure_shards
@@ -267,4 +268,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))

@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from harness.cli import run_main
 from harness.config import load_config
 from harness.evaluate import evaluate_heads, save_head_figures, save_heads
 from harness.figures import save_latent_map
@@ -54,4 +55,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))
