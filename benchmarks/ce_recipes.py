@@ -35,8 +35,12 @@ from harness.checkpoint import checkpoint_name  # noqa: E402
 from harness.cli import run_main  # noqa: E402
 from harness.config import load_config  # noqa: E402
 from harness.encode import encode_to_table  # noqa: E402
-from harness.evaluate import evaluate_counterfactual_set, evaluate_heads, fit_directions  # noqa: E402
-from harness.floors import floor_rows, images_from_shards, pixel_latents, random_encoder_latents  # noqa: E402
+from harness.evaluate import (  # noqa: E402
+    detection_floors,
+    evaluate_counterfactual_set,
+    evaluate_heads,
+    fit_directions,
+)
 from harness.heads import TaskSpec  # noqa: E402
 from harness.latents import load_latents  # noqa: E402
 from harness.pipeline import take_balanced  # noqa: E402
@@ -62,12 +66,7 @@ def _floors(config, cache: Path) -> dict:
     """Raw-pixel logistic and random-encoder SVM AUC for the fracture task (cached per shard folder)."""
     if cache.is_file():
         return json.loads(cache.read_text())
-    images = images_from_shards(config.data.shard_dir, ["train", "test"], config.data.image_size, config.data.channels)
-    task = TaskSpec.from_config(config.heads.tasks[0])
-    overrides = {k: v for k, v in config.model.overrides(config.data.image_size).items() if k != "image_size"}
-    random_table = random_encoder_latents(config.model.size, config.data.channels, config.data.image_size, images,
-                                          **overrides)
-    rows = floor_rows(pixel_latents(images), random_table, [task], ("svm",))
+    rows = detection_floors(config, [TaskSpec.from_config(config.heads.tasks[0])])
     floors = {f"{r['floor']}/{r['kind']}": r["auc"] for r in rows}
     cache.write_text(json.dumps(floors))
     return floors

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from harness.directions import Direction, move_along
+from harness.directions import Direction, direction_name, move_along, signed_distance
 from harness.metrics import l1_proximity, validity_rate
 from harness.probes import realised_fraction, realised_fraction_summary, truth_errors
 
@@ -60,21 +60,6 @@ class Autoencoder(Protocol):
 # ---------------------------------------------------------------------------------------------------------
 # Latent arithmetic (no autoencoder needed).
 # ---------------------------------------------------------------------------------------------------------
-
-
-def signed_distance(z: LatentT, hyperplane: Hyperplane) -> LatentT:
-    """Signed distance (n.w + b) / ||n|| of latents (..., D) -> (...), in z's own array type."""
-    normal = np.asarray(hyperplane.normal, dtype=np.float64)  # (D,)
-    if z.shape[-1] != normal.shape[0]:
-        raise ValueError(f"latent has dimension {z.shape[-1]} but the hyperplane normal has {normal.shape[0]}")
-    norm = float(np.linalg.norm(normal))
-    if norm == 0.0:
-        raise ValueError("hyperplane normal is all zeros: the head was not fitted or is degenerate")
-    if isinstance(z, Tensor):
-        n = torch.as_tensor(normal, dtype=z.dtype, device=z.device)
-    else:
-        n = normal.astype(np.result_type(z.dtype, np.float32), copy=False)
-    return (z @ n + float(hyperplane.bias)) / norm
 
 
 def move_to_distance(z: LatentT, hyperplane: Hyperplane, target_distance: float | np.ndarray | Tensor,
@@ -186,6 +171,11 @@ class Encoded:
     render: str = "decode"
     recon: Tensor | None = None  # (B, C, H, W)
 
+    def select(self, rows: Tensor | slice) -> Encoded:
+        """The same encoding for rows ``rows`` (a boolean mask, indices or a slice) only."""
+        return Encoded(self.x[rows], self.z[rows], self.x_T[rows], self.decode_steps, self.render,
+                       None if self.recon is None else self.recon[rows])
+
 
 @torch.no_grad()
 def encode_for_counterfactuals(ae: Autoencoder, x: Tensor, invert_steps: int = 250, decode_steps: int = 100,
@@ -240,9 +230,8 @@ def binary_counterfactuals(ae: Autoencoder, x: Tensor, head: FittedHead, invert_
                             direction)  # (B, D)
     x_ce = render_counterfactuals(ae, enc, z_ce)  # (B, C, H, W)
     target = 1 - np.asarray(head.predict(z_np)).astype(np.int64)  # the class the input is not
-    name = "normal" if direction is None else direction.name
-    return CounterfactualBatch("binary", enc.x, enc.z, enc.x_T, dist, z_ce, x_ce, target, target_distance, name,
-                               float(move_size))
+    return CounterfactualBatch("binary", enc.x, enc.z, enc.x_T, dist, z_ce, x_ce, target, target_distance,
+                               direction_name(direction), float(move_size))
 
 
 @torch.no_grad()
@@ -257,9 +246,8 @@ def grade_counterfactuals(ae: Autoencoder, x: Tensor, head: FittedHead, calibrat
     x_ce = render_counterfactuals(ae, enc, z_ce)  # (B, C, H, W)
     dist = np.asarray(head.hyperplane.distance(_to_numpy(enc.z)), dtype=np.float64)
     target = np.full(enc.x.shape[0], target_grade, dtype=np.float64)
-    name = "normal" if direction is None else direction.name
     return CounterfactualBatch("grade", enc.x, enc.z, enc.x_T, dist, z_ce, x_ce, target,
-                               np.full(enc.x.shape[0], target_distance), name)
+                               np.full(enc.x.shape[0], target_distance), direction_name(direction))
 
 
 @torch.no_grad()

@@ -68,6 +68,11 @@ class Direction:
         return cls(data["name"], vector, dict(data.get("info", {})))
 
 
+def direction_name(direction: Direction | None) -> str:
+    """The name of a direction; None stands for the paper's unit normal."""
+    return "normal" if direction is None else direction.name
+
+
 def normal_direction(hyperplane: Hyperplane) -> Direction:
     """The paper's direction, ``n / ||n||`` (what heads files without a stored direction use)."""
     return Direction("normal", hyperplane.unit_normal)
@@ -156,6 +161,17 @@ def _like(array: np.ndarray, z: LatentT) -> LatentT:
     return np.asarray(array, dtype=np.result_type(z.dtype, np.float32))
 
 
+def signed_distance(z: LatentT, hyperplane: Hyperplane) -> LatentT:
+    """Signed distance (n.w + b) / ||n|| of latents (..., D) -> (...) (paper Eq. 3), in z's own array type."""
+    normal = np.asarray(hyperplane.normal, dtype=np.float64)  # (D,)
+    if z.shape[-1] != normal.shape[0]:
+        raise ValueError(f"latent has dimension {z.shape[-1]} but the hyperplane normal has {normal.shape[0]}")
+    norm = float(np.linalg.norm(normal))
+    if norm == 0.0:
+        raise ValueError("hyperplane normal is all zeros: the head was not fitted or is degenerate")
+    return (z @ _like(normal, z) + float(hyperplane.bias)) / norm
+
+
 def move_along(z: LatentT, hyperplane: Hyperplane, direction: Direction | None,
                target_distance: float | np.ndarray | Tensor) -> LatentT:
     """Move latents (..., D) along ``direction`` (None = the unit normal) to the signed distance ``target_distance``.
@@ -172,14 +188,13 @@ def move_along(z: LatentT, hyperplane: Hyperplane, direction: Direction | None,
     norm = hyperplane.norm
     per_unit = float(vector @ normal) / norm  # change of signed distance per unit step along v
     if per_unit <= 0.0:
-        raise ValueError(f"direction {getattr(direction, 'name', 'normal')!r} does not point to the head's "
+        raise ValueError(f"direction {direction_name(direction)!r} does not point to the head's "
                          "positive side (n . v <= 0): refit it with fit_direction")
-    n_t, v_t = _like(normal, z), _like(vector, z)
-    dist = (z @ n_t + float(hyperplane.bias)) / norm  # (...)
+    dist = signed_distance(z, hyperplane)  # (...)
     if isinstance(z, Tensor):
         target = torch.as_tensor(target_distance, dtype=z.dtype, device=z.device)
     else:
         target = np.asarray(target_distance, dtype=dist.dtype)
     step = (target - dist) / per_unit  # (...)
-    return z + step[..., None] * v_t
+    return z + step[..., None] * _like(vector, z)
 

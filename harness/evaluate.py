@@ -19,7 +19,6 @@ from harness import figures
 from harness.autoencoder import DiffusionAutoencoder
 from harness.checkpoint import atomic_write_text
 from harness.counterfactual import (
-    Encoded,
     binary_counterfactuals,
     default_grades,
     distance_strip,
@@ -30,7 +29,7 @@ from harness.counterfactual import (
 )
 from harness.data.phantoms import PhantomParams, render, to_uint8
 from harness.data.transforms import to_model_range
-from harness.directions import Direction
+from harness.directions import Direction, direction_name
 from harness.floors import floor_rows, images_from_shards, pixel_latents, random_encoder_latents
 from harness.heads import TaskResult, TaskSpec, evaluate_task, fit_task, task_direction
 from harness.latents import LatentsTable
@@ -248,8 +247,7 @@ def evaluate_counterfactual_set(ae: DiffusionAutoencoder, batch: dict[str, Any],
             if not chosen.any():
                 continue
             keep = torch.from_numpy(chosen)
-            sub = Encoded(encoded.x[keep], encoded.z[keep], encoded.x_T[keep], encoded.decode_steps, encoded.render,
-                          None if encoded.recon is None else encoded.recon[keep])
+            sub = encoded.select(keep)
             meta = [m for m, kept in zip(batch["meta"], chosen, strict=True) if kept]
             ce = grade_counterfactuals(ae, sub.x, result.head, calibration, target, direction=direction, encoded=sub)
             truth = phantom_truth(meta, np.full(len(meta), target), x.shape[-1])
@@ -276,16 +274,10 @@ def _save_moves_figure(moves: dict[float, tuple], path: Path, direction: Directi
     first, truth = moves[sizes[0]]
     k = min(k, len(first))
     rows = [first.x[:k]] + [moves[m][0].x_ce[:k] for m in sizes] + ([truth[:k]] if truth is not None else [])
-    name = "normal" if direction is None else direction.name
+    name = direction_name(direction)
     labels = ["input"] + [f"{m:g}x" for m in sizes] + (["truth (1x)"] if truth is not None else [])
     return figures.save_image_grid(torch.cat(rows), path, nrow=k,
                                    suptitle=f"binary CEs along '{name}', rows: " + " / ".join(labels))
-
-
-def _row_of(encoded: Encoded, i: int) -> Encoded:
-    keep = slice(i, i + 1)
-    return Encoded(encoded.x[keep], encoded.z[keep], encoded.x_T[keep], encoded.decode_steps, encoded.render,
-                   None if encoded.recon is None else encoded.recon[keep])
 
 
 def save_counterfactual_figures(ae: DiffusionAutoencoder, batch: dict[str, Any], result: TaskResult,
@@ -303,13 +295,13 @@ def save_counterfactual_figures(ae: DiffusionAutoencoder, batch: dict[str, Any],
     if calibration is not None:  # grades g_min-1 .. g_max+1 at their calibrated distances
         grades = default_grades(calibration)
         strips = [progression_strip(ae, x[i], result.head, calibration, grades, direction=direction,
-                                    encoded=_row_of(encoded, i)) for i in range(n)]
+                                    encoded=encoded.select(slice(i, i + 1))) for i in range(n)]
         frame_labels = grades
     else:  # binary task: symmetric distances scaled by the batch's typical distance to the boundary
         scale = float(np.mean(np.abs(outputs["binary"].dist)))
         distances = scale * np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
-        strips = [distance_strip(ae, x[i], result.head, distances, direction=direction, encoded=_row_of(encoded, i))
-                  for i in range(n)]
+        strips = [distance_strip(ae, x[i], result.head, distances, direction=direction,
+                                 encoded=encoded.select(slice(i, i + 1))) for i in range(n)]
         frame_labels = [f"d={d:+.3f}" for d in distances]
     paths.append(figures.save_strips(strips, out_dir / "strips.png", titles, grade_labels=frame_labels,
                                      inputs=[x[i] for i in range(n)]))

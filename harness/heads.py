@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.directions import Direction, DirectionError, fit_direction, normal_direction
+from harness.directions import Direction, DirectionError, direction_name, fit_direction, normal_direction
 from harness.latents import LatentsTable
 from harness.metrics import detection_metrics, grading_metrics
 
@@ -447,7 +447,7 @@ class TaskResult:
 
     @property
     def direction_name(self) -> str:
-        return "normal" if self.direction is None else self.direction.name
+        return direction_name(self.direction)
 
 
 def task_direction(result: TaskResult, table: LatentsTable, name: str, *, variance: float = 0.99,

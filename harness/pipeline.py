@@ -154,13 +154,11 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     clock.next("counterfactuals")
     names = tuple(dict.fromkeys((cf.direction, *cf.evaluate_directions)))  # the configured one first
     directions = fit_directions(main_result, table, names, variance=cf.subspace_variance, k=cf.subspace_k)
-    ce_started = time.perf_counter()
     ce_rows, ce_outputs = evaluate_counterfactual_set(ae, batch, main_result, invert_steps=d.invert_steps,
                                                       decode_steps=d.decode_steps, directions=directions,
                                                       primary=cf.direction, move_sizes=tuple(cf.move_sizes),
                                                       render=cf.render, lpips=lpips,
                                                       class_names=tuple(ev.class_names))
-    ce_wall = time.perf_counter() - ce_started
 
     # Fully supervised baseline on the same shards and splits (optional).
     clock.next("baseline" if config.eval.baseline_job else "report")
@@ -200,7 +198,8 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
                      "mean_image_mse is the error of predicting the mean image", section="Autoencoder")
     report.add_table("counterfactuals", ce_rows, f"Counterfactual quality ({main_result.task.name}, "
                      f"{main_result.head.kind} head, {len(batch['key'])} test images, rendering '{cf.render}', "
-                     f"{ce_wall:.0f} s): per direction and move size (multiples of the reflection's move), "
+                     f"{clock.seconds['counterfactuals']:.0f} s): per direction and move size (multiples of the "
+                     "reflection's move), "
                      "validity after re-encoding, the realised fraction of the move, L1 proximity and, on phantoms, "
                      "the per-CE median error against the true counterfactual beside the unchanged input's, with the "
                      f"fraction of CEs closer to the truth than their input. Strips use '{cf.direction}'.",
