@@ -1,8 +1,12 @@
 # Quick start: `make demo` (install + the whole pipeline on embedded phantoms), `make test` (install + tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch/torchvision pinned to the builds this project is tested with; everything else comes from setup.cfg.
+# torch/torchvision pinned to the builds this project is tested with; everything else comes from setup.cfg, at the
+# versions in constraints.txt (those the benchmarks' baseline was recorded with).
 TORCH := torch==2.14.1 torchvision==0.29.1
+# Extras: test, sweep (Ray Tune), baseline (MONAI + Ray), deepspeed, prepare (medical formats), gpu (cuML); `dist`
+# is the old name for sweep + baseline + deepspeed.
+EXTRAS ?= test,dist,prepare
 # Idle OpenMP threads sleep instead of spinning: on a small shared CPU spinning threads of concurrent
 # processes (tests, DataLoader workers, Ray trials) slow each other down by an order of magnitude.
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -11,11 +15,11 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test,dist,prepare]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $@
 
 # Training runs as two DDP processes over gloo (one thread each): on a small CPU that is about twice the images/s of

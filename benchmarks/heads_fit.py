@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 import time
 import warnings
 
@@ -32,7 +33,7 @@ def random_latents(rows: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarr
     return z, y
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=12_000)
     parser.add_argument("--dim", type=int, default=512)
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(HEAD_KINDS), choices=HEAD_KINDS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="2,000 rows, sklearn only")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = 2_000 if args.small else args.rows
     backends = ["sklearn"]
     if not args.small and importlib.util.find_spec("cuml") is not None and cuda_available():
@@ -62,4 +63,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from harness.cli import run_main
+
+    sys.exit(run_main(main))

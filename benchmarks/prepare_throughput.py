@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,13 +94,13 @@ def measure(name: str, build_plan, workers: list[int], out_root: Path, items_per
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny inputs, workers 0 and 2 (a smoke run)")
     parser.add_argument("--workers", type=int, nargs="+", help="pool sizes to time (0 = in-process)")
     parser.add_argument("--sources", nargs="+", default=["medmnist", "mimic-cxr"], choices=["medmnist", "mimic-cxr"])
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
     if args.small:
         n_medmnist, n_mimic, size, workers, per_shard = 2000, 24, (512, 416), args.workers or [0, 2], 250
@@ -126,4 +127,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from harness.cli import run_main
+
+    sys.exit(run_main(main))

@@ -157,4 +157,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    from harness.cli import run_main
+
+    sys.exit(run_main(main))

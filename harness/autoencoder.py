@@ -8,6 +8,9 @@ autoencoder's device and returned on the caller's device.
 The network may predict eps or v (``diffusion.prediction``): :meth:`DiffusionAutoencoder.eps_fn` wraps it as the
 eps-predictor the DDIM functions consume. ``diffusion.clip_x0`` clamps the predicted x_0 at each decoding step and
 ``diffusion.invert_to`` inverts to / decodes from that timestep instead of T-1 (partial depth).
+``diffusion.inversion: fixed_point`` solves each inversion step so that it undoes the decoder's step exactly
+(:mod:`harness.diffusion.inversion`): with equal inversion and decoding step counts the round trip is exact up to the
+iteration residual, so few steps suffice.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from torch import Tensor
 
 from harness.checkpoint import CheckpointError, load_state_dict
-from harness.config import RunConfig, load_config
+from harness.config import RunConfig
 from harness.diffusion import (
     PREDICTIONS,
     DenoiseFn,
@@ -29,7 +32,10 @@ from harness.diffusion import (
     eps_fn_from_output,
     linear_betas,
 )
-from harness.models import DAE, build_dae
+from harness.diffusion.inversion import INVERSIONS, invert
+from harness.fileio import sha256_file
+from harness.model_spec import SPEC_NAME, WEIGHTS_NAME, ModelSpec, read_model_spec
+from harness.models import DAE
 
 
 def _chunked(fn: Callable[..., Tensor], batch_size: int, *tensors: Tensor) -> Tensor:
@@ -44,15 +50,19 @@ class DiffusionAutoencoder:
 
     ``prediction`` ("eps" | "v") is what the network outputs; ``clip_x0`` clamps the predicted x_0 to [-1, 1] at
     every decoding step; ``invert_to`` (a timestep, None = T-1) is the depth of inversion and the start of
-    decoding. :meth:`from_config` reads all three from ``config.diffusion``.
+    decoding; ``inversion`` ("ddim" | "fixed_point") with ``fixed_point_iters`` / ``fixed_point_anderson`` is how
+    each inversion step is solved. :meth:`from_config` reads them all from ``config.diffusion``.
     """
 
     def __init__(self, dae: DAE, alpha_bar: Tensor, device: str | torch.device | None = None,
                  batch_size: int = 64, invert_steps: int = 250, decode_steps: int = 100,
                  dtype: torch.dtype = torch.float32, prediction: str = "eps", clip_x0: bool = False,
-                 invert_to: int | None = None) -> None:
+                 invert_to: int | None = None, inversion: str = "ddim", fixed_point_iters: int = 4,
+                 fixed_point_anderson: bool = True) -> None:
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if inversion not in INVERSIONS:
+            raise ValueError(f"inversion must be one of {INVERSIONS}, got {inversion!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dae = dae.to(self.device).eval()
         self.alpha_bar = alpha_bar
@@ -63,6 +73,9 @@ class DiffusionAutoencoder:
         self.prediction = prediction
         self.clip_x0 = clip_x0
         self.invert_to = invert_to
+        self.inversion = inversion
+        self.fixed_point_iters = fixed_point_iters
+        self.fixed_point_anderson = fixed_point_anderson
 
     @classmethod
     def from_config(cls, dae: DAE, config: RunConfig, **kwargs) -> DiffusionAutoencoder:
@@ -73,13 +86,16 @@ class DiffusionAutoencoder:
         kwargs.setdefault("prediction", d.prediction)
         kwargs.setdefault("clip_x0", d.clip_x0)
         kwargs.setdefault("invert_to", d.invert_to)
+        kwargs.setdefault("inversion", d.inversion)
+        kwargs.setdefault("fixed_point_iters", d.fixed_point_iters)
+        kwargs.setdefault("fixed_point_anderson", d.fixed_point_anderson)
         return cls(dae, alpha_bar, **kwargs)
 
     @classmethod
     def load(cls, model_dir: str | Path, **kwargs) -> DiffusionAutoencoder:
         """From an exported model folder (``<run>/final``), a checkpoint folder, or an MLflow model URI."""
-        dae, config = load_dae(model_dir)
-        return cls.from_config(dae, config, **kwargs)
+        dae, spec = load_dae(model_dir)
+        return cls.from_config(dae, spec.run_config(), **kwargs)
 
     def eps_fn(self, z: Tensor) -> DenoiseFn:
         """The eps-predictor conditioned on z_sem (B, D): ``(x_t (B, C, H, W), t (B,) long) -> eps (B, C, H, W)``.
@@ -103,16 +119,22 @@ class DiffusionAutoencoder:
 
     @torch.no_grad()
     def invert(self, x: Tensor, z: Tensor, steps: int | None = None) -> Tensor:
-        """Deterministic DDIM inversion x_0 -> x_T conditioned on z_sem. (B, C, H, W).
+        """Deterministic inversion x_0 -> x_T conditioned on z_sem. (B, C, H, W).
 
-        The code sits at timestep ``invert_to`` (T-1 when None); ``steps`` spaces the full schedule.
+        The code sits at timestep ``invert_to`` (T-1 when None); ``steps`` spaces the full schedule. ``inversion``
+        picks plain DDIM or fixed-point refined steps; the latter is exact for a decode with the same ``steps``.
         """
         steps = steps or self.invert_steps
         out_device = x.device
 
         def run(xb: Tensor, zb: Tensor) -> Tensor:
             xb, zb = xb.to(self.device, self.dtype), zb.to(self.device, self.dtype)
-            return ddim_invert(self.eps_fn(zb), xb, self.alpha_bar, steps, t_end=self.invert_to).float()
+            if self.inversion == "ddim":  # today's path, called directly so the default stays bit-identical
+                x_T = ddim_invert(self.eps_fn(zb), xb, self.alpha_bar, steps, t_end=self.invert_to)
+            else:
+                x_T = invert(self.eps_fn(zb), xb, self.alpha_bar, steps, self.inversion, self.fixed_point_iters,
+                             anderson=self.fixed_point_anderson, t_end=self.invert_to)
+            return x_T.float()
 
         return _chunked(run, self.batch_size, x, z).to(out_device)
 
@@ -141,8 +163,9 @@ class DiffusionAutoencoder:
         return self.decode(z, self.invert(x, z, invert_steps), decode_steps)
 
 
-def load_dae(model_dir: str | Path) -> tuple[DAE, RunConfig]:
-    """Build the DAE described by ``config.yaml`` in ``model_dir`` and load its EMA weights.
+def load_dae(model_dir: str | Path) -> tuple[DAE, ModelSpec]:
+    """Build the DAE described by ``model_dir``'s ``dae_spec.json`` (older folders: ``config.yaml``) and load its
+    EMA weights; returns the network (eval mode) and its :class:`~harness.model_spec.ModelSpec`.
 
     ``model_dir`` may also be an MLflow model URI (``models:/name/version``, ``runs:/id/model``), downloaded
     through the configured tracking store.
@@ -153,16 +176,15 @@ def load_dae(model_dir: str | Path) -> tuple[DAE, RunConfig]:
 
         model_dir = mlflow.artifacts.download_artifacts(artifact_uri=text)
     model_dir = Path(model_dir)
-    config_path = model_dir / "config.yaml"
-    if not config_path.is_file():
-        raise CheckpointError(f"{model_dir} has no config.yaml: not an exported model or checkpoint folder")
-    config = load_config(config_path)
-    weights = model_dir / "ema.safetensors"
-    dae = build_dae(config.model.size, in_channels=config.data.channels,
-                    **config.model.overrides(config.data.image_size))
+    spec = read_model_spec(model_dir)
+    weights = model_dir / WEIGHTS_NAME
+    if spec.weights_sha256 and weights.is_file() and sha256_file(weights) != spec.weights_sha256:
+        raise CheckpointError(f"error: {weights} is not the file {model_dir / SPEC_NAME} describes (checksum "
+                              "differs): copy the model folder as a whole, or re-export it")
+    dae = spec.build()
     state = load_state_dict(weights)
     try:
         dae.load_state_dict(state, strict=True)
     except RuntimeError as err:  # missing / unexpected keys or shape mismatches, all listed by torch
-        raise CheckpointError(f"{weights} does not match model size {config.model.size!r}: {err}") from None
-    return dae.eval(), config
+        raise CheckpointError(f"{weights} does not match model size {spec.size!r}: {err}") from None
+    return dae.eval(), spec

@@ -79,10 +79,10 @@ def prune(checkpoint_root: str | Path, keep: int) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Kept for callers of this module; the one implementation is :func:`harness.fileio.atomic_write_text`."""
+    from harness.fileio import atomic_write_text as write
+
+    write(path, text)
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | Path,

@@ -16,11 +16,14 @@ from typing import Any
 
 from harness.checkpoint import CheckpointError
 from harness.config import ConfigError
+from harness.data.prepare.common import PrepareError
 from harness.data.shards import ShardError
 from harness.directions import DirectionError
+from harness.fingerprint import StaleArtifactError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, DirectionError, ShardError,
-                                                FileNotFoundError, FileExistsError, IsADirectoryError)
+                                                PrepareError, StaleArtifactError, FileNotFoundError,
+                                                FileExistsError, IsADirectoryError)
 EXIT_USER_ERROR = 2
 
 

@@ -47,6 +47,8 @@ class DataConfig:
     shard_dir: str = "runs/data/phantoms-32"
     raw_path: str | None = None  # source file for "medmnist" (e.g. ../shared/data/pneumoniamnist.npz)
     fit: str = "pad"  # how "medmnist" reaches image_size: "pad" (keep pixels, black border) | "resize"
+    label_columns: tuple[str, ...] = ()  # "medmnist" sets outside the MedMNIST registry: names of the label columns
+    num_classes: int | None = None  # ... and the classes per column (labels 0..num_classes-1)
     image_size: int = 32
     channels: int = 1
     phantom_counts: tuple[int, int, int] = (2048, 256, 256)  # train, val, test
@@ -96,6 +98,11 @@ class DiffusionConfig:
     to [-1, 1] at every decoding step (as the official DiffAE sampler); ``invert_to`` inverts only down to that
     timestep and decodes from it (None = T-1). Step counts always space the full schedule 0..T-1: a partial walk
     takes only the grid's steps below ``invert_to``.
+    ``inversion: fixed_point`` refines each DDIM inversion step with ``fixed_point_iters`` fixed-point iterations
+    (Anderson-accelerated with ``fixed_point_anderson``) so that it inverts the decoder's step exactly: with
+    ``invert_steps == decode_steps`` (e.g. 10 / 10 and 4 iterations: 61 network calls per CE at full depth) the
+    round trip beats the paper's 250 / 100 DDIM (351 calls); see benchmarks/RESULTS.md. The default ``ddim`` is
+    today's plain DDIM inversion; the two fixed-point defaults are the measured best.
     """
 
     num_timesteps: int = 1000
@@ -108,6 +115,9 @@ class DiffusionConfig:
     snr_gamma: float = 5.0  # gamma of Min-SNR-gamma (the paper's recommended 5)
     clip_x0: bool = False  # clamp predicted x_0 to [-1, 1] per decoding step
     invert_to: int | None = None  # partial inversion depth (a timestep); None = T-1
+    inversion: str = "ddim"  # "ddim" | "fixed_point": how each inversion step is solved (harness.diffusion.inversion)
+    fixed_point_iters: int = 4  # fixed_point only: refinement calls per inversion step (each step costs 1 + iters)
+    fixed_point_anderson: bool = True  # fixed_point only: Anderson acceleration (depth 1) of the refinement
 
     def __post_init__(self) -> None:
         _require(self.num_timesteps > 1, "diffusion.num_timesteps", "must be > 1")
@@ -122,6 +132,15 @@ class DiffusionConfig:
         _require(self.snr_gamma > 0, "diffusion.snr_gamma", f"must be > 0, got {self.snr_gamma}")
         _require(self.invert_to is None or 0 <= self.invert_to < self.num_timesteps, "diffusion.invert_to",
                  f"must be null or in 0..{self.num_timesteps - 1}, got {self.invert_to}")
+        _require(self.inversion in ("ddim", "fixed_point"), "diffusion.inversion",
+                 f"must be 'ddim' or 'fixed_point', got {self.inversion!r}")
+        _require(self.fixed_point_iters >= 0, "diffusion.fixed_point_iters",
+                 f"must be >= 0, got {self.fixed_point_iters}")
+        # The refinement makes each inversion step the exact inverse of the decoder's step over the same interval:
+        # on another grid there is nothing to be exact about, and the extra network calls buy nothing.
+        _require(self.inversion != "fixed_point" or self.invert_steps == self.decode_steps, "diffusion.inversion",
+                 f"fixed_point needs invert_steps == decode_steps (the decoder's own grid), got "
+                 f"{self.invert_steps} / {self.decode_steps}: set both to the same count (e.g. 10 / 10)")
 
 
 @dataclass(frozen=True)
@@ -193,7 +212,9 @@ class TrackConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """A task: a label column plus the rule for positives (``negatives`` empty = every other value)."""
+    """A task: a label column plus the rule for positives (``negatives`` empty = every other value).
+
+    ``jobs/fit_heads.py`` infers the tasks from the labels when the job file names none."""
 
     name: str = "fracture"
     column: str = "grade"
@@ -201,10 +222,26 @@ class TaskConfig:
     negatives: tuple[int, ...] = ()
     grade_range: tuple[int, int] | None = (0, 3)
 
+    def __post_init__(self) -> None:
+        where = f"heads.tasks[{self.name}]"  # (_require is defined below this class's default instance)
+        if not self.positives:
+            raise ConfigError(f"{where}.positives: must not be empty")
+        if overlap := sorted(set(self.positives) & set(self.negatives)):
+            raise ConfigError(f"{where}: values {overlap} are both positive and negative")
+        if self.grade_range is not None and self.grade_range[0] >= self.grade_range[1]:
+            raise ConfigError(f"{where}.grade_range: must be [low, high] with low < high, got {self.grade_range}")
+
+
+UNSET_CLASS_WEIGHT = "protocol"  # heads.class_weight left to the protocol (null means "no class weights")
+
 
 @dataclass(frozen=True)
 class HeadsConfig:
-    """Linear heads fitted on z_sem and the distance-to-grade calibration."""
+    """Linear heads fitted on z_sem and the distance-to-grade calibration.
+
+    ``protocol`` (``project`` | ``paper``, see harness.head_spec) gives the fitting choices left out; the paper
+    preset refuses explicit values that contradict it. After loading every choice holds its resolved value.
+    """
 
     kinds: tuple[str, ...] = ("svm", "logistic", "linear")
     C: float = 1.0
@@ -212,11 +249,39 @@ class HeadsConfig:
     degree: int = 1
     backend: str = "auto"
     tasks: tuple[TaskConfig, ...] = (TaskConfig(),)
+    protocol: str = "project"  # "project" | "paper"
+    standardize: bool | None = None  # None: the protocol's (project true, paper false)
+    class_weight: Any = UNSET_CLASS_WEIGHT  # balanced | none (null) | {0: w, 1: w}; project balanced, paper none
+    svm_solver: str | None = None  # linear_svc (LinearSVC, fast) | svc_linear (SVC(kernel="linear"), the paper's)
+    max_iter: int | None = None  # project 5000; paper -1 (no cap)
 
     def __post_init__(self) -> None:
+        from harness.head_spec import HEAD_KINDS, HeadOptions
+
         _require(self.calibration in ("extremes", "lstsq", "poly"), "heads.calibration", "extremes, lstsq or poly")
         _require(self.backend in ("auto", "sklearn", "cuml"), "heads.backend", "must be auto, sklearn or cuml")
         _require(self.C > 0, "heads.C", "must be > 0")
+        unknown = [kind for kind in self.kinds if kind not in HEAD_KINDS]
+        _require(bool(self.kinds) and not unknown, "heads.kinds",
+                 f"unknown head kind(s) {unknown}; known: {list(HEAD_KINDS)}")
+        given = {key: getattr(self, key) for key in ("standardize", "svm_solver", "max_iter")
+                 if getattr(self, key) is not None}
+        if self.class_weight != UNSET_CLASS_WEIGHT:
+            given["class_weight"] = self.class_weight
+        # calibration/degree have concrete defaults (lstsq, 1), equal in both presets: always "given"
+        given.update(calibration=self.calibration, degree=self.degree)
+        try:
+            options = HeadOptions.resolve(self.protocol, {**given, "C": self.C}, where="heads")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        for key in ("standardize", "class_weight", "svm_solver", "max_iter", "calibration", "degree"):
+            object.__setattr__(self, key, getattr(options, key))
+
+    def options(self) -> Any:
+        """The resolved :class:`harness.head_spec.HeadOptions` of this section."""
+        from harness.head_spec import HeadOptions
+
+        return HeadOptions.from_config(self)
 
 
 # The names of harness.directions.DIRECTIONS and harness.counterfactual.RENDERS (a test keeps them equal); repeated
@@ -262,6 +327,7 @@ class EvalConfig:
     strip_images: int = 4
     latent_map_points: int = 1000
     class_names: tuple[str, str] = ("healthy", "fractured")  # negative, positive class of the first task
+    grade_names: tuple[str, ...] = ()  # names of grades 0, 1, ... in figure legends (e.g. [none, mild, ...])
     baseline_job: str | None = None  # a jobs/baseline_*.yaml: also train DenseNet121 and compare (Table 3 form)
     baseline_cpus: int | None = None  # Ray CPUs for the baseline (default: all)
     floors: bool = True  # also fit the heads on raw pixels and on a random encoder (the floors of Table 3)

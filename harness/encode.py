@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from harness.autoencoder import DiffusionAutoencoder
 from harness.cli import run_main
 from harness.data import eval_loader
+from harness.data.sources import check_shard_geometry
+from harness.fingerprint import manifest_hash, weights_sha256
 from harness.latents import LatentsTable, load_latents, save_latents
 
 
@@ -112,7 +114,11 @@ def encode_to_table(ae: DiffusionAutoencoder, shard_dir: str | Path, splits: lis
     barrier()
     if rank != 0:
         return None
-    table = merge_chunks(parts_dir, splits, meta)
+    # What made the table: the weights, the data and the encoding settings (harness.fingerprint).
+    made_by = {"weights_sha256": weights_sha256(ae.dae), "data_manifest_sha256": manifest_hash(shard_dir),
+               "shard_dir": str(shard_dir), "splits": list(splits),
+               **{k: v for k, v in kwargs.items() if k in ("with_x_T", "invert_steps", "image_size", "channels")}}
+    table = merge_chunks(parts_dir, splits, {**(meta or {}), "fingerprint": made_by})
     save_latents(table, out_path)
     shutil.rmtree(parts_dir, ignore_errors=True)
     return out_path
@@ -134,6 +140,10 @@ def main(argv: list[str] | None = None) -> Path | None:
 
     state = PartialState(cpu=not torch.cuda.is_available())
     ae = DiffusionAutoencoder.load(args.model, device=state.device, batch_size=args.batch_size)
+    # Images the model was not trained on (another size, grey for colour) are refused, not converted silently.
+    check_shard_geometry(args.shards, ae.dae.spec.image_size, ae.dae.in_channels,
+                         subject=f"the model {args.model} takes {{key}} {{value}}",
+                         remedy="encode shards prepared for this model, or use a model trained on these")
     out = encode_to_table(ae, args.shards, args.splits, args.out, rank=state.process_index,
                           world_size=state.num_processes, barrier=state.wait_for_everyone,
                           batch_size=args.batch_size, with_x_T=args.with_x_T, invert_steps=args.invert_steps,

@@ -31,6 +31,8 @@ from harness.data.phantoms import PhantomParams, render, to_uint8
 from harness.data.transforms import to_model_range
 from harness.directions import Direction, direction_name
 from harness.floors import floor_rows, images_from_shards, pixel_latents, random_encoder_latents
+from harness.head_spec import HeadOptions
+from harness.head_tasks import check_task_labels
 from harness.heads import TaskResult, TaskSpec, evaluate_task, fit_task, task_direction
 from harness.latents import LatentsTable
 from harness.metrics import roc_curve_points
@@ -38,7 +40,8 @@ from harness.probes import random_xT_identity, z_usage
 
 # Columns of the paper's Tables 3 and 4, in order.
 DETECTION_COLUMNS = ("task", "kind", "split", "auc", "f1", "accuracy", "sensitivity", "specificity", "n_pos", "n_neg")
-GRADING_COLUMNS = ("task", "kind", "split", "grade_macro_f1", "grade_mae", "grade_accuracy")
+GRADING_COLUMNS = ("task", "kind", "split", "grade_macro_f1", "grade_mae", "grade_mae_continuous",
+                   "grade_kappa_quadratic", "grade_accuracy")
 
 
 @dataclass
@@ -53,17 +56,22 @@ class HeadEvaluation:
 
 def evaluate_heads(table: LatentsTable, tasks: list[TaskSpec], kinds: tuple[str, ...], *, C: float = 1.0,
                    calibration: str = "lstsq", degree: int = 1, backend: str = "auto",
-                   split: str = "test") -> HeadEvaluation:
-    """Fit each head kind for each task on the train split; score detection (AUC from distances) and grading."""
+                   split: str = "test", options: HeadOptions | None = None) -> HeadEvaluation:
+    """Fit each head kind for each task on the train split; score detection (AUC from distances) and grading.
+
+    ``options`` (e.g. ``config.heads.options()``) carries every fitting choice and replaces C, calibration
+    and degree. Labels outside a task's grade range are refused before anything is fitted."""
+    options = options or HeadOptions(C=C, calibration=calibration, degree=degree)
+    check_task_labels(table, tasks)
     results, detection, grading, raw = {}, [], [], []
     for task in tasks:
         for kind in kinds:
-            result = fit_task(table, task, kind=kind, C=C, calibration_mode=calibration, degree=degree,
-                              backend=backend)
+            result = fit_task(table, task, kind=kind, backend=backend, options=options)
             row = evaluate_task(result, table, split)
             results[(task.name, kind)] = result
             raw.append(row)
-            detection.append({c: row.get(c) for c in DETECTION_COLUMNS})
+            extra = ("auc_from_predictions",) if "auc_from_predictions" in row else ()  # the paper protocol's
+            detection.append({c: row.get(c) for c in (*DETECTION_COLUMNS, *extra)})
             if result.calibration is not None:
                 grading.append({c: row.get(c) for c in GRADING_COLUMNS})
     return HeadEvaluation(results, detection, grading, raw)
@@ -77,8 +85,8 @@ def detection_floors(config: Any, tasks: list[TaskSpec], splits: tuple[str, str]
     architecture = {k: v for k, v in config.model.overrides(data.image_size).items() if k != "image_size"}
     random_table = random_encoder_latents(config.model.size, data.channels, data.image_size, images,
                                           seed=config.train.seed, **architecture)
-    return floor_rows(pixel_latents(images), random_table, tasks, heads.kinds, C=heads.C,
-                      calibration=heads.calibration, degree=heads.degree, backend=heads.backend, split=splits[1])
+    return floor_rows(pixel_latents(images), random_table, tasks, heads.kinds, options=heads.options(),
+                      backend=heads.backend, split=splits[1])
 
 
 def evaluate_semantic_usage(ae: DiffusionAutoencoder, images: Tensor, seed: int = 0,
@@ -280,6 +288,11 @@ def _save_moves_figure(moves: dict[float, tuple], path: Path, direction: Directi
                                    suptitle=f"binary CEs along '{name}', rows: " + " / ".join(labels))
 
 
+def _short_key(key: str, limit: int = 28) -> str:
+    """A sample key for a figure title: whole when short, else its start and end around an ellipsis."""
+    return key if len(key) <= limit else f"{key[:limit // 2 - 1]}…{key[-(limit // 2 - 1):]}"
+
+
 def save_counterfactual_figures(ae: DiffusionAutoencoder, batch: dict[str, Any], result: TaskResult,
                                 outputs: dict, out_dir: Path, *, n_strips: int, invert_steps: int,
                                 decode_steps: int, direction: Direction | None = None) -> list[Path]:
@@ -309,7 +322,7 @@ def save_counterfactual_figures(ae: DiffusionAutoencoder, batch: dict[str, Any],
     binary = outputs["binary"]
     for i in range(min(n_strips, len(binary))):
         paths.append(figures.save_difference_map(binary.x[i], binary.x_ce[i], out_dir / f"difference_{i}.png",
-                                                 title=f"CE - input ({batch['key'][i][-10:]})"))
+                                                 title=f"CE - input ({_short_key(batch['key'][i])})"))
     paths.append(_save_moves_figure(outputs["moves"], out_dir / "moves.png", direction))
     for name, value in outputs.items():
         if name in ("binary", "encoded", "moves"):

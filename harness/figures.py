@@ -43,18 +43,6 @@ def _images_hwc(images: Any) -> np.ndarray:
     return array[:, 0] if array.shape[1] == 1 else array.transpose(0, 2, 3, 1)
 
 
-def _grayscale(image: Any) -> np.ndarray:
-    """One image (C, H, W) or (1, C, H, W) in [-1, 1] -> (H, W), channel mean for RGB."""
-    array = _as_numpy(image).astype(np.float32)
-    if array.ndim == 4:
-        if array.shape[0] != 1:
-            raise ValueError(f"expected one image, got a batch of shape {array.shape}")
-        array = array[0]
-    if array.ndim != 3:
-        raise ValueError(f"expected an image (C, H, W), got shape {array.shape}")
-    return array.mean(axis=0)
-
-
 def _show(ax: plt.Axes, image_hw: np.ndarray, title: str | None = None) -> None:
     ax.imshow(image_hw, cmap="gray" if image_hw.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_xticks([])
@@ -163,21 +151,40 @@ def save_gif(frames: Any, path: str | Path, duration_ms: int = 400, min_size: in
     return path
 
 
+# ITU-R BT.601 luma weights: the brightness a viewer perceives, so a change of hue alone shows as small.
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def luminance(image: Any) -> np.ndarray:
+    """One image (C, H, W) or (1, C, H, W) in [-1, 1] -> (H, W): the image itself (C=1) or its BT.601 luma (C=3)."""
+    array = _as_numpy(image).astype(np.float32)
+    if array.ndim == 4:
+        if array.shape[0] != 1:
+            raise ValueError(f"expected one image, got a batch of shape {array.shape}")
+        array = array[0]
+    if array.ndim != 3 or array.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image (C, H, W) with C in (1, 3), got shape {array.shape}")
+    return array[0] if array.shape[0] == 1 else np.tensordot(LUMA_WEIGHTS, array, axes=1)
+
+
 def save_difference_map(x: Any, x_ce: Any, path: str | Path, alpha: float = 0.6, title: str | None = None) -> Path:
-    """Input, counterfactual, and the signed difference (CE - input) over the grayscale input.
+    """Input, counterfactual, and the signed difference (CE - input) over the input's brightness.
 
     The difference uses a diverging colormap (RdBu_r: red where the counterfactual is brighter) with limits
-    symmetric about zero, so equal colour means equal magnitude of change in either direction.
+    symmetric about zero, so equal colour means equal magnitude of change in either direction. RGB images are
+    shown in colour; their difference is that of the BT.601 luminance, and the panel title says so.
     """
-    inp, ce = _grayscale(x), _grayscale(x_ce)  # (H, W) each, in [-1, 1]
-    if inp.shape != ce.shape:
-        raise ValueError(f"input {inp.shape} and counterfactual {ce.shape} differ in size")
+    inp_hwc, ce_hwc = _images_hwc(x)[0], _images_hwc(x_ce)[0]  # (H, W) or (H, W, 3) in [0, 1]
+    if inp_hwc.shape != ce_hwc.shape:
+        raise ValueError(f"input {inp_hwc.shape} and counterfactual {ce_hwc.shape} differ in size")
+    inp, ce = luminance(x), luminance(x_ce)  # (H, W) each, in [-1, 1]
     diff = ce - inp
     limit = float(np.abs(diff).max()) or 1e-6  # an all-zero difference still gets a valid colour scale
     fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.6))
-    _show(axes[0], (inp + 1) / 2, "input")
-    _show(axes[1], (ce + 1) / 2, "counterfactual")
-    _show(axes[2], (inp + 1) / 2, "difference (CE - input)")
+    _show(axes[0], inp_hwc, "input")
+    _show(axes[1], ce_hwc, "counterfactual")
+    caption = "difference (CE - input)" if inp_hwc.ndim == 2 else "luminance difference (CE - input)"
+    _show(axes[2], (inp + 1) / 2, caption)
     overlay = axes[2].imshow(diff, cmap="RdBu_r", vmin=-limit, vmax=limit, alpha=alpha, interpolation="nearest")
     fig.colorbar(overlay, ax=axes[2], fraction=0.046, pad=0.04)
     if title:
@@ -267,11 +274,29 @@ def _is_categorical(values: np.ndarray) -> bool:
                                              and np.unique(values).size <= 12)
 
 
+def level_name(level: Any, names: Mapping[Any, str] | Sequence[str] | None = None) -> str:
+    """A legend entry: the name given for ``level`` (a mapping, or a sequence indexed by integer levels), else the
+    level itself, with whole-number floats written as integers (a label stored as 1.0 reads "1")."""
+    value = level.item() if hasattr(level, "item") else level
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if names is not None:
+        if isinstance(names, Mapping):
+            for key in (value, str(value)):
+                if key in names:
+                    return str(names[key])
+        elif isinstance(value, int) and 0 <= value < len(names):
+            return str(names[value])
+    return str(value)
+
+
 def save_latent_map(z: Any, colour_by: Mapping[str, Any], path: str | Path, method: str = "tsne", seed: int = 0,
-                    max_points: int = MAX_LATENT_POINTS) -> Path:
+                    max_points: int = MAX_LATENT_POINTS,
+                    level_names: Mapping[str, Mapping[Any, str] | Sequence[str]] | None = None) -> Path:
     """2-D map of latents (N, D), one panel per colouring (e.g. label and grade), as in the paper's Fig. 7.
 
     Above ``max_points`` a fixed-seed random subset is drawn, so the map is reproducible and fast.
+    ``level_names`` names the levels of a colouring in its legend (e.g. ``{"label": ["normal", "pneumonia"]}``).
     """
     z = _as_numpy(z)
     columns = {name: _as_numpy(values).ravel() for name, values in colour_by.items()}
@@ -288,7 +313,8 @@ def save_latent_map(z: Any, colour_by: Mapping[str, Any], path: str | Path, meth
         if _is_categorical(values):
             for level in np.unique(values):
                 mask = values == level
-                ax.scatter(xy[mask, 0], xy[mask, 1], s=8, alpha=0.7, label=str(level))
+                ax.scatter(xy[mask, 0], xy[mask, 1], s=8, alpha=0.7,
+                           label=level_name(level, (level_names or {}).get(name)))
             ax.legend(title=name, fontsize=7, title_fontsize=8, markerscale=1.5, loc="best")
         else:
             points = ax.scatter(xy[:, 0], xy[:, 1], c=values.astype(float), s=8, alpha=0.7, cmap="viridis")

@@ -6,9 +6,13 @@ move ``w`` along ``n / ||n||``, so the hyperplane is always stored in the RAW ``
 head was fitted on standardized latents. A calibration maps distance to the clinical grade (Section 3.3) and
 its inverse gives the distance of a requested grade.
 
-Head kinds: ``"svm"`` (linear SVM), ``"logistic"`` (logistic regression) and ``"linear"`` (ridge regression on
-the 0/1 target, thresholded at 0.5: the hyperplane ``w.x + b - 0.5 = 0``). Backends: scikit-learn, or cuML on a
-CUDA device. numpy / scikit-learn; counterfactual directions come from ``harness.directions``.
+Head kinds: ``"svm"`` (linear SVM: ``LinearSVC`` or ``SVC(kernel="linear")``), ``"logistic"`` (logistic
+regression) and ``"linear"`` (ridge regression on the 0/1 target, thresholded at 0.5: the hyperplane
+``w.x + b - 0.5 = 0``). Every fitting choice (standardize, class weights, SVM solver, C, max_iter, calibration)
+and the ``project`` / ``paper`` protocols live in ``harness.head_spec.HeadOptions``; each fitted head records
+them. Backends: scikit-learn, or cuML on a CUDA device. numpy / scikit-learn; the calibration is in
+``harness.calibration``, grading metrics in ``harness.grading``, counterfactual directions in
+``harness.directions``.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from harness.calibration import CALIBRATION_MODES, Calibration, fit_calibration  # noqa: F401 (re-exported)
 from harness.directions import Direction, DirectionError, direction_name, fit_direction, normal_direction
+from harness.grading import grading_report
+from harness.head_spec import HEAD_KINDS, HeadOptions, normalize_class_weight
 from harness.latents import LatentsTable
-from harness.metrics import detection_metrics, grading_metrics
+from harness.metrics import detection_metrics
 
-HEAD_KINDS = ("svm", "logistic", "linear")
 BACKENDS = ("auto", "sklearn", "cuml")
 MIN_SAMPLES_PER_CLASS = 2
 IMBALANCE_WARN_RATIO = 10.0  # warn when the majority class outnumbers the minority this many times
@@ -128,6 +134,12 @@ class FittedHead:
     n_pos: int = 0
     n_neg: int = 0
     fit_seconds: float = 0.0
+    # The remaining fitting choices; heads files written before they were recorded load with these defaults,
+    # which were the only behaviour then.
+    class_weight: Any = "balanced"
+    svm_solver: str = "linear_svc"
+    max_iter: int = 5000
+    protocol: str = "project"
 
     def decision(self, z: np.ndarray) -> np.ndarray:
         """Signed distance of latents (N, D) -> (N,); positive = the task's positive class."""
@@ -149,7 +161,8 @@ class FittedHead:
     def from_dict(cls, data: dict[str, Any]) -> FittedHead:
         task = data.get("task")
         return cls(**{**data, "hyperplane": Hyperplane.from_dict(data["hyperplane"]), "platt": tuple(data["platt"]),
-                      "task": None if task is None else TaskSpec.from_dict(task)})
+                      "task": None if task is None else TaskSpec.from_dict(task),
+                      "class_weight": normalize_class_weight(data.get("class_weight", "balanced"))})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -201,20 +214,26 @@ def _check_training_data(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.n
     return z, y, n_pos, n_neg
 
 
-def _estimator(kind: str, backend: str, C: float, class_weight: str | None, max_iter: int, random_state: int) -> Any:
-    """An unfitted estimator. For ``linear``, ridge ``alpha = 1 / C`` so larger C is weaker regularization."""
+def _estimator(kind: str, backend: str, C: float, class_weight: Any, max_iter: int, random_state: int,
+               svm_solver: str = "linear_svc") -> Any:
+    """An unfitted estimator. For ``linear``, ridge ``alpha = 1 / C`` so larger C is weaker regularization.
+
+    ``svm_solver``: ``linear_svc`` = LinearSVC (liblinear, squared hinge: fast), ``svc_linear`` =
+    SVC(kernel="linear") (libsvm, hinge loss: the paper's)."""
     if backend == "cuml":
         from cuml.linear_model import LogisticRegression, Ridge
-        from cuml.svm import LinearSVC
+        from cuml.svm import SVC, LinearSVC
 
         extra: dict[str, Any] = {"output_type": "numpy"}
     else:
         from sklearn.linear_model import LogisticRegression, Ridge
-        from sklearn.svm import LinearSVC
+        from sklearn.svm import SVC, LinearSVC
 
         extra = {"random_state": random_state}
     if kind == "linear":
         return Ridge(alpha=1.0 / C, **extra)
+    if kind == "svm" and svm_solver == "svc_linear":
+        return SVC(kernel="linear", C=C, class_weight=class_weight, max_iter=max_iter, **extra)
     classifier = LinearSVC if kind == "svm" else LogisticRegression
     return classifier(C=C, class_weight=class_weight, max_iter=max_iter, **extra)
 
@@ -229,15 +248,23 @@ def _platt(dist: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def fit_head(z: np.ndarray, y: np.ndarray, kind: str = "svm", C: float = 1.0, standardize: bool = True,
-             class_weight: str | None = "balanced", backend: str = "auto", max_iter: int = 5000,
-             random_state: int = 0) -> FittedHead:
+             class_weight: Any = "balanced", backend: str = "auto", max_iter: int = 5000,
+             random_state: int = 0, svm_solver: str = "linear_svc", protocol: str = "project",
+             options: HeadOptions | None = None) -> FittedHead:
     """Fit a linear head on latents z (N, D) with 0/1 targets y (N,); the hyperplane is returned in raw space.
 
-    With ``standardize`` the estimator sees ``(z - mu) / sigma``; its ``(n_std, b_std)`` maps back exactly:
-    ``n_std.(z - mu)/sigma + b_std = (n_std/sigma).z + (b_std - sum(n_std*mu/sigma))``.
+    ``options`` (a :class:`harness.head_spec.HeadOptions`), when given, replaces C, standardize, class_weight,
+    max_iter, svm_solver and protocol. With ``standardize`` the estimator sees ``(z - mu) / sigma``; its
+    ``(n_std, b_std)`` maps back exactly: ``n_std.(z - mu)/sigma + b_std = (n_std/sigma).z + (b_std -
+    sum(n_std*mu/sigma))``.
     """
-    if kind not in HEAD_KINDS or C <= 0:
-        raise ValueError(f"kind must be one of {HEAD_KINDS} and C > 0, got kind={kind!r}, C={C}")
+    if options is None:  # the keyword form: validated by the same rules as a job file's heads section
+        options = HeadOptions(protocol=protocol, C=C, standardize=standardize, class_weight=class_weight,
+                              svm_solver=svm_solver, max_iter=max_iter)
+    C, standardize, class_weight = options.C, options.standardize, options.class_weight
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"kind must be one of {HEAD_KINDS}, got kind={kind!r}")
+    max_iter = options.estimator_max_iter(kind)
     z, y, n_pos, n_neg = _check_training_data(z, y)
     backend = resolve_backend(backend)
     mu = z.mean(axis=0) if standardize else np.zeros(z.shape[1])  # (D,)
@@ -246,7 +273,7 @@ def fit_head(z: np.ndarray, y: np.ndarray, kind: str = "svm", C: float = 1.0, st
     z_fit = ((z - mu) / sigma).astype(np.float32 if backend == "cuml" else np.float64)  # (N, D)
 
     start = time.perf_counter()
-    model = _estimator(kind, backend, C, class_weight, max_iter, random_state)
+    model = _estimator(kind, backend, C, class_weight, max_iter, random_state, options.svm_solver)
     if kind == "linear":
         from sklearn.utils.class_weight import compute_sample_weight
 
@@ -267,146 +294,8 @@ def fit_head(z: np.ndarray, y: np.ndarray, kind: str = "svm", C: float = 1.0, st
         raise ValueError(f"the fitted {kind} head has an all-zero normal (C={C} too small?); "
                          f"{n_pos} positive / {n_neg} negative")
     platt = (hyperplane.norm, 0.0) if kind == "logistic" else _platt(hyperplane.distance(z), y)
-    return FittedHead(kind, hyperplane, float(C), backend, None, standardize, platt, n_pos, n_neg, fit_seconds)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Calibration: distance -> grade (paper Section 3.3).
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """``grade = polyval(coefficients, distance)``; coefficients highest degree first.
-
-    ``distance_range`` (the calibration data's min/max distance) picks the monotonic branch of a polynomial
-    when inverting it.
-    """
-
-    mode: str
-    coefficients: tuple[float, ...]
-    grade_min: int
-    grade_max: int
-    distance_range: tuple[float, float] | None = None
-
-    @property
-    def degree(self) -> int:
-        return len(self.coefficients) - 1
-
-    def grade_continuous(self, dist: np.ndarray) -> np.ndarray:
-        return np.polyval(np.asarray(self.coefficients, dtype=np.float64), np.asarray(dist, dtype=np.float64))
-
-    def grade(self, dist: np.ndarray) -> np.ndarray:
-        """Integer grade: rounded and clipped to [grade_min, grade_max]."""
-        rounded = np.rint(self.grade_continuous(dist))
-        return np.clip(rounded, self.grade_min, self.grade_max).astype(np.int64)
-
-    def _monotonic_branch(self) -> tuple[float, float]:
-        """The distance interval on which the polynomial is monotonic and covers [g_min - 1, g_max + 1]."""
-        poly = np.poly1d(self.coefficients)
-        slope = poly.deriv()
-        turning = sorted({float(r.real) for r in slope.roots if abs(r.imag) < 1e-9})
-        known = [abs(x) for x in (*turning, *(self.distance_range or ()))]
-        far = 1e6 * (1.0 + max(known, default=0.0))  # stands in for +-infinity: beyond every turning point
-        edges = [-far, *turning, far]
-        branches: list[list[float]] = []
-        previous_sign = 0.0
-        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-            sign = float(np.sign(slope(0.5 * (lo + hi))))
-            if branches and sign == previous_sign:  # the slope keeps its sign (e.g. the flat point of x**3)
-                branches[-1][1] = hi
-            else:
-                branches.append([lo, hi])
-            previous_sign = sign
-        needed = (self.grade_min - 1.0, self.grade_max + 1.0)
-        covering = [(lo, hi) for lo, hi in branches
-                    if min(poly(lo), poly(hi)) <= needed[0] and max(poly(lo), poly(hi)) >= needed[1]]
-        if self.distance_range is not None:  # the branch the calibration data lies on
-            anchor = 0.5 * (self.distance_range[0] + self.distance_range[1])
-            covering = [branch for branch in covering if branch[0] <= anchor <= branch[1]]
-        if len(covering) != 1:
-            raise ValueError(
-                f"calibration polynomial {tuple(round(c, 6) for c in self.coefficients)} is not strictly monotonic "
-                f"over the distances of grades {needed[0]:g}..{needed[1]:g}, so distance_for_grade has no unique "
-                "answer; use degree 1 (mode 'extremes' or 'lstsq') or a lower polynomial degree")
-        return covering[0]
-
-    def distance_for_grade(self, grade: float | np.ndarray) -> np.ndarray:
-        """Inverse calibration: the distance whose calibrated grade is ``grade`` (same shape as ``grade``)."""
-        grades = np.asarray(grade, dtype=np.float64)
-        coefficients = np.asarray(self.coefficients, dtype=np.float64)
-        if self.degree == 1:
-            slope, intercept = coefficients
-            if slope == 0:
-                raise ValueError("calibration slope is 0: every distance maps to the same grade")
-            return (grades - intercept) / slope
-        lo, hi = self._monotonic_branch()
-        out = np.empty(grades.size)
-        for index, target in enumerate(grades.reshape(-1)):
-            shifted = coefficients.copy()
-            shifted[-1] -= target
-            roots = [r.real for r in np.roots(shifted) if abs(r.imag) < 1e-7 * max(1.0, abs(r.real))]
-            inside = [r for r in roots if lo - 1e-9 <= r <= hi + 1e-9]
-            if not inside:
-                raise ValueError(f"grade {target:g} is outside what the calibration's monotonic branch reaches")
-            out[index] = min(inside, key=lambda r: abs(np.polyval(shifted, r)))
-        return out.reshape(grades.shape)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Calibration:
-        span = data.get("distance_range")
-        return cls(data["mode"], tuple(data["coefficients"]), int(data["grade_min"]), int(data["grade_max"]),
-                   None if span is None else tuple(span))
-
-
-CALIBRATION_MODES = ("extremes", "lstsq", "poly")
-
-
-def fit_calibration(dist: np.ndarray, grades: np.ndarray, mode: str = "extremes", degree: int = 1,
-                    grades_used: tuple[int, ...] | None = None,
-                    grade_range: tuple[int, int] | None = None) -> Calibration:
-    """Fit distance -> grade on (N,) distances and (N,) grades.
-
-    - ``extremes``: the line through (mean distance of the lowest grade, lowest) and (mean distance of the
-      highest grade, highest);
-    - ``lstsq``: least-squares line grade ~ distance; ``poly``: least-squares polynomial of ``degree``.
-    Rows are restricted to ``grades_used`` (default: all) and to ``grade_range`` (default: the grades seen).
-    """
-    if mode not in CALIBRATION_MODES:
-        raise ValueError(f"calibration mode must be one of {CALIBRATION_MODES}, got {mode!r}")
-    if (mode != "poly" and degree != 1) or degree < 1:
-        raise ValueError(f"degree {degree} with mode {mode!r}: 'extremes'/'lstsq' fit a line, 'poly' any degree >= 1")
-    dist = np.asarray(dist, dtype=np.float64).reshape(-1)
-    grades = np.asarray(grades, dtype=np.float64).reshape(-1)
-    if dist.shape != grades.shape:
-        raise ValueError(f"{dist.shape[0]} distances but {grades.shape[0]} grades")
-    keep = np.isfinite(dist) & np.isfinite(grades)
-    if grades_used is not None:
-        keep &= np.isin(grades, grades_used)
-    if grade_range is not None:
-        keep &= (grades >= grade_range[0]) & (grades <= grade_range[1])
-    dist, grades = dist[keep], grades[keep]
-    present = np.unique(grades)
-    if present.size < 2:
-        raise ValueError(f"calibration needs at least two distinct grades, found {present.tolist()} "
-                         f"in {dist.size} usable rows")
-    grade_min, grade_max = (int(v) for v in (grade_range or (present.min(), present.max())))
-    if mode == "extremes":
-        low, high = present.min(), present.max()
-        d_low, d_high = dist[grades == low].mean(), dist[grades == high].mean()
-        if d_low == d_high:
-            raise ValueError(f"grades {low:g} and {high:g} have the same mean distance {d_low:g}: no calibration")
-        slope = (high - low) / (d_high - d_low)
-        coefficients = (float(slope), float(low - slope * d_low))
-    else:
-        fit_degree = 1 if mode == "lstsq" else degree
-        if dist.size <= fit_degree:
-            raise ValueError(f"a degree-{fit_degree} calibration needs more than {fit_degree} rows, got {dist.size}")
-        coefficients = tuple(float(c) for c in np.polyfit(dist, grades, fit_degree))
-    return Calibration(mode, coefficients, grade_min, grade_max, (float(dist.min()), float(dist.max())))
+    return FittedHead(kind, hyperplane, float(C), backend, None, standardize, platt, n_pos, n_neg, fit_seconds,
+                      class_weight, options.svm_solver, options.max_iter, options.protocol)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -473,37 +362,57 @@ def _graded_rows(grades: np.ndarray, grade_range: tuple[int, int]) -> np.ndarray
 
 def fit_task(table: LatentsTable, task: TaskSpec, kind: str = "svm", C: float = 1.0,
              calibration_mode: str = "lstsq", degree: int = 1, standardize: bool = True,
-             class_weight: str | None = "balanced", backend: str = "auto", train_split: str = "train",
-             max_iter: int = 5000, random_state: int = 0) -> TaskResult:
-    """Fit the task's head on ``train_split`` rows selected by its rule; calibrate on all graded train rows."""
+             class_weight: Any = "balanced", backend: str = "auto", train_split: str = "train",
+             max_iter: int = 5000, random_state: int = 0, options: HeadOptions | None = None) -> TaskResult:
+    """Fit the task's head on ``train_split`` rows selected by its rule; calibrate on all graded train rows.
+
+    ``options`` (a :class:`harness.head_spec.HeadOptions`), when given, replaces C, calibration_mode, degree,
+    standardize, class_weight and max_iter. Warnings raised while fitting are re-emitted (same category) with
+    the task and head named, so a ConvergenceWarning says which head did not converge.
+    """
+    if options is None:
+        options = HeadOptions(C=C, standardize=standardize, class_weight=class_weight, max_iter=max_iter,
+                              calibration=calibration_mode, degree=degree)
     train = table.select(train_split)
     labels = _label_column(train, task.column)
     mask, y = task.binary_targets(labels)
-    try:
-        head = fit_head(train.z_sem[mask], y, kind=kind, C=C, standardize=standardize, class_weight=class_weight,
-                        backend=backend, max_iter=max_iter, random_state=random_state)
-    except ValueError as error:
-        raise ValueError(f"task {task.name!r} on split {train_split!r}: {error}") from error
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            head = fit_head(train.z_sem[mask], y, kind=kind, backend=backend, random_state=random_state,
+                            options=options)
+        except ValueError as error:
+            raise ValueError(f"task {task.name!r} on split {train_split!r}: {error}") from error
+    for warning in caught:
+        warnings.warn(f"task {task.name!r}, {kind} head ({options.protocol} protocol): {warning.message}",
+                      warning.category, stacklevel=2)
     head.task = task
     calibration = None
     if task.grade_range is not None:
         graded = _graded_rows(labels, task.grade_range)
-        calibration = fit_calibration(head.decision(train.z_sem[graded]), labels[graded], mode=calibration_mode,
-                                      degree=degree, grade_range=task.grade_range)
+        calibration = fit_calibration(head.decision(train.z_sem[graded]), labels[graded], mode=options.calibration,
+                                      degree=options.degree, grade_range=task.grade_range)
     return TaskResult(task, head, calibration, train_split)
 
 
 def evaluate_task(result: TaskResult, table: LatentsTable, split: str = "test") -> dict[str, Any]:
-    """Flat dict of detection metrics (AUC from distances) and, when calibrated, grading metrics on ``split``."""
+    """Flat dict of detection metrics (AUC from distances) and, when calibrated, grading metrics on ``split``.
+
+    Heads fitted under the paper's protocol also get ``auc_from_predictions``: the AUC of the hard 0/1
+    predictions, how the paper's tables were computed (it equals balanced accuracy; only for comparison)."""
     rows = table.select(split)
     labels = _label_column(rows, result.task.column)
     mask, y = result.task.binary_targets(labels)
     dist = result.head.decision(rows.z_sem)  # (N,)
-    out: dict[str, Any] = {"task": result.task.name, "kind": result.head.kind, "C": result.head.C, "split": split}
+    out: dict[str, Any] = {"task": result.task.name, "kind": result.head.kind, "C": result.head.C, "split": split,
+                           "protocol": result.head.protocol}
     out.update(detection_metrics(y, dist[mask]))
+    if result.head.protocol == "paper":
+        hard = detection_metrics(y, (dist[mask] > 0).astype(np.float64) - 0.5)  # scores +-0.5: the predictions
+        out["auc_from_predictions"] = hard["auc"]
     if result.calibration is not None:
         graded = _graded_rows(labels, result.task.grade_range)
-        grading = grading_metrics(labels[graded].astype(np.int64), result.calibration.grade(dist[graded]),
-                                  result.task.grade_range)
+        grading = grading_report(labels[graded].astype(np.int64), result.calibration.grade_continuous(dist[graded]),
+                                 result.task.grade_range)
         out.update({f"grade_{name}": value for name, value in grading.items()})
     return out

@@ -8,12 +8,8 @@ inside :func:`init_ray` and :func:`ray_run_config`, so importing this module sta
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +18,8 @@ from typing import Any
 import yaml
 
 from harness.config import ConfigError, build_dataclass, to_dict
+from harness.fileio import sha256_file
+from harness.fileio import write_json_atomic as fileio_write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -96,46 +94,9 @@ class Stopwatch:
         return time.process_time() - self.cpu_start
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes (identifies a latents table or a manifest in run records)."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as strict, indented JSON (NaN/inf become null) through a temporary file, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(_finite(data), handle, indent=2, default=_json_default, allow_nan=False)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _finite(value: Any) -> Any:
-    """A copy with NaN/inf floats as None, so the file is strict JSON."""
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        return _finite(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+# One implementation of each, shared by every writer (harness.fileio); the names stay for the job scripts.
+file_sha256 = sha256_file
+write_json_atomic = fileio_write_json_atomic
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ report) reads this table, so latents produced by any DAE can be used as long as 
 In memory (:class:`LatentsTable`)::
 
     ids     (N,)          str     unique image identifier
-    splits  (N,)          str     "train" | "val" | "test" | ...
+    splits  (N,)          str     "train" | "val" | "test" (a loaded file may hold no other names)
     labels  {column: (N,)}        one numeric array per label column, e.g. "grade" (0..3), "fracture" (0/1);
                                   NaN marks a missing label
     z_sem   (N, D)        float32 semantic latent (D = 512 in the paper)
@@ -25,6 +25,10 @@ On disk, chosen by the file suffix:
 ``.npz`` (numpy, loaded with ``allow_pickle=False``)
     arrays ``id`` (N,) str, ``split`` (N,) str, ``z_sem`` (N, D), optional ``x_T`` (N, C, H, W), one
     ``label_<column>`` (N,) per label column, and optionally ``meta_json`` (a 0-d string array of JSON).
+
+Read only (``harness.latents_formats``): ``.safetensors``, ``.pt``/``.pth`` dicts of tensors and Hugging Face
+``datasets`` folders. Loading refuses split names other than train/val/test and NaN/inf latents
+(:class:`LatentsError`, naming the file, the column and the count); a parquet file may omit ``id``.
 """
 
 from __future__ import annotations
@@ -40,9 +44,19 @@ from typing import Any
 
 import numpy as np
 
+from harness.config import ConfigError
+from harness.fileio import file_kind_problem
+
 RESERVED_COLUMNS = ("id", "split", "z_sem", "x_T")
+SPLITS = ("train", "val", "test")  # the split names a loaded latents file may use
 METADATA_KEY = b"dae_cf"
 FORMAT_VERSION = 1
+
+
+class LatentsError(ConfigError):
+    """A latents file cannot be used as handed in; the message names the file, the column and the count.
+
+    A ConfigError (hence a ValueError): entry points end it with one line and exit status 2."""
 
 
 @dataclass
@@ -216,7 +230,7 @@ def _list_column_to_matrix(path: Path, arrow_table: Any, name: str) -> np.ndarra
     n = len(column)
     if column.null_count:
         first = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-        raise ValueError(f"{path}: column {name!r} has {column.null_count} null rows (first: row {first})")
+        raise LatentsError(f"{path}: column {name!r} has {column.null_count} null rows (first: row {first})")
     if pa.types.is_fixed_size_list(column.type):
         width = column.type.list_size
     elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
@@ -224,10 +238,10 @@ def _list_column_to_matrix(path: Path, arrow_table: Any, name: str) -> np.ndarra
         width = int(lengths[0]) if n else 0
         ragged = np.flatnonzero(lengths != width)
         if ragged.size:
-            raise ValueError(f"{path}: column {name!r} rows differ in length (row 0 has {width}, row "
-                             f"{int(ragged[0])} has {int(lengths[ragged[0]])})")
+            raise LatentsError(f"{path}: column {name!r}: {ragged.size} rows differ in length from row 0's {width} "
+                               f"(first: row {int(ragged[0])} has {int(lengths[ragged[0]])})")
     else:
-        raise ValueError(f"{path}: column {name!r} must be a list of floats, found type {column.type}")
+        raise LatentsError(f"{path}: column {name!r} must be a list of floats, found type {column.type}")
     values = column.flatten().to_numpy(zero_copy_only=False)
     return np.asarray(values, dtype=np.float32).reshape(n, width)
 
@@ -236,23 +250,36 @@ def _load_parquet(path: Path) -> LatentsTable:
     import pyarrow.parquet as pq
 
     arrow_table = pq.read_table(path)
-    names = arrow_table.column_names
-    for required in ("id", "split", "z_sem"):
-        if required not in names:
-            raise ValueError(f"{path}: latents file lacks column {required!r} (columns: {names})")
     raw_meta = (arrow_table.schema.metadata or {}).get(METADATA_KEY)
-    header = json.loads(raw_meta) if raw_meta else {}
+    return from_arrow(path, arrow_table, json.loads(raw_meta) if raw_meta else {})
+
+
+def from_arrow(path: Path | str, arrow_table: Any, header: dict[str, Any] | None = None,
+               split: str | None = None) -> LatentsTable:
+    """A pyarrow table in the parquet layout -> LatentsTable; ``split`` stands in for an absent split column and
+    an absent ``id`` column becomes ``<split>/<row>`` or the row number (a Hugging Face table may hold neither)."""
+    header = header or {}
+    names = arrow_table.column_names
+    for required in ("z_sem", *(() if split else ("split",))):
+        if required not in names:
+            raise LatentsError(f"{path}: latents file lacks column {required!r} (columns: {names})")
     z_sem = _list_column_to_matrix(path, arrow_table, "z_sem")  # (N, D)
     if header.get("z_dim") is not None and z_sem.shape[1] != header["z_dim"]:
-        raise ValueError(f"{path}: z_sem rows have {z_sem.shape[1]} values, metadata says z_dim={header['z_dim']}")
+        raise LatentsError(f"{path}: z_sem rows have {z_sem.shape[1]} values, metadata says z_dim={header['z_dim']}")
+    n = z_sem.shape[0]
+    splits = np.asarray(arrow_table.column("split").to_pylist() if "split" in names else [split] * n, dtype=str)
+    if "id" in names:
+        ids = np.asarray(arrow_table.column("id").to_pylist(), dtype=str)
+    else:  # ids only need to be unique within the table
+        ids = np.asarray([f"{split}/{row}" if split else str(row) for row in range(n)], dtype=str)
     x_T = None
     if "x_T" in names:
         shape = header.get("x_T_shape")
         if not shape:
-            raise ValueError(f"{path}: column 'x_T' is present but the metadata lacks x_T_shape [C, H, W]")
+            raise LatentsError(f"{path}: column 'x_T' is present but the metadata lacks x_T_shape [C, H, W]")
         flat = _list_column_to_matrix(path, arrow_table, "x_T")  # (N, C*H*W)
         if flat.shape[1] != int(np.prod(shape)):
-            raise ValueError(f"{path}: x_T rows have {flat.shape[1]} values, x_T_shape {shape} needs "
+            raise LatentsError(f"{path}: x_T rows have {flat.shape[1]} values, x_T_shape {shape} needs "
                              f"{int(np.prod(shape))}")
         x_T = flat.reshape(len(flat), *shape)
     labels = {}
@@ -261,11 +288,7 @@ def _load_parquet(path: Path) -> LatentsTable:
             values = arrow_table.column(name).to_numpy()
             # string labels come back as objects; numeric ones with nulls as float with NaN
             labels[name] = np.asarray(values.tolist(), dtype=str) if values.dtype == object else values
-    return LatentsTable(
-        ids=np.asarray(arrow_table.column("id").to_pylist(), dtype=str),
-        splits=np.asarray(arrow_table.column("split").to_pylist(), dtype=str),
-        z_sem=z_sem, labels=labels, x_T=x_T, meta=header.get("meta", {}),
-    )
+    return LatentsTable(ids=ids, splits=splits, z_sem=z_sem, labels=labels, x_T=x_T, meta=header.get("meta", {}))
 
 
 def _load_npz(path: Path) -> LatentsTable:
@@ -273,37 +296,80 @@ def _load_npz(path: Path) -> LatentsTable:
         names = list(archive.files)
         for required in ("id", "split", "z_sem"):
             if required not in names:
-                raise ValueError(f"{path}: latents file lacks array {required!r} (arrays: {names})")
+                raise LatentsError(f"{path}: latents file lacks array {required!r} (arrays: {names})")
         z_sem = archive["z_sem"]
         if z_sem.ndim != 2:
-            raise ValueError(f"{path}: z_sem must have shape (N, D), found {z_sem.shape}")
+            raise LatentsError(f"{path}: z_sem must have shape (N, D), found {z_sem.shape}")
         x_T = archive["x_T"] if "x_T" in names else None
         if x_T is not None and (x_T.ndim != 4 or x_T.shape[0] != z_sem.shape[0]):
-            raise ValueError(f"{path}: x_T must have shape (N={z_sem.shape[0]}, C, H, W), found {x_T.shape}")
+            raise LatentsError(f"{path}: x_T must have shape (N={z_sem.shape[0]}, C, H, W), found {x_T.shape}")
         header = json.loads(str(archive["meta_json"])) if "meta_json" in names else {}
         labels = {name[len("label_"):]: archive[name] for name in names if name.startswith("label_")}
         ids, splits = archive["id"], archive["split"]
     for name, values in (("id", ids), ("split", splits), *((f"label_{c}", v) for c, v in labels.items())):
         if values.shape != (z_sem.shape[0],):
-            raise ValueError(f"{path}: array {name!r} has shape {values.shape}, expected ({z_sem.shape[0]},) "
+            raise LatentsError(f"{path}: array {name!r} has shape {values.shape}, expected ({z_sem.shape[0]},) "
                              "to match z_sem")
     return LatentsTable(ids=ids, splits=splits, z_sem=z_sem, labels=labels, x_T=x_T, meta=header.get("meta", {}))
 
 
+def _object_arrays(path: Path) -> list[str]:
+    """The arrays of an .npz that only load with pickle (ragged rows, None entries)."""
+    names = []
+    with np.load(path, allow_pickle=False) as archive:
+        for name in archive.files:
+            try:
+                archive[name]
+            except ValueError:
+                names.append(name)
+    return names
+
+
+def check_loaded(path: Path | str, table: LatentsTable) -> LatentsTable:
+    """Refuse split names other than train/val/test and non-finite latents, naming the file, column and count."""
+    unknown = ~np.isin(table.splits, SPLITS)
+    if unknown.any():
+        values = sorted(set(table.splits[unknown].tolist()))
+        raise LatentsError(f"{path}: column 'split' has {int(unknown.sum())} rows with split names other than "
+                           f"{'/'.join(SPLITS)}: {values[:5]}")
+    bad = ~np.isfinite(table.z_sem).all(axis=1)
+    if bad.any():
+        raise LatentsError(f"{path}: column 'z_sem' has {int(bad.sum())} rows with NaN/inf values "
+                           f"(first: row {int(np.flatnonzero(bad)[0])})")
+    return table
+
+
 def load_latents(path: str | os.PathLike) -> LatentsTable:
-    """Read a latents table written by :func:`save_latents` or by any tool following the documented layout."""
+    """Read a latents table from any supported layout (module docstring and ``harness.latents_formats``).
+
+    ``.parquet`` and ``.npz`` as written by :func:`save_latents`; ``.safetensors``; ``.pt`` / ``.pth`` (a dict
+    of tensors, loaded with ``torch.load(weights_only=True)``); a folder written by Hugging Face ``datasets``'
+    ``save_to_disk``. Split names other than train/val/test and NaN/inf latents are refused."""
+    from harness import latents_formats
+
     path = Path(path)
+    if path.is_dir():
+        return check_loaded(path, latents_formats.load_hf_dataset(path))
     if not path.is_file():
         raise FileNotFoundError(f"latents file not found: {path}")
     suffix = path.suffix.lower()
+    problem = file_kind_problem(path)  # e.g. a text file named .npz: say so, not "holds an object array"
+    if problem:
+        raise LatentsError(f"{path} is {problem}: write latents with harness.latents.save_latents (or see the "
+                           "README's 'Bring your own latents' for the formats)")
     if suffix == ".parquet":
-        return _load_parquet(path)
+        return check_loaded(path, _load_parquet(path))
+    if suffix in (".safetensors", ".pt", ".pth"):
+        return check_loaded(path, latents_formats.load_tensor_file(path))
     if suffix == ".npz":
         try:
-            return _load_npz(path)
+            return check_loaded(path, _load_npz(path))
         except ValueError as error:
-            if "pickle" in str(error):  # an object array (e.g. ids with None) needs pickle, which is refused
-                raise ValueError(f"{path}: holds an object array, refused without pickle; store ids, splits "
-                                 "and labels as str or numeric arrays") from error
+            if "pickle" in str(error):  # an object array (e.g. ragged z_sem, ids with None) needs pickle: refused
+                objects = _object_arrays(path)
+                raise LatentsError(f"{path}: array(s) {objects} hold Python objects (ragged rows or None entries), "
+                                   f"refused without pickle: {len(objects)} array(s); store ids, splits and labels "
+                                   "as str or numeric arrays and z_sem as one (N, D) array") from error
             raise
-    raise ValueError(f"{path}: latents files must end in .parquet or .npz, not {path.suffix!r}")
+    raise LatentsError(f"{path}: latents files must end in .parquet, .npz, .safetensors, .pt or .pth (or be a "
+                       f"Hugging Face datasets folder), not {path.suffix!r}")

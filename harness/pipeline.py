@@ -40,7 +40,7 @@ from harness.figures import save_image_grid, save_latent_map
 from harness.floors import beats_floor
 from harness.heads import TaskSpec
 from harness.latents import load_latents
-from harness.metrics import LPIPSMetric, MissingWeightsError, available_image_metrics
+from harness.metrics import FIDMetric, LPIPSMetric, MissingWeightsError
 from harness.report import Report, check_report
 from harness.tracking import Tracker
 from harness.train_dae import main as train_main
@@ -89,6 +89,26 @@ def _lpips_or_reason() -> tuple[object | None, str | None]:
         return None, str(err)
 
 
+def reconstruction_fid(images: torch.Tensor, decoded: torch.Tensor,
+                       metric: FIDMetric | None = None) -> tuple[dict[str, float | int] | None, str | None]:
+    """FID of ``decoded`` (the DAE's reconstructions, (B, C, H, W) in [-1, 1]) against ``images`` they came from.
+
+    Returns (a report row, None), or (None, the reason) when pytorch-fid's Inception weights are not on this
+    machine; the reason names the file and the folder it belongs in. ``metric`` replaces the Inception network
+    (tests use one with random weights; nothing is downloaded either way).
+    """
+    if metric is None:
+        try:
+            metric = FIDMetric(device="cuda" if torch.cuda.is_available() else "cpu")
+        except MissingWeightsError as err:
+            return None, str(err)
+    metric.reset()
+    metric.update(images, real=True)
+    metric.update(decoded, real=False)
+    return {"fid": metric.compute(), "n_images": len(images), "n_decoded": len(decoded),
+            "inception_features": metric.dims}, None
+
+
 class StageClock:
     """Wall time of each pipeline stage, printed as it ends and kept for the report and MLflow."""
 
@@ -133,8 +153,8 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     clock.next("heads")
     tasks = [TaskSpec.from_config(t) for t in config.heads.tasks]
     heads_started = time.perf_counter()
-    heads = evaluate_heads(table, tasks, config.heads.kinds, C=config.heads.C, calibration=config.heads.calibration,
-                           degree=config.heads.degree, backend=config.heads.backend, split="test")
+    heads = evaluate_heads(table, tasks, config.heads.kinds, options=config.heads.options(),
+                           backend=config.heads.backend, split="test")
     heads_wall = (time.perf_counter() - heads_started) / max(1, len(heads.detection_rows))
     cf = config.counterfactual
     main_result = heads.results[(tasks[0].name, config.heads.kinds[0])]
@@ -206,9 +226,14 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
                      section="Counterfactuals")
     if lpips_reason:
         report.add_not_computed("LPIPS", lpips_reason)
-    fid_status = available_image_metrics()["fid"]
-    if fid_status.startswith("missing"):
-        report.add_not_computed("FID", fid_status)
+    recon = ae.reconstruct(batch["image"])  # (B, C, H, W): measured by FID here, shown as a figure below
+    fid_row, fid_reason = reconstruction_fid(batch["image"], recon)
+    if fid_row is None:
+        report.add_not_computed("FID", fid_reason)
+    else:
+        report.add_table("fid", [fid_row], f"FID of the reconstructions of {len(recon)} test images against those "
+                         "images (pytorch-fid's Inception); from so few images FID is biased upward, so compare it "
+                         "only between runs with the same number of images", section="Autoencoder")
     for path in save_head_figures(heads, table, fig_dir):
         report.add_figure(path, path.stem.replace("_", " "), section="Heads")
     for path in save_counterfactual_figures(ae, batch, main_result, ce_outputs, fig_dir, n_strips=ev.strip_images,
@@ -218,9 +243,12 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     test = table.select("test")
     n_map = min(ev.latent_map_points, len(test))
     colour_by = {c: test.labels[c][:n_map] for c in dict.fromkeys(t.column for t in tasks)}
-    report.add_figure(save_latent_map(test.z_sem[:n_map], colour_by, fig_dir / "latent_map.png"),
+    # Legends name the levels from the job file: binary columns by eval.class_names, grades by eval.grade_names.
+    level_names = {c: ev.class_names if set(np.unique(v).tolist()) <= {0, 1} else ev.grade_names or None
+                   for c, v in colour_by.items()}
+    report.add_figure(save_latent_map(test.z_sem[:n_map], colour_by, fig_dir / "latent_map.png",
+                                      level_names=level_names),
                       "t-SNE of test z_sem (paper Fig. 7)", section="Latent space")
-    recon = ae.reconstruct(batch["image"])
     report.add_figure(save_image_grid(torch.cat([batch["image"], recon]), fig_dir / "reconstructions.png",
                                       nrow=len(batch["key"]), suptitle="test inputs / reconstructions"),
                       "inputs (top) and reconstructions (bottom)", section="Autoencoder")
@@ -241,16 +269,19 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
                       tags={"dae_run_id": str(trained.get("mlflow_run_id")), "kind": "evaluation"})
     headline = {f"{r['task']}/{r['kind']}/auc": r["auc"] for r in heads.detection_rows}
     headline.update({f"{r['task']}/{r['kind']}/{k}": r[k] for r in heads.grading_rows
-                     for k in ("grade_macro_f1", "grade_mae")})
+                     for k in ("grade_macro_f1", "grade_mae", "grade_mae_continuous", "grade_kappa_quadratic")})
     for r in ce_rows:
         prefix = re.sub(r"[^A-Za-z0-9_./]+", "_", f"ce/{r['direction']}/{r['move']}/{r['kind']}")
         headline.update({f"{prefix}/{k}": r[k] for k in ("validity", "realised_fraction", "closer_than_input")
                          if k in r})
     headline["recon/mse"] = recon_rows[0]["mse"]
+    if fid_row is not None:
+        headline["recon/fid"] = fid_row["fid"]
     headline.update({f"z_usage/t{r['t']}": r["usage"] for r in usage_rows})
     headline["random_xT/nearest_own_source"] = identity["nearest_own_source"]
     headline.update({f"time/{re.sub(r'[^A-Za-z0-9_]+', '_', name)}_s": sec for name, sec in clock.seconds.items()})
     headline.update({f"{r['task']}/{r['kind']}/beats_floors": float(r["beats_floors"]) for r in floor_verdict})
+    tracker.log_params({f"heads.{k}": v for k, v in config.heads.options().to_dict().items()})  # fitting choices
     tracker.log_metrics({k: v for k, v in headline.items() if isinstance(v, (int, float)) and v == v})
     tracker.log_artifacts(report_dir, "report")
     tracker.end()

@@ -17,7 +17,6 @@ a registry, so ``harness.tracking`` can use them without a cycle.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -30,6 +29,9 @@ from typing import Any
 
 import yaml
 
+from harness.fileio import canonical_sha256, sha256_file
+from harness.fingerprint import manifest_hash  # noqa: F401  (re-exported: registry.manifest_hash)
+
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 # Fields that say where a run writes or logs, not what it trains: two runs differing only here share a hash.
@@ -41,10 +43,7 @@ _LOCATION_KEYS = (("train", "out_dir"), ("eval", "out_dir"), ("track",))
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _canonical_sha256(data: Any) -> str:
-    """sha256 of sorted-key compact JSON: the same content always gives the same hash."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+_canonical_sha256 = canonical_sha256
 
 
 def config_hash(config_path: str | Path) -> str:
@@ -59,19 +58,6 @@ def config_hash(config_path: str | Path) -> str:
     return _canonical_sha256(tree)
 
 
-def manifest_hash(shard_dir: str | Path) -> str | None:
-    """Hash of a shard folder's ``manifest.json`` (splits, counts, shard checksums), or None when absent.
-
-    The ``created`` timestamp is left out, so re-writing identical shards gives the same hash.
-    """
-    path = Path(shard_dir) / "manifest.json"
-    if not path.is_file():
-        return None
-    manifest = json.loads(path.read_text())
-    manifest.pop("created", None)
-    return _canonical_sha256(manifest)
-
-
 def version_tags(model_dir: str | Path) -> dict[str, str]:
     """Registry tags of an exported model folder (``config.yaml`` + ``model.json``): whatever of them exists.
 
@@ -80,6 +66,9 @@ def version_tags(model_dir: str | Path) -> dict[str, str]:
     """
     model_dir = Path(model_dir)
     tags: dict[str, str] = {}
+    weights = model_dir / "ema.safetensors"
+    if weights.is_file():  # identical weights registered twice reuse one version (Tracker.register_model)
+        tags["weights_sha256"] = sha256_file(weights)
     config_path = model_dir / "config.yaml"
     if config_path.is_file():
         tags["config_hash"] = config_hash(config_path)
@@ -295,4 +284,6 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from harness.cli import run_main  # late: the registry helpers stay importable without torch
+
+    sys.exit(run_main(main))

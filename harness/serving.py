@@ -362,7 +362,8 @@ def build_explainer(model_dir: str | Path, heads_path: str | Path, task: str, ki
             from mlflow.artifacts import download_artifacts
 
             model_dir = download_artifacts(artifact_uri=str(model_dir), dst_path=str(staging / "dae"))
-        dae, config = load_dae(model_dir)  # fails early, naming the folder, when weights or config do not fit
+        dae, spec = load_dae(model_dir)  # fails early, naming the folder, when weights or spec do not fit
+        config = spec.run_config()
         z_dim = dae.spec.z_dim
         if len(result.head.hyperplane.normal) != z_dim:
             raise ValueError(f"head {task}/{kind} in {heads_path} has dimension {len(result.head.hyperplane.normal)},"

@@ -3,7 +3,8 @@
 For each task the sweep tries every combination of head kind, regularisation C, training-label rule
 (``fit_rules``: which grades count as positive/negative when FITTING, e.g. the paper's noisy-label rule
 "2,3 vs 0") and calibration (``extremes``, ``lstsq``, ``poly1``..``poly3``). A trial fits on the train split and
-scores the VALIDATION split only; the task's own rule (``positives``/``negatives``) always defines the detection
+scores the VALIDATION split only (or, with ``cv_folds: k``, the mean over k stratified folds of the train split,
+for latents without a val split); the task's own rule (``positives``/``negatives``) always defines the detection
 targets being scored, so trials with different fitting rules are compared on the same targets.
 
 Selection (:func:`select_best`): the task's ``select`` metric on validation (``auc``, ``f1``, ``macro_f1``
@@ -25,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from harness.config import ConfigError, TrackConfig
-from harness.heads import HEAD_KINDS, TaskResult, TaskSpec, evaluate_task, fit_task
+from harness.head_spec import HEAD_KINDS, HeadOptions
+from harness.heads import TaskResult, TaskSpec, evaluate_task, fit_task
 from harness.job_support import Resources, Splits, Stopwatch
 from harness.latents import LatentsTable
 
@@ -34,6 +36,7 @@ SELECT_METRICS = {"auc": ("auc", "max"), "f1": ("f1", "max"), "macro_f1": ("grad
 TIE_BREAK_ORDER = ("auc", "macro_f1", "mae", "f1")
 _CALIBRATION = re.compile(r"^(extremes|lstsq|poly([1-9]))$")
 NO_CALIBRATION = "none"  # the calibration value of tasks without a grade range
+UNSET = "protocol"  # search.class_weight left to the protocol (null means "no class weights")
 
 
 def parse_calibration(name: str) -> tuple[str, int]:
@@ -126,14 +129,20 @@ class LogUniform:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """The searched dimensions (grids) plus fixed fitting options."""
+    """The searched dimensions (grids) plus fixed fitting options.
+
+    ``protocol`` (``project`` | ``paper``, harness.head_spec) gives the fitting options left out; the paper
+    preset fixes standardize, class_weight, svm_solver and max_iter (explicit contradicting values are
+    refused) and leaves the searched C and calibration free. After loading each option holds its value."""
 
     kinds: tuple[str, ...] = HEAD_KINDS
     C: tuple[float, ...] | LogUniform = (0.01, 0.1, 1.0, 10.0)
     calibration: tuple[str, ...] = ("extremes", "lstsq", "poly1", "poly2", "poly3")
-    standardize: bool = True
-    class_weight: str | None = "balanced"
-    max_iter: int = 5000
+    protocol: str = "project"
+    standardize: bool | None = None  # None: the protocol's (project true, paper false)
+    class_weight: Any = UNSET  # balanced | null (none) | {0: w, 1: w}; left out: the protocol's
+    svm_solver: str | None = None  # linear_svc | svc_linear; None: the protocol's
+    max_iter: int | None = None  # None: the protocol's (project 5000, paper -1 = no cap)
     seed: int = 0  # random_state of the estimators and of the random search
 
     def __post_init__(self) -> None:
@@ -145,8 +154,21 @@ class SearchSpace:
             raise ConfigError("search.calibration: must not be empty")
         for name in self.calibration:
             parse_calibration(name)
-        if self.class_weight not in (None, "balanced"):
-            raise ConfigError(f"search.class_weight: balanced or null, got {self.class_weight!r}")
+        given = {key: getattr(self, key) for key in ("standardize", "svm_solver", "max_iter")
+                 if getattr(self, key) is not None}
+        if self.class_weight != UNSET:
+            given["class_weight"] = self.class_weight
+        try:
+            options = HeadOptions.resolve(self.protocol, given, where="search")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        for key in ("standardize", "class_weight", "svm_solver", "max_iter"):
+            object.__setattr__(self, key, getattr(options, key))
+
+    def options(self, C: float, calibration: str, degree: int) -> HeadOptions:
+        """The fitting options of one trial (its C and calibration; the rest fixed by the job)."""
+        return HeadOptions(protocol=self.protocol, C=C, standardize=self.standardize, class_weight=self.class_weight,
+                           svm_solver=self.svm_solver, max_iter=self.max_iter, calibration=calibration, degree=degree)
 
 
 @dataclass(frozen=True)
@@ -158,6 +180,7 @@ class SweepJob:
     backend: str = "auto"  # auto: cuml when resources.gpu > 0, else sklearn
     resources: Resources = field(default_factory=Resources)
     max_concurrent_trials: int = 0  # 0: as many as the cluster's resources allow
+    cv_folds: int = 0  # >= 2: select by stratified k-fold CV on train (no val split needed); 0: on the val split
     ray_storage: str = ""  # "" -> <out_dir>/ray; on a multi-node cluster a shared folder or cloud URI
     splits: Splits = field(default_factory=Splits)
     search: SearchSpace = field(default_factory=SearchSpace)
@@ -177,6 +200,8 @@ class SweepJob:
             raise ConfigError("resources.gpu > 0 with backend sklearn: the GPU would be reserved but unused")
         if self.max_concurrent_trials < 0:
             raise ConfigError("max_concurrent_trials: must be >= 0")
+        if self.cv_folds < 0 or self.cv_folds == 1:
+            raise ConfigError(f"cv_folds: 0 (select on the val split) or k >= 2, got {self.cv_folds}")
 
     @property
     def trial_backend(self) -> str:
@@ -207,10 +232,9 @@ def fit_config(table: LatentsTable, task: SweepTask, params: dict[str, Any], job
     rule = task.rule(params["rule"])
     mode, degree = ("lstsq", 1) if params["calibration"] == NO_CALIBRATION else parse_calibration(
         params["calibration"])
-    result = fit_task(table, task.fit_spec(rule), kind=params["kind"], C=float(params["C"]), calibration_mode=mode,
-                      degree=degree, standardize=job.search.standardize, class_weight=job.search.class_weight,
-                      backend=job.trial_backend, train_split=job.splits.train, max_iter=job.search.max_iter,
-                      random_state=job.search.seed)
+    result = fit_task(table, task.fit_spec(rule), kind=params["kind"], backend=job.trial_backend,
+                      train_split=job.splits.train, random_state=job.search.seed,
+                      options=job.search.options(float(params["C"]), mode, degree))
     return dataclasses.replace(result, task=task.eval_spec())  # head.task keeps the fitting rule
 
 
@@ -221,25 +245,60 @@ def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
             and name != "C"}
 
 
+def cv_tables(table: LatentsTable, task: SweepTask, job: SweepJob) -> list[LatentsTable]:
+    """The train rows split into ``job.cv_folds`` stratified folds: one table per fold, its held-out rows named
+    as the val split and the rest as train (other splits left out, so test is never seen).
+
+    Stratified on the task's label column (missing labels form their own stratum); shuffled with the job's seed,
+    so every trial sees the same folds."""
+    from sklearn.model_selection import StratifiedKFold
+
+    train = table.select(job.splits.train)
+    labels = np.asarray(train.labels[task.column], dtype=np.float64)  # (N,)
+    strata = np.where(np.isfinite(labels), labels, -1e300)
+    folds = StratifiedKFold(n_splits=job.cv_folds, shuffle=True, random_state=job.search.seed)
+    tables = []
+    for _, held_out in folds.split(np.zeros(len(train)), strata):
+        splits = np.full(len(train), job.splits.train, dtype=object)
+        splits[held_out] = job.splits.val
+        tables.append(LatentsTable(ids=train.ids, splits=splits.astype(str), z_sem=train.z_sem, labels=train.labels,
+                                   meta=train.meta))
+    return tables
+
+
+def _mean_scalars(folds: list[dict[str, float]]) -> dict[str, float]:
+    """Per-metric mean over folds, ignoring folds where a metric is undefined (NaN)."""
+    out = {}
+    for key in folds[0]:
+        values = np.asarray([fold.get(key, np.nan) for fold in folds], dtype=np.float64)
+        out[key] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    return out
+
+
 def run_trial(params: dict[str, Any], table: LatentsTable, task: SweepTask, job: SweepJob) -> dict[str, Any]:
     """Fit ``params`` and score the validation split: a flat dict of ``val_*`` metrics, costs and status.
 
-    A configuration that cannot be fitted (e.g. a rule leaving one class empty) is reported with ``ok = 0``
-    and its message rather than raised, so one bad corner of the grid does not stop the sweep.
+    With ``job.cv_folds`` the ``val_*`` metrics are the means over the stratified folds of the train split
+    (:func:`cv_tables`). A configuration that cannot be fitted (e.g. a rule leaving one class empty) is reported
+    with ``ok = 0`` and its message rather than raised, so one bad corner of the grid does not stop the sweep.
     """
     clock = Stopwatch()
     out: dict[str, Any] = {"ok": 1, "error": "", "warnings": ""}
+    tables = cv_tables(table, task, job) if job.cv_folds else [table]
+    scores, fit_seconds = [], 0.0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            result = fit_config(table, task, params, job)
-            metrics = evaluate_task(result, table, job.splits.val)
+            for fold_table in tables:
+                result = fit_config(fold_table, task, params, job)
+                scores.append(_scalars(evaluate_task(result, fold_table, job.splits.val), "val_"))
+                fit_seconds += result.head.fit_seconds
         except ValueError as error:
             return {**out, "ok": 0, "error": str(error)[:1000], "cpu_s": clock.cpu(), "wall_s": clock.wall()}
     out["warnings"] = "; ".join(sorted({str(w.message).splitlines()[0][:200] for w in caught}))[:1000]
-    out.update(_scalars(metrics, "val_"))
+    out.update(_mean_scalars(scores))
     out["labels_used"] = labels_used(table, task.fit_spec(task.rule(params["rule"])), job.splits.train)
-    out.update(fit_seconds=result.head.fit_seconds, cpu_s=clock.cpu(), wall_s=clock.wall())
+    out.update(fit_seconds=fit_seconds, cpu_s=clock.cpu(), wall_s=clock.wall())
     return out
 
 
@@ -253,7 +312,8 @@ def fit_final(params: dict[str, Any], table: LatentsTable, task: SweepTask, job:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = fit_config(table, task, params, job)
-    return {"result": result, "val": evaluate_task(result, table, job.splits.val),
+    has_val = bool((table.splits == job.splits.val).any())  # under cv_folds the latents may have no val split
+    return {"result": result, "val": evaluate_task(result, table, job.splits.val) if has_val else {},
             "test": evaluate_task(result, table, job.splits.test),
             "labels_used": labels_used(table, task.fit_spec(task.rule(params["rule"])), job.splits.train),
             "cpu_s": clock.cpu(), "wall_s": clock.wall()}

@@ -90,8 +90,9 @@ class Tracker:
         """Log ``folder`` (safetensors + config) under ``artifact_path`` and register it as a new version of ``name``.
 
         The version is tagged with ``harness.registry.version_tags(folder)`` (config hash, data manifest hash,
-        reconstruction metrics; ``tags`` take precedence) and receives the alias ``candidate``, so the alias
-        always names the newest version. Returns the version string, or None when tracking is disabled.
+        reconstruction metrics, weights checksum; ``tags`` take precedence) and receives the alias ``candidate``, so
+        the alias always names the newest version. Weights already registered under ``name`` (same
+        ``weights_sha256``) are not registered again: their version is returned. None when tracking is disabled.
         """
         if not self.enabled:
             return None
@@ -100,15 +101,23 @@ class Tracker:
 
         from harness.registry import CANDIDATE, version_tags
 
-        self._mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
         client = MlflowClient(self.uri)
+        all_tags = {**version_tags(folder), **(tags or {})}
         try:
             client.get_registered_model(name)
         except MlflowException:
             client.create_registered_model(
                 name, description=description or "Diffusion autoencoder (EMA weights, safetensors)")
+        else:  # the same weights registered again (e.g. a rerun of a finished run): reuse their version
+            digest = all_tags.get("weights_sha256")
+            same = client.search_model_versions(f"name = '{name}' and tag.weights_sha256 = '{digest}'") if digest \
+                else []
+            if same:
+                version = min(same, key=lambda v: int(v.version)).version
+                self._mlflow.set_tags({f"registered.{name}": str(version)})
+                return version
+        self._mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
         source = f"{self._mlflow.get_artifact_uri(artifact_path)}"
-        all_tags = {**version_tags(folder), **(tags or {})}
         version = client.create_model_version(name, source=source, run_id=self.run_id, tags=all_tags)
         client.set_registered_model_alias(name, CANDIDATE, version.version)
         self._mlflow.set_tags({f"registered.{name}": str(version.version)})

@@ -33,9 +33,13 @@ from harness.autoencoder import DiffusionAutoencoder
 from harness.cli import run_main
 from harness.config import RunConfig, dump_yaml, flatten, load_config
 from harness.data import AugmentSpec, eval_loader, photometric_jitter, train_loader
-from harness.data.sources import ensure_shards
+from harness.data.sources import check_shards_match, ensure_shards
 from harness.diffusion import alphas_cumprod, diffusion_loss, linear_betas
+from harness.distributed import deepspeed_plugin
 from harness.figures import save_image_grid
+from harness.fileio import write_json_atomic
+from harness.fingerprint import RUN_RECORD, check_run_folder, clear_run_folder, manifest_hash, run_fingerprint
+from harness.model_spec import write_model_spec
 from harness.models import DAE, build_dae
 from harness.tracking import Tracker
 from harness.training_probe import probe_from_config
@@ -44,7 +48,10 @@ from harness.training_probe import probe_from_config
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML run file (default: built-in tiny-32 phantom run)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in out_dir (only with the settings it started with)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an out_dir that holds a run (deletes its checkpoints and final model)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in out_dir)")
     return parser.parse_known_args(argv)
 
@@ -92,20 +99,30 @@ def main(argv: list[str] | None = None) -> dict:
     # Set up processes and precision.
     # cpu=True without CUDA: processes started by a launcher then join over gloo instead of silently running alone.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision,
-                              gradient_accumulation_steps=tc.grad_accum)
+                              gradient_accumulation_steps=tc.grad_accum, deepspeed_plugin=deepspeed_plugin(tc))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     per_process_batch = tc.per_process_batch(world)
     is_main = accelerator.is_main_process
+    # Build the model first: an impossible architecture is refused before any data is written.
+    # Same seed on every rank so the EMA copies agree with the broadcast weights.
+    set_seed(tc.seed)
+    dae = build_dae(config.model.size, in_channels=config.data.channels,
+                    **config.model.overrides(config.data.image_size))
+
+    # Data and run folder: made (or checked) by the main process; a folder made from other settings stops here.
     out_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         ensure_shards(config.data)
     accelerator.wait_for_everyone()
     shard_dir = Path(config.data.shard_dir)
-
-    # Build the model. Same seed on every rank so the EMA copies agree with the broadcast weights.
-    set_seed(tc.seed)
-    dae = build_dae(config.model.size, in_channels=config.data.channels,
-                    **config.model.overrides(config.data.image_size))
+    check_shards_match(config.data, shard_dir)
+    fingerprint = run_fingerprint(config, manifest_hash(shard_dir))
+    action = check_run_folder(out_dir, fingerprint, resume=args.resume, overwrite=args.overwrite)
+    if is_main:
+        if action == "overwrite":
+            clear_run_folder(out_dir)
+        write_json_atomic(out_dir / RUN_RECORD, {"fingerprint": fingerprint})
+    accelerator.wait_for_everyone()
     if tc.channels_last:
         dae = dae.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(dae).requires_grad_(False).eval()
@@ -120,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Resume: weights, optimizer, RNG (Accelerate), EMA and counters (ours), MLflow run.
     step, run_id = 0, None
-    resume_from = ckpt.latest_checkpoint(ckpt_root) if args.resume else None
+    resume_from = ckpt.latest_checkpoint(ckpt_root) if action == "resume" else None
     if resume_from is not None:
         rng_file = resume_from / f"random_states_{rank}.pkl"
         try:  # Accelerate only logs (at info level) when it cannot restore the random state, then carries on
@@ -170,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
             if is_main:
                 ckpt.save_state_dict(ema.state_dict(), tmp / "ema.safetensors")
                 (tmp / "config.yaml").write_text(dump_yaml(config))
+                write_model_spec(tmp, config)  # the folder loads on its own (harness.model_spec)
                 (tmp / "trainer_state.json").write_text(json.dumps(
                     {"step": step, "samples_seen": samples_seen, "mlflow_run_id": tracker.run_id}))
                 ckpt.publish(tmp, final)
@@ -246,13 +264,18 @@ def main(argv: list[str] | None = None) -> dict:
     # Export the EMA model and register it.
     result = {"out_dir": str(out_dir), "samples_seen": total_steps * tc.batch_size}
     if is_main:
+        # Written beside, then renamed: a crash leaves the previous final model or the new one, never half of one.
         final_dir = out_dir / "final"
-        final_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.save_state_dict(ema.state_dict(), final_dir / "ema.safetensors")
-        (final_dir / "config.yaml").write_text(dump_yaml(config))
+        staging = ckpt.temporary_path(final_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        ckpt.save_state_dict(ema.state_dict(), staging / "ema.safetensors")
+        (staging / "config.yaml").write_text(dump_yaml(config))
+        write_model_spec(staging, config)
         summary = {"size": config.model.size, "parameters": dae.num_parameters(), "recon_mse": recon_mse,
                    "final_loss": last_loss, "images_per_s": images_per_s, **result}
-        ckpt.atomic_write_text(final_dir / "model.json", json.dumps(summary, indent=2))
+        (staging / "model.json").write_text(json.dumps(summary, indent=2))
+        ckpt.publish(staging, final_dir)
         version = None
         if config.track.registered_model:
             version = tracker.register_model(final_dir, config.track.registered_model,

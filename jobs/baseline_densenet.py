@@ -247,4 +247,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from harness.cli import run_main
+
+    sys.exit(run_main(main))

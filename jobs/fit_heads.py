@@ -1,12 +1,19 @@
 """Fit and evaluate linear heads on any latents table (from this project's DAE or brought from elsewhere).
 
     python jobs/fit_heads.py --latents latents.parquet --config jobs/phantoms_demo.yaml --out runs/heads
+    python jobs/fit_heads.py --latents my_latents.safetensors --out runs/heads       # tasks inferred from labels
+    python jobs/fit_heads.py --latents my_latents.npz --heads.protocol=paper --out runs/heads-paper
     python jobs/fit_heads.py --latents my_latents.npz --heads.tasks='[{name: edema, column: edema,
         positives: [1], negatives: [], grade_range: null}]' --out runs/heads-edema
 
-Uses the ``heads`` section of the config (tasks, kinds, C, calibration) and ``counterfactual.direction``. Writes
-heads.json (hyperplanes, calibrations and CE directions in raw z_sem space), the detection/grading tables and
-ROC/calibration/confusion figures, and a t-SNE latent map, as an HTML report.
+Latents: .parquet, .npz, .safetensors, .pt/.pth (a dict of tensors) or a Hugging Face ``datasets`` folder
+(``harness.latents.load_latents``); string labels are mapped to numbers and the mapping is printed. Uses the
+``heads`` section of the config (tasks, kinds, protocol and every fitting choice, calibration) and
+``counterfactual.direction``. Without tasks in the job file or the overrides, the tasks are inferred from the
+labels and printed (``harness.head_tasks.infer_tasks``); a label outside a given task's ``grade_range`` stops
+the job. Writes heads.json (hyperplanes, fitting choices, calibrations and CE directions in raw z_sem space),
+the detection/grading tables and ROC/calibration/confusion figures, and a t-SNE latent map, as an HTML report.
+Nothing is written when the input is refused.
 """
 
 from __future__ import annotations
@@ -15,35 +22,84 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 from harness.cli import run_main
-from harness.config import load_config
+from harness.config import load_config, parse_overrides
 from harness.evaluate import evaluate_heads, save_head_figures, save_heads
 from harness.figures import save_latent_map
+from harness.head_tasks import check_task_labels, describe_mappings, infer_tasks, numeric_labels
 from harness.heads import TaskSpec
-from harness.latents import load_latents
+from harness.latents import LatentsError, LatentsTable, load_latents
 from harness.report import Report
+
+
+def tasks_given(config_path: str | None, overrides: list[str]) -> bool:
+    """Whether the job file or an override names ``heads.tasks`` (the config's default task is a phantom's)."""
+    if "tasks" in parse_overrides(overrides).get("heads", {}):
+        return True
+    if config_path is None:
+        return False
+    tree = yaml.safe_load(Path(config_path).read_text()) or {}  # load_config has already validated the file
+    return isinstance(tree.get("heads"), dict) and "tasks" in tree["heads"]
+
+
+def evaluation_split(table: LatentsTable, requested: str | None) -> str:
+    """``--split`` when given; else test, or val when the latents have no test split."""
+    if requested:
+        return requested
+    counts = table.split_counts()
+    for split in ("test", "val"):
+        if counts.get(split):
+            return split
+    raise LatentsError(f"latents have no test or val rows to evaluate on (splits: {counts}); pass --split")
+
+
+def resolve_tasks(table: LatentsTable, config_tasks: list[TaskSpec], given: bool, source: str) -> list[TaskSpec]:
+    """The job's tasks (checked against the labels) or, when none were given, tasks inferred and printed."""
+    if given:
+        check_task_labels(table, config_tasks, source)
+        return config_tasks
+    tasks, notes = infer_tasks(table)
+    print(f"no heads.tasks in the job file: inferred from the labels of {source}:")
+    for note in notes:
+        print(f"  {note}")
+    if not tasks:
+        raise LatentsError(f"{source}: no label column gives a task (label columns: {table.label_columns}); "
+                           "name one under heads.tasks")
+    return tasks
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--latents", required=True, help="latents table (.parquet or .npz)")
+    parser.add_argument("--latents", required=True, help="latents: .parquet, .npz, .safetensors, .pt or a "
+                        "Hugging Face datasets folder")
     parser.add_argument("--config", default=None, help="YAML run file (its heads section is used)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--split", default="test", help="split to evaluate on (heads are fitted on train)")
+    parser.add_argument("--split", default=None, help="split to evaluate on (default: test, else val; heads are "
+                        "fitted on train)")
     args, overrides = parser.parse_known_args(argv)
     config = load_config(args.config, overrides)
-    table = load_latents(args.latents)
-    tasks = [TaskSpec.from_config(t) for t in config.heads.tasks]
-    heads = evaluate_heads(table, tasks, config.heads.kinds, C=config.heads.C, calibration=config.heads.calibration,
-                           degree=config.heads.degree, backend=config.heads.backend, split=args.split)
+    table, mappings = numeric_labels(load_latents(args.latents))
+    for line in describe_mappings(mappings):
+        print(f"string labels mapped: {line}")
+    given = tasks_given(args.config, overrides)
+    tasks = resolve_tasks(table, [TaskSpec.from_config(t) for t in config.heads.tasks], given, args.latents)
+    split = evaluation_split(table, args.split)
+    options = config.heads.options()
+    print(f"heads: {', '.join(config.heads.kinds)}; protocol {options.protocol}: " + ", ".join(
+        f"{k}={v}" for k, v in options.to_dict().items() if k != "protocol") + f"; evaluated on {split}")
+    heads = evaluate_heads(table, tasks, config.heads.kinds, options=options, backend=config.heads.backend,
+                           split=split)
     out = Path(args.out)
     report = Report(out, f"Linear heads on {Path(args.latents).name}")
-    report.add_table("detection", heads.detection_rows, f"Detection on {args.split}", section="Heads")
+    report.add_table("detection", heads.detection_rows, f"Detection on {split} ({options.protocol} protocol)",
+                     section="Heads")
     if heads.grading_rows:
-        report.add_table("grading", heads.grading_rows, f"Grading on {args.split}", section="Heads")
-    for path in save_head_figures(heads, table, out / "figures", split=args.split):
+        report.add_table("grading", heads.grading_rows, f"Grading on {split}", section="Heads")
+    for path in save_head_figures(heads, table, out / "figures", split=split):
         report.add_figure(path, path.stem.replace("_", " "), section="Heads")
-    rows = table.select(args.split)
+    rows = table.select(split)
     n = min(1000, len(rows))
     columns = dict.fromkeys(t.column for t in tasks)
     report.add_figure(save_latent_map(rows.z_sem[:n], {c: rows.labels[c][:n] for c in columns},

@@ -7,7 +7,8 @@
 
 Locally Ray starts with ``--num-cpus`` cores (default: all of the machine's); under ``ray job submit`` the
 same command joins the cluster. Every trial fits on the train split and is scored on the validation split
-(``harness.sweep.run_trial``); the selected configuration per task (``harness.sweep.select_best``, rule stated
+(``harness.sweep.run_trial``), or with ``cv_folds: k`` by stratified k-fold cross-validation on train (latents
+without a val split); the selected configuration per task (``harness.sweep.select_best``, rule stated
 in the job file) is refitted once and scored on validation and test (``harness.sweep.fit_final``; in the
 driver, or in a Ray task holding the trials' GPU share when they had one).
 
@@ -28,7 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.cli import run_main
 from harness.compare import method_row
+from harness.head_tasks import check_task_labels, describe_mappings, numeric_labels
 from harness.job_support import (
     Stopwatch,
     file_sha256,
@@ -38,7 +41,7 @@ from harness.job_support import (
     ray_run_config,
     write_json_atomic,
 )
-from harness.latents import LatentsTable, load_latents
+from harness.latents import LatentsError, LatentsTable, load_latents
 from harness.report import Report
 from harness.sweep import (
     SELECT_METRICS,
@@ -69,15 +72,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_table(table: LatentsTable, job: SweepJob, path: Path) -> None:
-    """Fail before starting Ray when a split or a label column the job needs is absent."""
+    """Fail before starting Ray when a split or a label column the job needs is absent, or a label lies outside
+    a task's grade range. Under ``cv_folds`` the val split is not needed."""
     counts = table.split_counts()
-    for split in dataclasses.astuple(job.splits):
+    needed = (job.splits.train, job.splits.test) if job.cv_folds else dataclasses.astuple(job.splits)
+    for split in needed:
         if counts.get(split, 0) == 0:
-            raise ValueError(f"{path}: split {split!r} has no rows (splits present: {counts})")
-    for task in job.tasks:
-        if task.column not in table.labels:
-            raise ValueError(f"{path}: task {task.name!r} needs label column {task.column!r}; the table has "
-                             f"{table.label_columns}")
+            hint = "; without a val split set cv_folds: k to select by cross-validation on train" \
+                if split == job.splits.val else ""
+            raise LatentsError(f"{path}: split {split!r} has no rows (splits present: {counts}){hint}")
+    check_task_labels(table, [task.eval_spec() for task in job.tasks], str(path))
 
 
 def param_space(task: SweepTask, job: SweepJob) -> tuple[dict[str, Any], int]:
@@ -187,11 +191,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     job = load_job_yaml(args.config, SweepJob)
     if args.tracking_uri:
         job = dataclasses.replace(job, track=dataclasses.replace(job.track, tracking_uri=args.tracking_uri))
+    latents_path = Path(args.latents)
+    table, mappings = numeric_labels(load_latents(latents_path))
+    for line in describe_mappings(mappings):
+        log.info("string labels mapped: %s", line)
+    check_table(table, job, latents_path)  # before anything is written: refused input leaves no output folder
     out = Path(args.out or job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    latents_path = Path(args.latents)
-    table = load_latents(latents_path)
-    check_table(table, job, latents_path)
     identity = {"latents": {"path": str(latents_path.resolve()), "sha256": file_sha256(latents_path),
                             "rows": len(table), "z_dim": table.z_dim, "splits": table.split_counts()},
                 "dae": table.meta.get("dae"), "latents_meta": table.meta}
@@ -205,7 +211,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tracker.log_params({"latents": identity["latents"]["path"], "latents_sha256": identity["latents"]["sha256"],
                             "dae": identity["dae"], "rows": len(table), "z_dim": table.z_dim,
                             "backend": job.trial_backend, "resources": job.resources.as_ray(),
-                            "ray_cpus": ray.cluster_resources().get("CPU"), "tasks": [t.name for t in job.tasks]})
+                            "ray_cpus": ray.cluster_resources().get("CPU"), "tasks": [t.name for t in job.tasks],
+                            "selection": f"cv{job.cv_folds}" if job.cv_folds else "val",
+                            **{f"search.{k}": getattr(job.search, k)
+                               for k in ("protocol", "standardize", "class_weight", "svm_solver", "max_iter")}})
         tracker.log_artifact(job_file)
         report = Report(out / "report", f"Head sweep on {latents_path.name}")
         summaries = {}
@@ -213,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log.info("task %s: sweeping", task.name)
             summary = sweep_task(table, task, job, out, tracker, identity)
             summaries[task.name] = summary
-            report.add_table(f"trials-{task.name}", summary["trials"], section="Trials (validation split)",
+            section = f"Trials ({job.cv_folds}-fold CV on train)" if job.cv_folds else "Trials (validation split)"
+            report.add_table(f"trials-{task.name}", summary["trials"], section=section,
                              caption=f"{task.name}: selected on val {task.selection_metric}")
             log.info("task %s: selected %s (test: %s)", task.name, summary["row"]["selected"],
                      {k: round(summary["row"][k], 4) for k in ("auc", "f1", "macro_f1", "mae")})
@@ -236,4 +246,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_main(main))

@@ -129,18 +129,6 @@ def test_default_network_is_densenet121_from_scratch_and_learns_at_32px():
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray (2 cores, no dashboard, no usage reporting) for every test of this module."""
-    import ray
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_DISABLE_USAGE_STATS", "1")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        yield ray
-        ray.shutdown()
-
-
 def test_baseline_tunes_selects_on_val_and_tests_once(shards, tmp_path, local_ray):
     from mlflow.tracking import MlflowClient
 

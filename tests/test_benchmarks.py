@@ -161,3 +161,21 @@ def test_reference_needs_a_diffae_checkout(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="unet_autoenc.py"):
         reference.reference_model_class(tmp_path)
+
+
+def test_the_oracle_experiment_scores_every_latent_against_the_truth(tmp_path):
+    from benchmarks import ce_oracle
+
+    results = tmp_path / "oracle.jsonl"
+    result = ce_oracle.main(["--model", str(REPO / "tests" / "fixtures" / "model_v1"), "--n-train", "12",
+                             "--n-test", "4", "--invert-steps", "2", "--decode-steps", "2", "--results", str(results)])
+    rows = result["rows"]
+    assert list(rows) == ["input (unchanged)", "pattern 1x", "mean oracle", "own oracle", "truth through the DAE"]
+    unchanged = rows["input (unchanged)"]
+    assert unchanged["ce_error_median"] == unchanged["input_error_median"] > 0  # the input differs from its truth
+    assert unchanged["closer_than_input"] == 0.0  # nothing is strictly closer than itself
+    for name, row in rows.items():
+        assert row["input_error_median"] == unchanged["input_error_median"], name  # one truth for every row
+        assert 0.0 <= row["validity"] <= 1.0 and row["n"] == 4
+    assert -1.0 <= result["cos_pattern_vs_mean_oracle"] <= 1.0
+    assert json.loads(results.read_text())["n_test"] == 4

@@ -33,3 +33,30 @@ def test_user_mistakes_are_one_line_and_exit_2(entry, mistake, fragment, tmp_pat
 def test_debug_keeps_the_traceback(tmp_path):
     result = run(["-m", "harness.pipeline", "--config", "no_such.yaml", "--debug"], cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" in result.stderr and "ConfigError" in result.stderr
+
+
+def test_encoding_shards_of_another_size_is_refused_and_writes_nothing(tmp_path):
+    from harness.data import write_phantom_shards
+
+    shards = write_phantom_shards(tmp_path / "shards", size=32, n_train=4, n_val=0, n_test=4, samples_per_shard=8)
+    model = REPO / "tests" / "fixtures" / "model_v1"  # a 16 px model
+    result = run(["-m", "harness.encode", "--model", str(model), "--shards", str(shards),
+                  "--out", str(tmp_path / "latents.npz")], cwd=REPO)
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the model") and "takes image_size 16" in line and "32x32 images" in line
+    assert not (tmp_path / "latents.npz").exists() and not list(tmp_path.glob("latents.npz*"))
+
+
+@pytest.mark.parametrize("entry", [["-m", "harness.data.prepare", "medmnist"],
+                                   [str(REPO / "jobs" / "compare.py")], [str(REPO / "benchmarks" / "run.py")]])
+def test_other_entry_points_end_a_missing_file_with_one_line(entry, tmp_path):
+    missing = str(tmp_path / "nope")
+    extra = {"medmnist": [missing + ".npz", "--out", str(tmp_path / "out")]}.get(entry[-1], None)
+    if extra is None:
+        extra = (["--heads", missing + ".json", "--baseline", missing + ".json", "--out", str(tmp_path / "c")]
+                 if "compare" in entry[-1] else ["--suite", "nope"])
+    result = run([*entry, *extra], cwd=REPO)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith(
+        ("error: ", "usage:", f"{Path(entry[-1]).name}: error:", "run.py: error:")), result.stderr

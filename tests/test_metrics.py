@@ -21,14 +21,6 @@ from harness.metrics import (
 )
 
 
-@pytest.fixture
-def empty_torch_home(tmp_path, monkeypatch):
-    """A TORCH_HOME without any weights, so nothing can be found (or downloaded) from the real cache."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # forget a hub dir set earlier in this process
-    return tmp_path / "torch" / "hub" / "checkpoints"
-
-
 def test_detection_metrics_by_hand():
     y = np.array([0, 0, 0, 1, 1, 1, 1])
     scores = np.array([-2.0, 0.5, -0.1, 1.0, 2.0, -0.3, 0.2])

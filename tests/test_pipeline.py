@@ -14,6 +14,7 @@ from harness.autoencoder import DiffusionAutoencoder
 from harness.data import write_phantom_shards
 from harness.diffusion import alphas_cumprod, linear_betas
 from harness.encode import encode_to_table
+from harness.fingerprint import manifest_hash, weights_sha256
 from harness.latents import load_latents
 from harness.models import build_dae
 from harness.report import check_report
@@ -47,6 +48,15 @@ def test_encoding_split_over_ranks_equals_one_process_and_resumes(shards, tmp_pa
     np.testing.assert_allclose(single.x_T, merged.x_T, atol=1e-4)
     np.testing.assert_array_equal(single.labels["grade"], merged.labels["grade"])
     assert single.x_T.shape == (48, 1, 32, 32) and single.z_sem.shape == (48, 512)
+    # The table records what made it: these weights, these shards, these settings.
+    made_by = single.meta["fingerprint"]
+    assert made_by["weights_sha256"] == weights_sha256(ae.dae) and made_by["invert_steps"] == 2
+    assert made_by["data_manifest_sha256"] == manifest_hash(shards) and made_by["splits"] == ["val", "test"]
+    assert weights_sha256(untrained_autoencoder().dae) == made_by["weights_sha256"]  # same seed, same weights
+    other = untrained_autoencoder()
+    with torch.no_grad():
+        next(other.dae.parameters()).add_(1e-3)
+    assert weights_sha256(other.dae) != made_by["weights_sha256"]
 
     # Resume: chunks already on disk are not encoded again (a poisoned encoder would change them).
     parts = tmp_path / "resume.npz.parts"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,17 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from harness import registry, serving
-from harness.autoencoder import DiffusionAutoencoder
-from harness.checkpoint import load_state_dict
-from harness.config import TrackConfig
-from harness.data import write_phantom_shards
-from harness.registry import compare_to_champion, config_hash, manifest_hash, metric_direction, version_tags
-from harness.tracking import Tracker
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_serving import (  # noqa: E402  (helpers shared with the serving tests)
+from helpers.serving import (
     export_tiny_dae,
     free_port,
     phantom_images,
@@ -36,6 +26,15 @@ from test_serving import (  # noqa: E402  (helpers shared with the serving tests
     wait_until_ready,
     write_heads,
 )
+
+from harness import registry, serving
+from harness.autoencoder import DiffusionAutoencoder
+from harness.checkpoint import load_state_dict, save_state_dict
+from harness.config import TrackConfig, load_config
+from harness.data import write_phantom_shards
+from harness.model_spec import write_model_spec
+from harness.registry import compare_to_champion, config_hash, manifest_hash, metric_direction, version_tags
+from harness.tracking import Tracker
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,12 +159,20 @@ def test_trained_models_are_registered_and_found_through_the_server(exported, se
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server_uri)
     name, track = "dae-registry-test", TrackConfig(tracking_uri=server_uri, experiment="registry-test")
+    # A second model: the exported folder with one weight changed (so its weights checksum differs).
+    retrained = exported["root"] / "retrained"
+    shutil.copytree(exported["model_dir"], retrained)
+    weights = load_state_dict(retrained / "ema.safetensors")
+    first = next(iter(weights))
+    weights[first] = weights[first] + 1.0
+    save_state_dict(weights, retrained / "ema.safetensors")
+    write_model_spec(retrained, load_config(retrained / "config.yaml"))  # the spec names the new weights
     versions = []
-    for index, recon in enumerate((0.05, 0.04)):
+    for index, (folder, recon) in enumerate(((exported["model_dir"], 0.05), (retrained, 0.04))):
         tracker = Tracker(track, exported["root"] / "run", run_name=f"train-{index}")
         tracker.log_params({"train.lr": 1e-4, "index": index})
         tracker.log_metrics({"val/recon_mse": recon, "train/loss": 0.5}, step=32)
-        versions.append(tracker.register_model(exported["model_dir"], name, tags={"recon_mse": f"{recon:.6f}"}))
+        versions.append(tracker.register_model(folder, name, tags={"recon_mse": f"{recon:.6f}"}))
         tracker.end()
     assert versions == ["1", "2"]
 
@@ -182,8 +189,15 @@ def test_trained_models_are_registered_and_found_through_the_server(exported, se
     assert [float(v.tags["recon_mse"]) for v in found] == [0.05, 0.04]
     assert client.get_model_version_by_alias(name, "candidate").version == "2"  # the newest version
 
+    # Registering identical weights again (a rerun of a finished run) reuses their version.
+    tracker = Tracker(track, exported["root"] / "run", run_name="rerun")
+    assert tracker.register_model(exported["model_dir"], name) == "1"
+    tracker.end()
+    assert len(client.search_model_versions(f"name='{name}'")) == 2
+    assert client.get_model_version_by_alias(name, "candidate").version == "2"
+
     # The registered files are the exported ones, served through the server's artifact proxy.
-    ae = DiffusionAutoencoder.load(f"models:/{name}@candidate", device="cpu")
+    ae = DiffusionAutoencoder.load(f"models:/{name}/1", device="cpu")
     expected = load_state_dict(exported["model_dir"] / "ema.safetensors")
     loaded = ae.dae.state_dict()
     assert all(torch.equal(loaded[key], value) for key, value in expected.items())

@@ -117,6 +117,27 @@ def test_figure_inputs_are_checked(tmp_path: Path) -> None:
     assert figures.save_difference_map(strip[0], strip[0], tmp_path / "same.png").is_file()
 
 
+def test_rgb_difference_maps_show_colour_and_a_luminance_difference(tmp_path: Path) -> None:
+    x = torch.zeros(3, 8, 8) - 0.5
+    ce = x.clone()
+    ce[0, 2:4, 2:4] += 1.0  # red up in one corner: luminance rises by 0.299
+    ce[2, 5:7, 5:7] -= 1.0  # blue down in another: luminance falls by 0.114
+    diff = figures.luminance(ce) - figures.luminance(x)  # (8, 8)
+    assert diff[2, 2] == pytest.approx(0.299) and diff[5, 5] == pytest.approx(-0.114) and diff[0, 0] == 0
+    np.testing.assert_array_equal(figures.luminance(x[:1]), x[0].numpy())  # one channel: the image itself
+    path = figures.save_difference_map(x, ce, tmp_path / "rgb.png")
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    assert (np.abs(pixels[..., 0] - pixels[..., 2]) > 60).any()  # the panels are in colour, not grey
+
+
+def test_legends_name_levels_from_the_job_file_and_write_whole_floats_as_integers() -> None:
+    assert figures.level_name(np.float64(1.0)) == "1" and figures.level_name(0.5) == "0.5"
+    assert figures.level_name(np.float32(1.0), ["normal", "pneumonia"]) == "pneumonia"
+    assert figures.level_name(np.int64(2), {2: "moderate"}) == "moderate"
+    assert figures.level_name(7, ["a", "b"]) == "7"  # no name given for this level: the level itself
+
+
 def test_latent_embedding_is_deterministic_and_separates_clusters() -> None:
     rng = np.random.default_rng(1)
     z = np.concatenate([rng.normal(0, 1, (30, 8)), rng.normal(8, 1, (30, 8))])

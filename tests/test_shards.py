@@ -214,8 +214,9 @@ def test_phantom_shards_are_written_once_with_distinct_splits(tmp_path):
     mtime = os.stat(out / "manifest.json").st_mtime_ns
     assert write_phantom_shards(out, size=16, n_train=12, n_val=0, n_test=6, samples_per_shard=5) == out
     assert os.stat(out / "manifest.json").st_mtime_ns == mtime  # kept, not regenerated
-    with pytest.raises(ValueError, match="overwrite"):
+    with pytest.raises(ShardError, match=r"holds other shards \(counts: \(12, 0, 6\) -> \(10, 0, 6\)\)"):
         write_phantom_shards(out, size=16, n_train=10, n_val=0, n_test=6)
+    assert os.stat(out / "manifest.json").st_mtime_ns == mtime  # refused: nothing rewritten
     batch = next(iter(eval_loader(out, 6)))
     assert set(batch["labels"]) == {"grade", "fracture", "height_loss"} and "phantom" in batch["meta"][0]
     train_keys = _keys(eval_loader(out, 6, split="train"))

@@ -118,18 +118,6 @@ def test_selection_rule_prefers_metric_then_tie_breaks_then_grid_order(tmp_path)
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray (2 cores, no dashboard, no usage reporting) for every test of this module."""
-    import ray
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_DISABLE_USAGE_STATS", "1")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        yield ray
-        ray.shutdown()
-
-
 def test_sweep_logs_trials_selects_on_val_and_tests_once(tmp_path, local_ray):
     from mlflow.tracking import MlflowClient
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.training import run_training, tiny_args
 
 from harness import checkpoint as ckpt
 from harness.data import write_phantom_shards
@@ -26,23 +26,6 @@ def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantoms")
     write_phantom_shards(out, size=32, n_train=128, n_val=16, n_test=16, seed=0, samples_per_shard=32)
     return out
-
-
-def tiny_args(shards: Path, out_dir: Path, total: int = 96, **extra: str) -> list[str]:
-    args = {
-        "data.source": "shards", "data.shard_dir": str(shards), "train.out_dir": str(out_dir),
-        "train.total_samples": str(total), "train.batch_size": "16", "train.log_every": "32",
-        "train.checkpoint_every": "32", "train.preview_every": "100000", "train.preview_images": "4",
-        "train.keep_checkpoints": "10", "diffusion.invert_steps": "3", "diffusion.decode_steps": "3",
-        "eval.batch_size": "4", "track.enabled": "false", **extra,
-    }
-    return [f"--{k}={v}" for k, v in args.items()]
-
-
-def run_training(args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
-    command = (launcher or [sys.executable]) + [str(REPO / "harness" / "train_dae.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_train_exports_checkpoints_previews_and_registers(shards, tmp_path):

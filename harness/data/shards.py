@@ -5,7 +5,7 @@ Layout of a shard folder::
     {split}-{index:06d}.tar   samples: {key}.image.png | {key}.image.npy, {key}.labels.json
     manifest.json             format_version, image_size [H, W], channels, image_format,
                               splits {split: {shards, count, label_counts}}, checksums {shard: sha256},
-                              source, created
+                              source, recipe (what made the samples, when known), created
 
 The readers (``train_loader``, ``eval_loader``, ``ShardLoader``) live in :mod:`harness.data.loaders` and are
 importable from here as well.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import webdataset as wds
 
 from harness.data.phantoms import generate_phantoms
 from harness.data.transforms import encode_image
+from harness.fileio import sha256_file
 
 if TYPE_CHECKING:  # for type checkers; at run time the names resolve through __getattr__ below
     from harness.data.loaders import ShardLoader, eval_loader, train_loader  # noqa: F401
@@ -65,9 +65,7 @@ def read_manifest(shard_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+_sha256 = sha256_file
 
 
 @contextmanager
@@ -90,7 +88,7 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: str | Path, split: str, samples_per_shard: int = 1000, image_format: str = "png",
-                 source: str = "") -> None:
+                 source: str = "", recipe: dict[str, Any] | None = None) -> None:
         if not _SPLIT_PATTERN.match(split):
             raise ValueError(f"split={split!r}: use letters, digits and underscores only")
         if image_format not in IMAGE_FORMATS:
@@ -99,6 +97,7 @@ class ShardWriter:
             raise ValueError(f"samples_per_shard={samples_per_shard}: must be >= 1")
         self.out_dir, self.split = Path(out_dir), split
         self.samples_per_shard, self.image_format, self.source = samples_per_shard, image_format, source
+        self.recipe = recipe
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._shards: list[str] = []
         self._checksums: dict[str, str] = {}
@@ -157,6 +156,8 @@ class ShardWriter:
                 "label_counts": {col: dict(sorted(c.items())) for col, c in sorted(self._label_counts.items())}}
             manifest["checksums"].update(self._checksums)
             manifest["source"] = self.source
+            if self.recipe is not None:
+                manifest["recipe"] = self.recipe
             manifest["created"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             temp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
             temp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -223,9 +224,13 @@ class ShardWriter:
 
 
 def write_shards(samples: Iterable[tuple[str, np.ndarray, dict[str, Any]]], out_dir: str | Path, split: str,
-                 samples_per_shard: int = 1000, image_format: str = "png", source: str = "") -> dict[str, Any]:
-    """Write ``(key, image, labels)`` samples as one split of ``out_dir``; returns the merged manifest."""
-    with ShardWriter(out_dir, split, samples_per_shard, image_format, source) as writer:
+                 samples_per_shard: int = 1000, image_format: str = "png", source: str = "",
+                 recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``(key, image, labels)`` samples as one split of ``out_dir``; returns the merged manifest.
+
+    ``recipe`` (JSON values) records what made the samples, so a later job can tell whether the folder is its own.
+    """
+    with ShardWriter(out_dir, split, samples_per_shard, image_format, source, recipe) as writer:
         for key, image, labels in samples:
             writer.write(key, image, labels)
     return read_manifest(out_dir)
@@ -241,21 +246,28 @@ def write_phantom_shards(out_dir: str | Path, size: int = 32, n_train: int = 204
     out = Path(out_dir)
     source = f"phantoms(size={size}, n=({n_train}, {n_val}, {n_test}), seed={seed})"
     counts = {"train": n_train, "val": n_val, "test": n_test}
+    recipe = {"generator": "phantoms", "image_size": size, "counts": [n_train, n_val, n_test], "seed": seed}
     if (out / MANIFEST_NAME).is_file():
         manifest = read_manifest(out)
         wanted = {split: n for split, n in counts.items() if n > 0}
-        if manifest["source"] == source and {s: v["count"] for s, v in manifest["splits"].items()} == wanted:
-            if not overwrite:
-                return out
-        elif not overwrite:
-            raise ValueError(f"{out}: holds other shards ({manifest['source']!r}); pass overwrite=True to replace")
+        same = (manifest.get("recipe") == recipe if "recipe" in manifest else manifest["source"] == source) and {
+            s: v["count"] for s, v in manifest["splits"].items()} == wanted
+        if same and not overwrite:
+            return out
+        if not overwrite:
+            from harness.fingerprint import differences  # late: fingerprint imports the config module
+
+            stored = manifest.get("recipe") or {"source": manifest.get("source")}
+            diffs = differences(stored, recipe if "recipe" in manifest else {"source": source})
+            raise ShardError(f"error: {out} holds other shards ({'; '.join(diffs) or manifest.get('source')}): "
+                             "choose another data.shard_dir for these settings, or delete the folder to regenerate")
         for name in [*manifest["checksums"], MANIFEST_NAME]:  # only files this folder's manifest names
             (out / name).unlink(missing_ok=True)
     for split_index, (split, n) in enumerate(counts.items()):
         if n > 0:
             split_seed = int(np.random.SeedSequence([seed, split_index]).generate_state(1)[0])
             samples = generate_phantoms(n, size, split_seed, key_prefix=f"phantom-{split}")
-            write_shards(samples, out, split, samples_per_shard, source=source)
+            write_shards(samples, out, split, samples_per_shard, source=source, recipe=recipe)
     return out
 
 

@@ -1,7 +1,17 @@
 """Diffusion math as pure functions: schedules, forward noising, the training losses (eps or v targets, optional
-Min-SNR weighting), DDIM sampling and inversion (full or partial depth)."""
+Min-SNR weighting), DDIM sampling and inversion (full or partial depth), and fixed-point refined inversion that undoes
+the sampler exactly at few steps."""
 
 from harness.diffusion.ddim import CLEAN, DenoiseFn, ddim_invert, ddim_sample, ddim_step, eps_loss, q_sample
+from harness.diffusion.inversion import (
+    INVERSIONS,
+    counterfactual_nfe,
+    fixed_point_invert,
+    fixed_point_step,
+    inversion_nfe,
+    invert,
+    walk_length,
+)
 from harness.diffusion.objectives import (
     PREDICTIONS,
     WEIGHTINGS,
@@ -18,11 +28,13 @@ from harness.diffusion.schedule import alphas_cumprod, linear_betas, respaced_ti
 
 __all__ = [
     "CLEAN",
+    "INVERSIONS",
     "PREDICTIONS",
     "WEIGHTINGS",
     "DenoiseFn",
     "ModelFn",
     "alphas_cumprod",
+    "counterfactual_nfe",
     "ddim_invert",
     "ddim_sample",
     "ddim_step",
@@ -30,6 +42,10 @@ __all__ = [
     "eps_fn_from_output",
     "eps_loss",
     "eps_x0_from_output",
+    "fixed_point_invert",
+    "fixed_point_step",
+    "inversion_nfe",
+    "invert",
     "linear_betas",
     "min_snr_weight",
     "prediction_target",
@@ -37,4 +53,5 @@ __all__ = [
     "respaced_timesteps",
     "snr",
     "v_from_eps_x0",
+    "walk_length",
 ]

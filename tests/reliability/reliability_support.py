@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
+from helpers.training import run_training, tiny_args  # noqa: F401  (re-exported for the tests here)
 
-TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:  # reuse the training tests' helpers (tests/ is a folder of modules, not a package)
-    sys.path.insert(0, str(TESTS))
-
-from test_train import run_training, tiny_args  # noqa: E402,F401  (re-exported for the tests here)
-
-from harness import checkpoint as ckpt  # noqa: E402
-from harness.config import load_config  # noqa: E402
+from harness import checkpoint as ckpt
+from harness.config import load_config
 
 # Every in-process run here: 32 samples in batches of 8, a checkpoint after every step, two kept (so each save
 # also prunes one): saves at 8, 16, 24 and 32 samples.

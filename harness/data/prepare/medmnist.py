@@ -69,7 +69,8 @@ def resolve_spec(dataset: str, label_columns: Sequence[str] | None, num_classes:
     known = MEDMNIST_DATASETS.get(dataset)
     if known is None and (not label_columns or num_classes is None):
         raise PrepareError(f"unknown MedMNIST data set {dataset!r} (known: {', '.join(sorted(MEDMNIST_DATASETS))}); "
-                           "give label_columns and num_classes (--label-column, --num-classes) for another set")
+                           "give label_columns and num_classes for another set (data.label_columns and "
+                           "data.num_classes in a job file, --label-column and --num-classes on the command line)")
     return MedMNISTSpec(tuple(label_columns) if label_columns else known.columns,
                         int(num_classes) if num_classes is not None else known.num_classes)
 

@@ -178,8 +178,15 @@ def _claim_folder(out: Path, fingerprint: str, plan: Plan, overwrite: bool) -> d
         if manifest.get("prepare", {}).get("fingerprint") == fingerprint and not overwrite:
             return manifest
         if not overwrite:
-            raise PrepareError(f"{out}: holds shards of {manifest.get('source')!r} made with other settings or "
-                               "inputs; pass overwrite=True (--overwrite) to replace them, or choose another folder")
+            from harness.fingerprint import differences  # late: fingerprint imports the config module
+
+            made = manifest.get("prepare", {})
+            diffs = differences(
+                {"source": manifest.get("source"), "config": made.get("config"), "inputs": made.get("inputs")},
+                {"source": plan.source, "config": plan.config, "inputs": plan.inputs})
+            raise PrepareError(f"error: {out} holds shards of {manifest.get('source')!r} made with other settings or "
+                               f"inputs ({'; '.join(diffs) or 'the work items or shard size differ'}): pass "
+                               "overwrite=True (--overwrite) to replace them, or choose another folder")
         for name in [*manifest.get("checksums", {}), MANIFEST_NAME]:  # only files the manifest names
             (out / name).unlink(missing_ok=True)
     plan_file = state / "plan.json"

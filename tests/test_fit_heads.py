@@ -1,0 +1,80 @@
+"""jobs/fit_heads.py on latents brought from elsewhere: inferred tasks, the paper's protocol, refused labels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from harness.cli import run_main
+from harness.latents import LatentsTable, save_latents
+from tests.test_sweep import load_job_module
+
+
+def graded_0_to_4(path, n: int = 150, seed: int = 1):
+    """Grades 0-4 along one direction of a 6-d latent; train and val splits only (no test)."""
+    rng = np.random.default_rng(seed)
+    grades = rng.choice(5, size=n)
+    z = rng.normal(size=(n, 6)) + np.outer(grades, [1.0, 0.5, 0, 0, 0, 0])
+    splits = np.where(np.arange(n) % 3 == 0, "val", "train")
+    table = LatentsTable(ids=[f"i{i}" for i in range(n)], splits=splits, z_sem=z, labels={"grade": grades})
+    return save_latents(table, path)
+
+
+def test_tasks_are_inferred_and_printed(tmp_path, capsys):
+    latents = graded_0_to_4(tmp_path / "z.npz")
+    out = tmp_path / "out"
+    load_job_module("fit_heads").main(["--latents", str(latents), "--out", str(out), "--heads.kinds=[svm]"])
+    printed = capsys.readouterr().out
+    assert f"no heads.tasks in the job file: inferred from the labels of {latents}:" in printed
+    assert "label 'grade': grades [0, 1, 2, 3, 4] -> task 'grade': detection grade >= 1 vs 0, grading over 0..4" \
+        in printed
+    assert "evaluated on val" in printed  # no test split: val
+    heads = json.loads((out / "heads.json").read_text())
+    entry = heads["grade/svm"]
+    assert entry["task"]["grade_range"] == [0, 4] and entry["task"]["positives"] == [1, 2, 3, 4]
+    assert entry["calibration"]["grade_max"] == 4
+    assert (entry["head"]["protocol"], entry["head"]["class_weight"]) == ("project", "balanced")
+
+
+def test_paper_protocol_from_the_command_line(tmp_path, capsys):
+    latents = graded_0_to_4(tmp_path / "z.parquet")
+    out = tmp_path / "out"
+    load_job_module("fit_heads").main(["--latents", str(latents), "--out", str(out), "--heads.kinds=[svm]",
+                                       "--heads.protocol=paper"])
+    head = json.loads((out / "heads.json").read_text())["grade/svm"]["head"]
+    assert (head["protocol"], head["svm_solver"], head["standardized"], head["class_weight"]) == \
+        ("paper", "svc_linear", False, None)
+    assert "protocol paper" in capsys.readouterr().out
+    detection = json.loads((out / "tables" / "detection.json").read_text())
+    assert 0 <= detection[0]["auc_from_predictions"] <= 1  # the paper's tables' AUC, beside the AUC from scores
+    assert detection[0]["auc_from_predictions"] != detection[0]["auc"]
+
+
+def test_labels_outside_a_given_task_are_refused_and_nothing_is_written(tmp_path, capsys):
+    latents = graded_0_to_4(tmp_path / "z.npz")
+    out = tmp_path / "out"
+    job = tmp_path / "job.yaml"
+    job.write_text("heads:\n  tasks:\n    - {name: fracture, column: grade, positives: [1, 2, 3], "
+                   "grade_range: [0, 3]}\n")
+    main = load_job_module("fit_heads").main
+    code = run_main(main, ["--latents", str(latents), "--config", str(job), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    count = int((np.load(latents)["label_grade"] == 4).sum())
+    assert code == 2 and "\n" not in err
+    assert err == (f"error: {latents}: label column 'grade' has {count} rows outside the grade_range [0, 3] of task "
+                   f"'fracture' (values: 4 x{count}); widen grade_range or drop those rows")
+    assert not out.exists()
+    code = run_main(main, ["--latents", str(latents), "--out", str(out), "--heads.protocol=sklearn"])
+    assert code == 2 and "heads.protocol: one of ['project', 'paper'], got 'sklearn'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_tasks_given_by_job_file_or_override(tmp_path):
+    tasks_given = load_job_module("fit_heads").tasks_given
+    job = tmp_path / "job.yaml"
+    job.write_text("heads:\n  kinds: [svm]\n")
+    assert not tasks_given(None, []) and not tasks_given(str(job), ["--heads.C=2"])
+    assert tasks_given(str(job), ["--heads.tasks=[{name: a, column: a, positives: [1]}]"])
+    job.write_text("heads:\n  tasks: [{name: a, column: a, positives: [1]}]\n")
+    assert tasks_given(str(job), [])
