@@ -1,9 +1,10 @@
 """DAE + linear head vs a fully supervised DenseNet121, task by task (the paper's Tables 3-4 side by side).
 
-Both jobs (``jobs/sweep_heads.py`` and ``jobs/baseline_densenet.py``) write ``summary.json`` holding one row per
-task in the layout of :func:`method_row`: test-split metrics of the configuration selected on validation, the
-number of training labels it used, and what it cost (wall seconds of the search plus the final test pass;
-CPU seconds of every trial process; GPU seconds = trial wall time x the GPU share it reserved).
+Both jobs (``dae-cf sweep``, :mod:`harness.sweep_job`, and ``dae-cf baseline``, :mod:`harness.baseline_job`)
+write ``summary.json`` holding one row per task in the layout of :func:`method_row`: test-split metrics of the
+configuration selected on validation, the number of training labels it used, and what it cost (wall seconds of
+the search plus the final test pass; CPU seconds of every trial process; GPU seconds = trial wall time x the GPU
+share it reserved).
 :func:`write_comparison` turns them into a report (HTML, Markdown, CSV, JSON) through :mod:`harness.report`.
 """
 
@@ -46,8 +47,8 @@ def load_summary(path: str | os.PathLike) -> list[dict[str, Any]]:
     if path.is_dir():
         path = path / "summary.json"
     if not path.is_file():
-        raise FileNotFoundError(f"summary file not found: {path} (written by jobs/sweep_heads.py or "
-                                "jobs/baseline_densenet.py)")
+        raise FileNotFoundError(f"summary file not found: {path} (written by dae-cf sweep or dae-cf "
+                                "baseline)")
     data = json.loads(path.read_text())
     rows = data.get("rows") if isinstance(data, dict) else None
     if not isinstance(rows, list):

@@ -8,9 +8,12 @@ inside :func:`init_ray` and :func:`ray_run_config`, so importing this module sta
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +105,32 @@ write_json_atomic = fileio_write_json_atomic
 # ---------------------------------------------------------------------------------------------------------
 # Ray.
 # ---------------------------------------------------------------------------------------------------------
+
+
+def load_job(path: str | os.PathLike, cls: type, tracking_uri: str | None = None) -> Any:
+    """A job file as dataclass ``cls`` (:func:`load_job_yaml`), its MLflow store replaced by ``tracking_uri``."""
+    job = load_job_yaml(path, cls)
+    if tracking_uri:
+        job = dataclasses.replace(job, track=dataclasses.replace(job.track, tracking_uri=tracking_uri))
+    return job
+
+
+@contextmanager
+def ray_job(tracker: Any, num_cpus: int | None = None) -> Iterator[None]:
+    """Run a block with Ray started (or joined, :func:`init_ray`) and the tracker's run open: on leaving, the run
+    ends FINISHED (FAILED on any exception) and Ray is shut down if this call started it."""
+    started = init_ray(num_cpus)
+    try:
+        yield
+        tracker.end()
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def init_ray(num_cpus: int | None = None) -> bool:

@@ -1,6 +1,7 @@
 """The whole method on one data set, from one command: train -> encode -> heads -> counterfactuals -> report.
 
     python -m harness.pipeline --config jobs/phantoms_demo.yaml [--train.total_samples=...]
+    dae-cf pipeline --config jobs/phantoms_demo.yaml                 # the same
 
 Training resumes from the run folder's newest checkpoint, so a rerun continues rather than restarts. The
 report (``<eval.out_dir>/report/index.html``) holds the tables in the form of the paper's Tables 2-4 and the
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from harness.autoencoder import DiffusionAutoencoder
+from harness.baseline import BaselineJob
+from harness.baseline_job import run_baselines
 from harness.cli import run_main
 from harness.config import RunConfig, dump_yaml, load_config
 from harness.data import eval_loader
@@ -39,13 +41,12 @@ from harness.evaluate import (
 from harness.figures import save_image_grid, save_latent_map
 from harness.floors import beats_floor
 from harness.heads import TaskSpec
+from harness.job_support import load_job_yaml
 from harness.latents import load_latents
 from harness.metrics import FIDMetric, LPIPSMetric, MissingWeightsError
 from harness.report import Report, check_report
 from harness.tracking import Tracker
 from harness.train_dae import main as train_main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def take_balanced(shard_dir: str, split: str, n: int, config: RunConfig, column: str) -> dict:
@@ -64,13 +65,10 @@ def take_balanced(shard_dir: str, split: str, n: int, config: RunConfig, column:
 
 def run_baseline(config: RunConfig, out_dir: Path) -> list[dict]:
     """Train the DenseNet121 baseline job on the same shards and splits; its test rows (Table 3 columns)."""
-    job = Path(config.eval.baseline_job)
+    job = load_job_yaml(config.eval.baseline_job, BaselineJob)
     baseline_out = out_dir / "baseline"
-    command = [sys.executable, str(REPO / "jobs" / "baseline_densenet.py"), "--shards", config.data.shard_dir,
-               "--config", str(job), "--out", str(baseline_out)]
-    if config.eval.baseline_cpus:
-        command += ["--num-cpus", str(config.eval.baseline_cpus)]
-    subprocess.run(command, check=True)
+    # A call, not a subprocess: the same work as `dae-cf baseline --shards ... --config ... --out ...`.
+    run_baselines(config.data.shard_dir, job, baseline_out, num_cpus=config.eval.baseline_cpus or None)
     rows = []
     for record_path in sorted((baseline_out / "best").glob("*-detection/record.json")):
         record = json.loads(record_path.read_text())

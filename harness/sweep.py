@@ -1,4 +1,4 @@
-"""The head sweep's job file, one trial, and the selection rule (``jobs/sweep_heads.py`` runs them under Ray Tune).
+"""The head sweep's job file, one trial, and the selection rule (``harness.sweep_job`` runs them under Ray Tune).
 
 For each task the sweep tries every combination of head kind, regularisation C, training-label rule
 (``fit_rules``: which grades count as positive/negative when FITTING, e.g. the paper's noisy-label rule

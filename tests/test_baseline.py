@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from harness import baseline_job, compare_job
 from harness.baseline import (
     BaselineJob,
     BaselineTask,
@@ -30,13 +30,6 @@ from harness.report import check_report
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]}  # tests only
-
-
-def load_job_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -135,7 +128,7 @@ def test_baseline_tunes_selects_on_val_and_tests_once(shards, tmp_path, local_ra
     config = tmp_path / "baseline.yaml"
     config.write_text(yaml.safe_dump(job_dict(tmp_path)))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    summary = load_job_module("baseline_densenet").main(
+    summary = baseline_job.main(
         ["--shards", str(shards), "--task", "fracture", "--config", str(config), "--tracking-uri", uri])
     client = MlflowClient(uri)
     parent = client.get_run(summary["parent_run_id"])
@@ -174,7 +167,7 @@ def test_baseline_tunes_selects_on_val_and_tests_once(shards, tmp_path, local_ra
                       labels_used=48, wall_s=row["wall_s"] / 10, cpu_s=1.0, gpu_s=0.0, trials=12, selected="svm C=1")
     (tmp_path / "heads").mkdir()
     (tmp_path / "heads" / "summary.json").write_text(json.dumps({"rows": [head]}))
-    index = load_job_module("compare").main(["--heads", str(tmp_path / "heads"), "--baseline",
+    index = compare_job.main(["--heads", str(tmp_path / "heads"), "--baseline",
                                              str(tmp_path / "out"), "--out", str(tmp_path / "compare")])
     assert check_report(index) == []
     table = json.loads((tmp_path / "compare" / "tables" / "task-fracture.json").read_text())

@@ -1,4 +1,5 @@
-"""jobs/fit_heads.py on latents brought from elsewhere: inferred tasks, the paper's protocol, refused labels."""
+"""dae-cf heads (harness.fit_heads_job; alias jobs/fit_heads.py) on latents brought from elsewhere: inferred
+tasks, the paper's protocol, refused labels."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import json
 
 import numpy as np
 
+from harness import fit_heads_job
 from harness.cli import run_main
 from harness.latents import LatentsTable, save_latents
-from tests.test_sweep import load_job_module
 
 
 def graded_0_to_4(path, n: int = 150, seed: int = 1):
@@ -24,7 +25,7 @@ def graded_0_to_4(path, n: int = 150, seed: int = 1):
 def test_tasks_are_inferred_and_printed(tmp_path, capsys):
     latents = graded_0_to_4(tmp_path / "z.npz")
     out = tmp_path / "out"
-    load_job_module("fit_heads").main(["--latents", str(latents), "--out", str(out), "--heads.kinds=[svm]"])
+    fit_heads_job.main(["--latents", str(latents), "--out", str(out), "--heads.kinds=[svm]"])
     printed = capsys.readouterr().out
     assert f"no heads.tasks in the job file: inferred from the labels of {latents}:" in printed
     assert "label 'grade': grades [0, 1, 2, 3, 4] -> task 'grade': detection grade >= 1 vs 0, grading over 0..4" \
@@ -40,7 +41,7 @@ def test_tasks_are_inferred_and_printed(tmp_path, capsys):
 def test_paper_protocol_from_the_command_line(tmp_path, capsys):
     latents = graded_0_to_4(tmp_path / "z.parquet")
     out = tmp_path / "out"
-    load_job_module("fit_heads").main(["--latents", str(latents), "--out", str(out), "--heads.kinds=[svm]",
+    fit_heads_job.main(["--latents", str(latents), "--out", str(out), "--heads.kinds=[svm]",
                                        "--heads.protocol=paper"])
     head = json.loads((out / "heads.json").read_text())["grade/svm"]["head"]
     assert (head["protocol"], head["svm_solver"], head["standardized"], head["class_weight"]) == \
@@ -57,7 +58,7 @@ def test_labels_outside_a_given_task_are_refused_and_nothing_is_written(tmp_path
     job = tmp_path / "job.yaml"
     job.write_text("heads:\n  tasks:\n    - {name: fracture, column: grade, positives: [1, 2, 3], "
                    "grade_range: [0, 3]}\n")
-    main = load_job_module("fit_heads").main
+    main = fit_heads_job.main
     code = run_main(main, ["--latents", str(latents), "--config", str(job), "--out", str(out)])
     err = capsys.readouterr().err.strip()
     count = int((np.load(latents)["label_grade"] == 4).sum())
@@ -71,7 +72,7 @@ def test_labels_outside_a_given_task_are_refused_and_nothing_is_written(tmp_path
 
 
 def test_tasks_given_by_job_file_or_override(tmp_path):
-    tasks_given = load_job_module("fit_heads").tasks_given
+    tasks_given = fit_heads_job.tasks_given
     job = tmp_path / "job.yaml"
     job.write_text("heads:\n  kinds: [svm]\n")
     assert not tasks_given(None, []) and not tasks_given(str(job), ["--heads.C=2"])

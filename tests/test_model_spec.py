@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -182,8 +181,7 @@ def test_phantom_shards_made_with_other_settings_are_not_reused(tmp_path):
 
 
 def test_a_latents_file_of_another_type_ends_with_one_line_and_writes_nothing(tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-    from fit_heads import main as fit_heads_main
+    from harness.fit_heads_job import main as fit_heads_main
 
     fake = tmp_path / "latents.npz"
     fake.write_text("not an archive\n")

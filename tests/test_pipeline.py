@@ -121,3 +121,43 @@ def test_core_modules_do_not_import_entry_point_libraries():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_baseline_is_a_call_on_the_loaded_job_and_its_rows_are_read_back(tmp_path, monkeypatch):
+    """The pipeline's baseline step calls harness.baseline_job.run_baselines (no subprocess to jobs/) with the job
+    file loaded, and turns the records it writes into Table 3 rows."""
+    import json
+
+    from harness import pipeline
+    from harness.baseline import BaselineJob
+    from harness.config import load_config
+
+    calls = []
+
+    def fake_run_baselines(shards, job, out, *, task_names=None, num_cpus=None):
+        calls.append({"shards": shards, "job": job, "out": out, "task_names": task_names, "num_cpus": num_cpus})
+        for objective, test in (("detection", {"auc": 0.9, "f1": 0.8, "accuracy": 0.85, "n_pos": 4}),
+                                ("grading", {"macro_f1": 0.5})):
+            folder = Path(out) / "best" / f"fracture-{objective}"
+            folder.mkdir(parents=True)
+            (folder / "record.json").write_text(json.dumps({
+                "task": {"name": "fracture"}, "objective": objective, "model": "DenseNet121",
+                "selected": "lr=0.001 epochs=20 (best epoch 3)", "test": test}))
+        (Path(out) / "summary.json").write_text(json.dumps({"rows": [{"task": "fracture", "wall_s": 12.5}]}))
+        return {"rows": [], "objectives": {}, "out": str(out), "parent_run_id": None}
+
+    monkeypatch.setattr(pipeline, "run_baselines", fake_run_baselines)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("the baseline ran as a subprocess"))
+    job_file = REPO / "jobs" / "baseline_phantoms.yaml"
+    config = load_config(None, [f"--eval.baseline_job={job_file}", "--eval.baseline_cpus=3",
+                                f"--data.shard_dir={tmp_path / 'shards'}"])
+    rows = pipeline.run_baseline(config, tmp_path / "eval")
+    assert rows == [{"task": "fracture", "method": "DenseNet121 (from scratch)", "auc": 0.9, "f1": 0.8,
+                     "accuracy": 0.85, "wall_s": 12.5, "selected": "lr=0.001 epochs=20 (best epoch 3)"}]
+    (call,) = calls
+    assert str(call["shards"]) == str(tmp_path / "shards") and Path(call["out"]) == tmp_path / "eval" / "baseline"
+    assert isinstance(call["job"], BaselineJob) and call["job"].model.name == "DenseNet121"
+    assert call["num_cpus"] == 3 and call["task_names"] is None  # every task of the job, as the old command line
+    config = load_config(None, [f"--eval.baseline_job={job_file}", f"--data.shard_dir={tmp_path / 'shards'}"])
+    pipeline.run_baseline(config, tmp_path / "eval2")
+    assert calls[-1]["num_cpus"] is None  # no eval.baseline_cpus: Ray's default (all cores)

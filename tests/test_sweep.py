@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from harness import sweep_job
 from harness.config import ConfigError
 from harness.heads import TaskResult, evaluate_task
 from harness.job_support import load_job_yaml
@@ -19,13 +19,6 @@ from harness.sweep import SweepJob, SweepTask, select_best
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS, CS, CALIBRATIONS = ["svm", "logistic", "linear"], [0.01, 1.0], ["extremes", "poly2"]
-
-
-def load_job_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def synthetic_latents(path: Path, seed: int = 0) -> Path:
@@ -123,7 +116,7 @@ def test_sweep_logs_trials_selects_on_val_and_tests_once(tmp_path, local_ray):
 
     latents = synthetic_latents(tmp_path / "latents.parquet")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    summary = load_job_module("sweep_heads").main(
+    summary = sweep_job.main(
         ["--latents", str(latents), "--config", str(write_job(tmp_path / "job.yaml")), "--out",
          str(tmp_path / "out"), "--tracking-uri", uri])
     client = MlflowClient(uri)

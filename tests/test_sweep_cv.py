@@ -9,12 +9,13 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
+from harness import sweep_job
 from harness.config import ConfigError
 from harness.heads import fit_task
 from harness.job_support import load_job_yaml
 from harness.latents import LatentsError, LatentsTable, load_latents, save_latents
 from harness.sweep import SweepJob, cv_tables, fit_final, run_trial
-from tests.test_sweep import load_job_module, synthetic_latents, write_job
+from tests.test_sweep import synthetic_latents, write_job
 
 
 def no_val_latents(tmp_path) -> tuple[LatentsTable, object]:
@@ -56,7 +57,7 @@ def test_cv_trial_is_the_mean_over_stratified_folds_and_never_sees_test(tmp_path
 
 def test_missing_val_split_needs_cv_folds(tmp_path):
     table, path = no_val_latents(tmp_path)
-    check_table = load_job_module("sweep_heads").check_table
+    check_table = sweep_job.check_table
     with pytest.raises(LatentsError, match=r"split 'val' has no rows .* set cv_folds"):
         check_table(table, load_job_yaml(write_job(tmp_path / "a.yaml"), SweepJob), path)
     check_table(table, load_job_yaml(write_job(tmp_path / "b.yaml", cv_folds=3), SweepJob), path)
@@ -90,7 +91,7 @@ def test_sweep_without_val_split_selects_by_cv(tmp_path, local_ray):
     search = {"kinds": ["svm", "logistic"], "C": [0.01, 1.0], "calibration": ["lstsq"], "protocol": "paper"}
     job = write_job(tmp_path / "job.yaml", cv_folds=3, search=search,
                     tasks=[{"name": "severe", "column": "grade", "positives": [2, 3], "select": "auc"}])
-    summary = load_job_module("sweep_heads").main(["--latents", str(path), "--config", str(job), "--out",
+    summary = sweep_job.main(["--latents", str(path), "--config", str(job), "--out",
                                                     str(tmp_path / "out"),
                                                     "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
     best = json.loads((tmp_path / "out" / "best_heads" / "severe.json").read_text())

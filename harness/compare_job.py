@@ -1,0 +1,52 @@
+"""Per task, DAE + linear head vs DenseNet121: test metrics, labels used, wall and CPU/GPU time.
+
+    dae-cf compare --heads runs/sweep-phantoms --baseline runs/baseline-phantoms --out runs/compare
+
+``--heads`` and ``--baseline`` take the output folders (or their ``summary.json``) of ``dae-cf sweep`` and
+``dae-cf baseline``; several baseline folders may be given (e.g. one per task). Writes ``index.html``,
+``results.md``, ``results.json`` and ``tables/*.csv|.md|.json`` into ``--out``.
+
+``python jobs/compare.py`` and ``python -m harness.compare_job`` take the same arguments; :func:`compare` does the
+work without a command line (the tables themselves are built by ``harness.compare``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from os import PathLike
+from pathlib import Path
+
+from harness.compare import load_summary, write_comparison
+
+
+def compare(heads: Sequence[str | PathLike], baselines: Sequence[str | PathLike], out: str | PathLike) -> Path:
+    """Compare the rows of sweep outputs ``heads`` with those of baseline outputs ``baselines`` (folders or their
+    summary.json) in a report at ``out``; returns its index.html."""
+    head_rows = [row for path in heads for row in load_summary(path)]
+    baseline_rows = [row for path in baselines for row in load_summary(path)]
+    index = write_comparison(head_rows, baseline_rows, out)
+    print(f"comparison: {index}")
+    return index
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--heads", nargs="+", required=True, help="sweep output folder(s) or summary.json")
+    parser.add_argument("--baseline", nargs="+", required=True, help="baseline output folder(s) or summary.json")
+    parser.add_argument("--out", required=True, help="report folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Command line: parse, then :func:`compare`."""
+    args = build_parser().parse_args(argv)
+    return compare(args.heads, args.baseline, args.out)
+
+
+if __name__ == "__main__":
+    from harness.cli import run_main
+
+    sys.exit(run_main(main))
