@@ -20,9 +20,10 @@ from harness.data.prepare.common import PrepareError
 from harness.data.shards import ShardError
 from harness.directions import DirectionError
 from harness.fingerprint import StaleArtifactError
+from harness.heads import HeadFitError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, DirectionError, ShardError,
-                                                PrepareError, StaleArtifactError, FileNotFoundError,
+                                                PrepareError, StaleArtifactError, HeadFitError, FileNotFoundError,
                                                 FileExistsError, IsADirectoryError)
 EXIT_USER_ERROR = 2
 

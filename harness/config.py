@@ -221,6 +221,7 @@ class TaskConfig:
     positives: tuple[int, ...] = (1, 2, 3)
     negatives: tuple[int, ...] = ()
     grade_range: tuple[int, int] | None = (0, 3)
+    class_names: tuple[str, str] | None = None  # (negative, positive) in figures and CE rows; None: eval.class_names
 
     def __post_init__(self) -> None:
         where = f"heads.tasks[{self.name}]"  # (_require is defined below this class's default instance)

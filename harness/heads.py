@@ -38,6 +38,10 @@ MIN_SAMPLES_PER_CLASS = 2
 IMBALANCE_WARN_RATIO = 10.0  # warn when the majority class outnumbers the minority this many times
 
 
+class HeadFitError(ValueError):
+    """A head cannot be fitted on what the user's task and data give (e.g. one class only); names the task."""
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """A detection task: a label column plus the values counted as positive (and, optionally, negative).
@@ -52,6 +56,7 @@ class TaskSpec:
     positives: tuple[int, ...]
     negatives: tuple[int, ...] | None = None
     grade_range: tuple[int, int] | None = None
+    class_names: tuple[str, str] | None = None  # (negative, positive) for figures and CE rows; None = the job's
 
     def binary_targets(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mask of rows used, 0/1 targets of those rows); missing (NaN) labels are never used."""
@@ -68,15 +73,18 @@ class TaskSpec:
     @classmethod
     def from_config(cls, task: Any) -> TaskSpec:
         """From an object with the same fields (e.g. ``harness.config.TaskConfig``; empty negatives = all others)."""
+        names = getattr(task, "class_names", None)
         return cls(task.name, task.column, tuple(task.positives), tuple(task.negatives) if task.negatives else None,
-                   None if task.grade_range is None else tuple(task.grade_range))
+                   None if task.grade_range is None else tuple(task.grade_range),
+                   None if not names else tuple(names))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskSpec:
-        return cls.from_config(SimpleNamespace(**{"negatives": None, "grade_range": None, **data}))
+        return cls.from_config(SimpleNamespace(**{"negatives": None, "grade_range": None, "class_names": None,
+                                                  **data}))
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: numpy fields make == ambiguous
@@ -382,7 +390,8 @@ def fit_task(table: LatentsTable, task: TaskSpec, kind: str = "svm", C: float = 
             head = fit_head(train.z_sem[mask], y, kind=kind, backend=backend, random_state=random_state,
                             options=options)
         except ValueError as error:
-            raise ValueError(f"task {task.name!r} on split {train_split!r}: {error}") from error
+            raise HeadFitError(f"error: task {task.name!r} on split {train_split!r}: {error}: check the task's "
+                               "positives / negatives against the labels, or the split") from error
     for warning in caught:
         warnings.warn(f"task {task.name!r}, {kind} head ({options.protocol} protocol): {warning.message}",
                       warning.category, stacklevel=2)

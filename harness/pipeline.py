@@ -176,7 +176,7 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
                                                       decode_steps=d.decode_steps, directions=directions,
                                                       primary=cf.direction, move_sizes=tuple(cf.move_sizes),
                                                       render=cf.render, lpips=lpips,
-                                                      class_names=tuple(ev.class_names))
+                                                      class_names=tasks[0].class_names or tuple(ev.class_names))
 
     # Fully supervised baseline on the same shards and splits (optional).
     clock.next("baseline" if config.eval.baseline_job else "report")
@@ -242,8 +242,9 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     n_map = min(ev.latent_map_points, len(test))
     colour_by = {c: test.labels[c][:n_map] for c in dict.fromkeys(t.column for t in tasks)}
     # Legends name the levels from the job file: binary columns by eval.class_names, grades by eval.grade_names.
-    level_names = {c: ev.class_names if set(np.unique(v).tolist()) <= {0, 1} else ev.grade_names or None
-                   for c, v in colour_by.items()}
+    task_names = {t.column: t.class_names for t in tasks if t.class_names}
+    level_names = {c: task_names.get(c, ev.class_names) if set(np.unique(v).tolist()) <= {0, 1}
+                   else ev.grade_names or None for c, v in colour_by.items()}
     report.add_figure(save_latent_map(test.z_sem[:n_map], colour_by, fig_dir / "latent_map.png",
                                       level_names=level_names),
                       "t-SNE of test z_sem (paper Fig. 7)", section="Latent space")

@@ -79,3 +79,20 @@ def test_tasks_given_by_job_file_or_override(tmp_path):
     assert tasks_given(str(job), ["--heads.tasks=[{name: a, column: a, positives: [1]}]"])
     job.write_text("heads:\n  tasks: [{name: a, column: a, positives: [1]}]\n")
     assert tasks_given(str(job), [])
+
+
+def test_a_task_that_leaves_one_class_empty_ends_with_one_line(tmp_path, capsys):
+    from harness.cli import run_main
+    from harness.fit_heads_job import main as fit_heads_main
+    from harness.latents import LatentsTable, save_latents
+
+    rng = np.random.default_rng(0)
+    path = save_latents(LatentsTable(ids=np.array([str(i) for i in range(40)]),
+                                     splits=np.array(["train"] * 30 + ["test"] * 10),
+                                     z_sem=rng.normal(size=(40, 8)).astype(np.float32),
+                                     labels={"grade": rng.integers(0, 2, 40)}), tmp_path / "z.npz")
+    status = run_main(fit_heads_main, ["--latents", str(path), "--out", str(tmp_path / "heads"),
+                                       "--heads.tasks=[{name: x, column: grade, positives: [5], grade_range: null}]"])
+    line = capsys.readouterr().err.strip()
+    assert status == 2 and line.splitlines() == [line] and "task 'x'" in line and "0 positive / 30 negative" in line
+    assert not (tmp_path / "heads").exists()

@@ -208,3 +208,15 @@ def test_fit_and_evaluate_task_end_to_end():
         fit_task(table, TaskSpec("x", "stage", positives=(1,)), backend="sklearn")
     with pytest.raises(ValueError, match="task 'rare'.*both classes"):
         fit_task(table, TaskSpec("rare", "grade", positives=(7,)), backend="sklearn")
+
+
+def test_a_task_carries_its_class_names_from_the_job_file_to_heads_json():
+    from harness.config import load_config
+
+    config = load_config(None, ["--heads.tasks=[{name: pn, column: label, positives: [1], grade_range: null, "
+                                "class_names: [normal, pneumonia]}]"])
+    spec = TaskSpec.from_config(config.heads.tasks[0])
+    assert spec.class_names == ("normal", "pneumonia")
+    assert TaskSpec.from_dict(spec.to_dict()) == spec  # recorded in heads.json and read back
+    old = {k: v for k, v in spec.to_dict().items() if k != "class_names"}  # a heads.json from before the field
+    assert TaskSpec.from_dict(old).class_names is None
