@@ -17,20 +17,7 @@ from harness.config import ConfigError, HeadsConfig, load_config
 from harness.grading import grading_report
 from harness.head_spec import UNCAPPED_ITER, HeadOptions
 from harness.heads import FittedHead, TaskResult, TaskSpec, evaluate_task, fit_head, fit_task
-from harness.latents import LatentsTable
-
-
-def graded_table(n: int = 240, d: int = 12, seed: int = 0) -> LatentsTable:
-    """Grades 0..3 shift the latents along a direction; features on very different scales (standardizing matters)."""
-    rng = np.random.default_rng(seed)
-    grades = rng.choice(4, size=n, p=[0.45, 0.2, 0.2, 0.15])
-    direction = rng.normal(size=d)
-    z = rng.normal(size=(n, d)) + 0.6 * grades[:, None] * direction / np.linalg.norm(direction)
-    z *= np.geomspace(0.1, 10.0, d)  # (N, D)
-    splits = np.where(np.arange(n) % 4 == 0, "test", "train")
-    return LatentsTable(ids=[f"r{i}" for i in range(n)], splits=splits, z_sem=z.astype(np.float32),
-                        labels={"grade": grades})
-
+from tests.helpers.latents import graded_table
 
 TASK = TaskSpec("fracture", "grade", (1, 2, 3), None, (0, 3))
 

@@ -14,7 +14,7 @@ from harness.config import ConfigError
 from harness.head_tasks import check_task_labels, infer_tasks, numeric_labels
 from harness.heads import TaskSpec
 from harness.latents import LatentsError, load_latents, save_latents
-from tests.test_head_spec import graded_table
+from tests.helpers.latents import graded_table
 
 
 def test_safetensors_round_trip(tmp_path):

@@ -15,7 +15,7 @@ from harness.heads import fit_task
 from harness.job_support import load_job_yaml
 from harness.latents import LatentsError, LatentsTable, load_latents, save_latents
 from harness.sweep import SweepJob, cv_tables, fit_final, run_trial
-from tests.test_sweep import synthetic_latents, write_job
+from tests.helpers.latents import synthetic_latents, write_job
 
 
 def no_val_latents(tmp_path) -> tuple[LatentsTable, object]:
@@ -75,15 +75,6 @@ def test_search_protocols(tmp_path):
     assert default.search.class_weight is None and default.search.standardize is True  # null: no weights
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_DISABLE_USAGE_STATS", "1")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        yield ray
-        ray.shutdown()
 
 
 def test_sweep_without_val_split_selects_by_cv(tmp_path, local_ray):
