@@ -8,10 +8,14 @@ silently continuing with an artifact made from other inputs.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
-from harness.config import RunConfig, to_dict
+from harness.config import ConfigError, RunConfig, load_config, to_dict
+from harness.fileio import canonical_sha256
 
 # Train-section fields that do not change what a training run computes: where it writes, how often it logs,
 # and how long it runs (a longer total_samples extends a run with --resume, it does not change the run).
@@ -78,10 +82,6 @@ def manifest_hash(shard_dir: str | Path) -> str | None:
 
     The ``created`` timestamp is left out, so re-writing identical shards gives the same hash.
     """
-    import json
-
-    from harness.fileio import canonical_sha256
-
     path = Path(shard_dir) / "manifest.json"
     if not path.is_file():
         return None
@@ -96,10 +96,6 @@ _RUN_CONTENT = ("checkpoints", "final")
 
 def _stored_run_fingerprint(out_dir: Path) -> dict[str, Any] | None:
     """The fingerprint a run folder was made with: ``run.json``, else derived from an older folder's config.yaml."""
-    import json
-
-    from harness.config import ConfigError, load_config
-
     record = out_dir / RUN_RECORD
     if record.is_file():
         return json.loads(record.read_text()).get("fingerprint")
@@ -146,8 +142,6 @@ def check_run_folder(out_dir: str | Path, fingerprint: dict[str, Any], resume: b
 
 def clear_run_folder(out_dir: str | Path) -> None:
     """Delete what a run folder's training wrote (checkpoints, final model, previews, run record); nothing else."""
-    import shutil
-
     out_dir = Path(out_dir)
     for name in (*_RUN_CONTENT, "previews"):
         shutil.rmtree(out_dir / name, ignore_errors=True)
@@ -158,9 +152,7 @@ def clear_run_folder(out_dir: str | Path) -> None:
 def weights_sha256(module: Any) -> str:
     """SHA-256 over a network's state dict (names, dtypes, shapes, bytes): identifies the weights that made an
     artifact (e.g. a latents table) whether or not they came from a file."""
-    import hashlib
-
-    import torch
+    import torch  # only here: the rest of this module stays importable without torch
 
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):

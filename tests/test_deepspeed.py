@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.deepspeed_step import run_step
+from helpers.deepspeed_step import check_zero2_step, run_step
 
 from harness.config import ConfigError, TrainConfig, load_config
 from harness.distributed import deepspeed_plugin
@@ -115,14 +115,6 @@ def test_zero2_step_on_cpu_clips_and_computes_as_the_job_says(tmp_path, clip, pr
     pytest.importorskip("transformers", reason="the `deepspeed` extra is not installed (Accelerate needs transformers)")
     summary = run_step(tmp_path / "step.json", [f"--train.grad_clip={clip}", f"--train.mixed_precision='{precision}'"],
                        "cpu")
-    assert summary["engine"] == "DeepSpeedEngine" and summary["device"] == "cpu" and summary["zero_stage"] == 2
-    assert summary["gradient_clipping"] == clip
-    assert summary["torch_autocast"] is (precision == "bf16") and not summary["bf16_engine"]
-    assert not summary["fp16_engine"] and summary["param_dtype"] == "torch.float32"
-    assert summary["compute_dtype"] == ("torch.bfloat16" if precision == "bf16" else "torch.float32")
+    check_zero2_step(summary, clip, precision, "cpu")
+    assert not summary["fp16_engine"]
     assert summary["loss"] == summary["loss"] and 0 < summary["loss"] < 10
-    # SGD with lr 1 moves the weights by the clipped gradient: by the job's clip (not Accelerate's 1.0) when the
-    # gradient is longer, by the whole gradient when clipping is off (0).
-    assert summary["grad_norm"] > 1.0
-    expected = clip if clip > 0 else summary["grad_norm"]
-    assert summary["update_norm"] == pytest.approx(expected, rel=2e-2)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.deepspeed_step import run_step
+from helpers.deepspeed_step import check_zero2_step, run_step
 from helpers.training import run_training, tiny_args
 
 from harness import checkpoint as ckpt
@@ -89,13 +89,5 @@ def test_deepspeed_zero2_step_on_gpu_takes_clipping_and_precision_from_the_job(t
     pytest.importorskip("transformers", reason="the `deepspeed` extra is not installed (Accelerate needs transformers)")
     summary = run_step(tmp_path / "step.json", [f"--train.grad_clip={clip}", f"--train.mixed_precision='{precision}'"],
                        "cuda")
-    assert summary["engine"] == "DeepSpeedEngine" and summary["device"] == "cuda" and summary["zero_stage"] == 2
-    assert summary["gradient_clipping"] == clip
-    assert summary["torch_autocast"] is (precision == "bf16") and not summary["bf16_engine"]
-    assert summary["param_dtype"] == "torch.float32"  # master weights stay fp32 under autocast
-    assert summary["compute_dtype"] == ("torch.bfloat16" if precision == "bf16" else "torch.float32")
+    check_zero2_step(summary, clip, precision, "cuda")
     assert np.isfinite(summary["loss"]) and 0 < summary["loss"] < 10
-    # SGD with lr 1 moves the weights by the clipped gradient (see tests/helpers/deepspeed_step.py).
-    assert summary["grad_norm"] > 1.0
-    expected = clip if clip > 0 else summary["grad_norm"]
-    assert summary["update_norm"] == pytest.approx(expected, rel=2e-2)

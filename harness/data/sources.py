@@ -59,12 +59,13 @@ def check_shard_geometry(shard_dir: str | Path, image_size: int, channels: int, 
     manifest = read_manifest(shard_dir)
     height, width = manifest["image_size"]
     where = shard_dir / MANIFEST_NAME
-    for key, value, found, unit, held in (
-            ("channels", channels, manifest["channels"], "channel(s)", f"{manifest['channels']}-channel images"),
-            ("image_size", image_size, height if height == width else f"{height}x{width}", "px",
-             f"{height}x{width} images")):
-        if (key == "channels" and value != found) or (key == "image_size" and (height, width) != (value, value)):
-            fields = dict(key=key, value=value, found=found, unit=unit)
-            raise ShardError(f"error: {subject.format(**fields)} but {where} holds {held}: "
-                             f"{remedy.format(**fields)}")
-    return manifest
+    if manifest["channels"] != channels:
+        fields = dict(key="channels", value=channels, found=manifest["channels"], unit="channel(s)")
+        held = f"{manifest['channels']}-channel images"
+    elif (height, width) != (image_size, image_size):
+        fields = dict(key="image_size", value=image_size, found=height if height == width else f"{height}x{width}",
+                      unit="px")
+        held = f"{height}x{width} images"
+    else:
+        return manifest
+    raise ShardError(f"error: {subject.format(**fields)} but {where} holds {held}: {remedy.format(**fields)}")

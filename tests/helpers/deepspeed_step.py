@@ -42,6 +42,22 @@ def run_step(out: Path, overrides: list[str], device: str, timeout: float = 500)
     return json.loads(out.read_text())
 
 
+def check_zero2_step(summary: dict[str, Any], clip: float, precision: str, device: str) -> None:
+    """What a ZeRO-2 step run by :func:`run_step` must show on any device: the job's clipping and precision."""
+    import pytest
+
+    assert summary["engine"] == "DeepSpeedEngine" and summary["device"] == device and summary["zero_stage"] == 2
+    assert summary["gradient_clipping"] == clip
+    assert summary["torch_autocast"] is (precision == "bf16") and not summary["bf16_engine"]
+    assert summary["param_dtype"] == "torch.float32"  # master weights stay fp32 under autocast
+    assert summary["compute_dtype"] == ("torch.bfloat16" if precision == "bf16" else "torch.float32")
+    # SGD with lr 1 moves the weights by the clipped gradient: by the job's clip (not Accelerate's 1.0) when the
+    # gradient is longer, by the whole gradient when clipping is off (0).
+    assert summary["grad_norm"] > 1.0
+    expected = clip if clip > 0 else summary["grad_norm"]
+    assert summary["update_norm"] == pytest.approx(expected, rel=2e-2)
+
+
 def main(out: str, overrides: list[str]) -> None:
     import torch
     from accelerate import Accelerator

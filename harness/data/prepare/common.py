@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from harness import fileio
+from harness.fileio import sha256_file  # noqa: F401  (re-exported to the preparers)
 
 STATE_DIR = ".prepare"  # finished-chunk records of an unfinished run; removed once the manifest is written
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -139,17 +140,9 @@ def summarise_skips(skips: Sequence[Skip], examples: int = 3) -> list[str]:
     return lines
 
 
-def sha256_file(path: str | Path) -> str:
-    """SHA-256 of a file, streamed."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then rename: readers never see half a file."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(temp, path)
+    """Sorted-key JSON written atomically (one implementation: :func:`harness.fileio.write_json_atomic`)."""
+    fileio.write_json_atomic(path, payload, sort_keys=True)
 
 
 # --- Splits ---------------------------------------------------------------------------------------------------
