@@ -15,11 +15,13 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 install: $(VENV)/.installed
 
+# --no-cache-dir: where torch's CUDA libraries come from a registry (several GB) a wheel cache would double the disk
+# an install needs.
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	$(PY) -m pip install -q --no-cache-dir $(TORCH)
+	$(PY) -m pip install -q --no-cache-dir -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $@
 
 # Training runs as two DDP processes over gloo (one thread each): on a small CPU that is about twice the images/s of
