@@ -15,6 +15,7 @@ iteration residual, so few steps suffice.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from harness.fileio import sha256_file
 from harness.model_spec import SPEC_NAME, WEIGHTS_NAME, ModelSpec, read_model_spec
 from harness.models import DAE
 
+PRECISIONS = ("fp32", "bf16")
+
 
 def _chunked(fn: Callable[..., Tensor], batch_size: int, *tensors: Tensor) -> Tensor:
     """Apply ``fn`` to aligned slices of ``tensors`` and concatenate along the batch dimension."""
@@ -51,14 +54,19 @@ class DiffusionAutoencoder:
     ``prediction`` ("eps" | "v") is what the network outputs; ``clip_x0`` clamps the predicted x_0 to [-1, 1] at
     every decoding step; ``invert_to`` (a timestep, None = T-1) is the depth of inversion and the start of
     decoding; ``inversion`` ("ddim" | "fixed_point") with ``fixed_point_iters`` / ``fixed_point_anderson`` is how
-    each inversion step is solved. :meth:`from_config` reads them all from ``config.diffusion``.
+    each inversion step is solved. ``precision`` ("fp32" | "bf16") runs the networks under bf16 autocast,
+    ``channels_last`` stores activations NHWC and ``compile`` wraps the network in ``torch.compile``; the
+    benchmark ``benchmarks/ce_speed.py`` measures where each pays. :meth:`from_config` reads them all from ``config.diffusion``.
     """
 
     def __init__(self, dae: DAE, alpha_bar: Tensor, device: str | torch.device | None = None,
                  batch_size: int = 64, invert_steps: int = 250, decode_steps: int = 100,
                  dtype: torch.dtype = torch.float32, prediction: str = "eps", clip_x0: bool = False,
                  invert_to: int | None = None, inversion: str = "ddim", fixed_point_iters: int = 4,
-                 fixed_point_anderson: bool = True) -> None:
+                 fixed_point_anderson: bool = True, precision: str = "fp32", channels_last: bool = False,
+                 compile: bool = False) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if inversion not in INVERSIONS:
@@ -76,6 +84,21 @@ class DiffusionAutoencoder:
         self.inversion = inversion
         self.fixed_point_iters = fixed_point_iters
         self.fixed_point_anderson = fixed_point_anderson
+        self.precision = precision
+        self.channels_last = channels_last
+        if channels_last:
+            self.dae = self.dae.to(memory_format=torch.channels_last)
+        # The network as called per step; compiled lazily by torch on the first call (minutes on a CPU).
+        self._network: Callable[..., Tensor] = torch.compile(self.dae) if compile else self.dae
+
+    def _network_context(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast around network calls only: the sampler's state and its updates (Eq. 12) stay fp32."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _layout(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @classmethod
     def from_config(cls, dae: DAE, config: RunConfig, **kwargs) -> DiffusionAutoencoder:
@@ -105,7 +128,12 @@ class DiffusionAutoencoder:
         No gradient context is imposed: wrap calls in ``torch.no_grad()`` unless gradients are wanted.
         """
         z = z.to(self.device, self.dtype)
-        return eps_fn_from_output(lambda x_t, t: self.dae(x_t, t, z_sem=z), self.alpha_bar, self.prediction)
+
+        def network(x_t: Tensor, t: Tensor) -> Tensor:
+            with self._network_context():
+                return self._network(self._layout(x_t), t, z_sem=z).float()
+
+        return eps_fn_from_output(network, self.alpha_bar, self.prediction)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
@@ -113,7 +141,8 @@ class DiffusionAutoencoder:
         out_device = x.device
 
         def run(xb: Tensor) -> Tensor:
-            return self.dae.encode(xb.to(self.device, self.dtype)).float()
+            with self._network_context():
+                return self.dae.encode(self._layout(xb.to(self.device, self.dtype))).float()
 
         return _chunked(run, self.batch_size, x).to(out_device)
 

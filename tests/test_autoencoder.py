@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -172,3 +174,33 @@ def test_bad_objective_and_decoding_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert fragment in str(err.value)
+
+
+def test_bf16_and_channels_last_change_the_arithmetic_not_the_answer():
+    # A fresh DAE predicts eps = 0 (zero-initialised output convolutions), for which any precision gives the same
+    # output: perturb every weight so the network's output matters. Compared per network call (a random network's
+    # 5-step round trip is chaotic, a trained one's is measured by benchmarks/ce_speed.py): bf16 must really run
+    # (not bit-identical to fp32) yet stay within a few percent; NHWC storage must not change values beyond fp32 noise.
+    torch.manual_seed(0)
+    dae = build_dae("tiny-32")
+    with torch.no_grad():
+        for parameter in dae.parameters():
+            parameter.add_(0.005 * torch.randn_like(parameter))
+    x = torch.rand(3, 1, 32, 32) * 2 - 1  # (B, C, H, W)
+    x_t, t = torch.randn(3, 1, 32, 32), torch.tensor([10, 400, 900])
+    outputs = {}
+    for name, options in {"fp32": {}, "bf16": {"precision": "bf16"}, "nhwc": {"channels_last": True}}.items():
+        ae = DiffusionAutoencoder(copy.deepcopy(dae), alphas_cumprod(linear_betas()), device="cpu", **options)
+        z = ae.encode(x)  # (B, D)
+        outputs[name] = (z, ae.eps_fn(z)(x_t, t))  # (B, D), (B, C, H, W)
+    for low, full in zip(outputs["bf16"], outputs["fp32"]):
+        assert low.dtype == torch.float32  # the caller always gets fp32 back
+        assert not torch.equal(low, full)
+        assert ((low - full).norm() / full.norm()).item() < 0.05
+    for nhwc, full in zip(outputs["nhwc"], outputs["fp32"]):
+        torch.testing.assert_close(nhwc, full, atol=1e-5, rtol=1e-4)
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        DiffusionAutoencoder(build_dae("tiny-32"), alphas_cumprod(linear_betas()), device="cpu", precision="fp8")

@@ -181,11 +181,13 @@ def test_the_oracle_experiment_scores_every_latent_against_the_truth(tmp_path):
     assert json.loads(results.read_text())["n_test"] == 4
 
 
-def test_ce_speed_times_each_solver_and_batch(tmp_path):
+def test_ce_speed_times_each_solver_variant_and_batch(tmp_path):
     from benchmarks import ce_speed
 
     rows = ce_speed.main(["--model", str(REPO / "tests" / "fixtures" / "model_v1"), "--batches", "1", "2",
-                          "--solvers", "fixed_point 10/10", "--results", str(tmp_path / "speed.jsonl")])
-    assert [(r["solver"], r["batch"]) for r in rows] == [("fixed_point 10/10", 1), ("fixed_point 10/10", 2)]
+                          "--solvers", "fixed_point 10/10", "--variants", "fp32", "bf16",
+                          "--results", str(tmp_path / "speed.jsonl")])
+    assert [(r["variant"], r["batch"]) for r in rows] == [("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)]
     assert all(r["seconds"] > 0 and r["ce_per_s"] == pytest.approx(r["batch"] / r["seconds"], rel=1e-2) for r in rows)
-    assert len((tmp_path / "speed.jsonl").read_text().splitlines()) == 2
+    assert all(0 <= r["recon_mse"] < 0.01 for r in rows)  # fixed-point 10/10 reconstructs (fixture: near exactly)
+    assert len((tmp_path / "speed.jsonl").read_text().splitlines()) == 4
