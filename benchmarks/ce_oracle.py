@@ -13,7 +13,9 @@ unchanged input (``harness.probes.truth_errors``) and by the fracture head on th
 - ``own oracle``: E(truth_i) itself, each image's exact target latent (an upper bound for any direction);
 - ``truth through the DAE``: the truth inverted and decoded with its own code (the decoder's own floor).
 
-If even ``own oracle`` is not closer to the truth than the input, no choice of direction can make CEs faithful
+Each row also says how the CE's image change compares with the true change
+(``harness.probes.change_alignment``): its cosine, its size relative to the truth's, and the share of it inside
+the pixels the truth changes. If even ``own oracle`` is not closer to the truth than the input, no choice of direction can make CEs faithful
 with this model: the decoder is the bottleneck. Healthy phantoms (grade 0) target grade 2; fractured ones grade 0.
 """
 
@@ -36,7 +38,7 @@ from harness.data.phantoms import PhantomParams, generate_phantoms, render, to_u
 from harness.data.transforms import to_model_range  # noqa: E402
 from harness.directions import fit_direction, move_along, signed_distance  # noqa: E402
 from harness.heads import fit_head  # noqa: E402
-from harness.probes import truth_errors  # noqa: E402
+from harness.probes import change_alignment, truth_errors  # noqa: E402
 
 UP_GRADE, DOWN_GRADE = 2, 0  # targets of healthy and fractured phantoms
 
@@ -101,10 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
               "render": args.render, "n_train": args.n_train,
               "n_test": args.n_test, "cos_pattern_vs_mean_oracle": cos, "rows": rows}
     print(f"depth {ae.invert_to}, render {args.render}, {inv}/{dec} steps")
-    print(f"{'latent':<24} {'CE-truth med':>12} {'input-truth med':>15} {'closer':>7} {'validity':>8}")
+    print(f"{'latent':<24} {'CE-truth med':>12} {'input-truth med':>15} {'closer':>7} {'validity':>8} "
+          f"{'cos(change)':>11} {'|change|':>8} {'inside':>6}")
     for name, row in rows.items():
         print(f"{name:<24} {row['ce_error_median']:>12.4f} {row['input_error_median']:>15.4f} "
-              f"{row['closer_than_input']:>7.2f} {row['validity']:>8.2f}")
+              f"{row['closer_than_input']:>7.2f} {row['validity']:>8.2f} {row['change_cosine']:>11.2f} "
+              f"{row['change_magnitude']:>8.2f} {row['change_inside']:>6.2f}")
     print(f"cosine(pattern, mean healthy->fractured oracle move) = {cos:.3f}")
     if args.results:
         with open(args.results, "a") as handle:
@@ -114,7 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _score(x: torch.Tensor, x_ce: torch.Tensor, truth: torch.Tensor) -> dict:
     errors = truth_errors(x, x_ce, truth)
-    return {k: v for k, v in errors.items() if not isinstance(v, np.ndarray)}
+    alignment = change_alignment(x, x_ce, truth)
+    return {**{k: v for k, v in errors.items() if not isinstance(v, np.ndarray)},
+            **{f"change_{k}": v for k, v in alignment.items() if k != "n"}}
 
 
 def _validity(ae: DiffusionAutoencoder, head, x_ce: torch.Tensor, y: np.ndarray) -> dict:

@@ -7,7 +7,8 @@ image is given another image's ``z_sem``; :func:`random_xT_identity` checks that
 ``x_T``) still decodes to an image recognisably its source. Second, a counterfactual can flip the head's
 decision without moving towards the true counterfactual: :func:`truth_errors` scores it against the truth
 (phantoms can be re-rendered at any grade) beside the trivial "change nothing" answer, and
-:func:`realised_fraction` says how much of the intended move in z_sem the re-encoded counterfactual kept.
+:func:`change_alignment` says why a CE misses it (wrong pattern, too small, or spread over pixels the truth leaves
+alone); :func:`realised_fraction` says how much of the intended move in z_sem the re-encoded counterfactual kept.
 
 Pure functions on tensors / arrays; no training-loop or tracking imports.
 """
@@ -127,6 +128,34 @@ def truth_errors(x: Tensor, x_ce: Tensor, truth: Tensor) -> dict[str, Any]:
         "closer_than_input": float(np.mean(ce_error < input_error)), "n": n,
         "ce_error": ce_error, "input_error": input_error,
     }
+
+
+def change_alignment(x: Tensor, x_ce: Tensor, truth: Tensor, region_threshold: float = 0.02) -> dict[str, float]:
+    """Does the image change a CE makes look like the true change? Medians over the batch.
+
+    With ``d = x_ce - x`` (the CE's change) and ``g = truth - x`` (the true change), per sample (all (B, C, H, W)):
+    ``cosine`` = cos(d, g) (1 = the right pattern, 0 = unrelated); ``magnitude`` = ||d|| / ||g|| (1 = the right
+    size); ``inside`` = the share of sum |d| that falls where |g| > ``region_threshold`` (the pixels the truth
+    changes; 1 = a local edit, about ``region_share`` = a change spread evenly over the image). A CE can be
+    farther from the truth than the input because it points the wrong way, is too small, or changes pixels the
+    truth leaves alone; these three tell which. Samples with no true change are skipped.
+    """
+    if not x.shape == x_ce.shape == truth.shape:
+        raise ValueError(f"shapes differ: x {tuple(x.shape)}, x_ce {tuple(x_ce.shape)}, truth {tuple(truth.shape)}")
+    n = x.shape[0]
+    d = (x_ce.double() - x.double()).reshape(n, -1)  # (B, P)
+    g = (truth.double() - x.double()).reshape(n, -1)  # (B, P)
+    region = g.abs() > region_threshold  # (B, P)
+    keep = region.any(dim=1)
+    if not bool(keep.any()):
+        raise ValueError(f"no sample changes by more than {region_threshold} between input and truth")
+    d, g, region = d[keep], g[keep], region[keep]
+    d_size = d.abs().sum(dim=1)
+    cosine = torch.nn.functional.cosine_similarity(d, g, dim=1)
+    inside = torch.where(d_size > 0, (d.abs() * region).sum(dim=1) / d_size.clamp_min(1e-12), torch.nan)
+    return {"cosine": float(cosine.median()), "magnitude": float((d.norm(dim=1) / g.norm(dim=1)).median()),
+            "inside": float(inside.nanmedian()), "region_share": float(region.double().mean(dim=1).median()),
+            "n": int(keep.sum())}
 
 
 def realised_fraction(dist_input: np.ndarray, dist_target: np.ndarray, dist_reencoded: np.ndarray,

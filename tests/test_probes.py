@@ -21,6 +21,7 @@ from harness.floors import (
 from harness.heads import TaskSpec
 from harness.models import build_dae
 from harness.probes import (
+    change_alignment,
     random_xT_identity,
     realised_fraction,
     realised_fraction_summary,
@@ -146,6 +147,24 @@ def test_truth_errors_golden():
     assert out["n"] == 4
     with pytest.raises(ValueError, match="shapes differ"):
         truth_errors(x, x_ce[:2], truth)
+
+
+def test_change_alignment_separates_wrong_pattern_small_size_and_spread():
+    x = torch.zeros(2, 1, 4, 4)  # (B, C, H, W)
+    truth = x.clone()
+    truth[:, :, :2, :2] = 0.5  # the true change: a 2x2 square, a quarter of the image
+    perfect = change_alignment(x, truth, truth)
+    assert perfect == pytest.approx({"cosine": 1.0, "magnitude": 1.0, "inside": 1.0, "region_share": 0.25, "n": 2})
+    half = change_alignment(x, x + 0.5 * (truth - x), truth)  # right pattern, half the size
+    assert half["cosine"] == pytest.approx(1.0) and half["magnitude"] == pytest.approx(0.5)
+    spread = change_alignment(x, x + 0.1, truth)  # an even brightness shift: inside = the region's share
+    assert spread["inside"] == pytest.approx(0.25) and spread["cosine"] == pytest.approx(0.5)
+    elsewhere = x.clone()
+    elsewhere[:, :, 2:, 2:] = 0.5  # the same edit in the wrong place
+    wrong = change_alignment(x, elsewhere, truth)
+    assert wrong["cosine"] == pytest.approx(0.0) and wrong["inside"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="no sample changes"):
+        change_alignment(x, x, x)
 
 
 def test_realised_fraction_golden():
