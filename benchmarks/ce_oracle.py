@@ -5,7 +5,7 @@
 On phantoms the true counterfactual of every image is known (the same phantom re-rendered at another grade), so
 the latent move that *should* be made is known too: ``delta_i = E(truth_i) - E(x_i)``. Decoding (residual
 rendering, the image's own x_T) is compared for four latents, each scored against the truth beside the
-unchanged input (``harness.probes.truth_errors``) and by the fracture head on the re-encoded image:
+unchanged input (``harness.method.probes.truth_errors``) and by the fracture head on the re-encoded image:
 
 - ``pattern 1x``: the project's default CE (the head's pattern Cov(z) n, reflected across the boundary);
 - ``mean oracle``: z + the mean of ``delta`` over training phantoms of the same class (the best single
@@ -14,7 +14,7 @@ unchanged input (``harness.probes.truth_errors``) and by the fracture head on th
 - ``truth through the DAE``: the truth inverted and decoded with its own code (the decoder's own floor).
 
 Each row also says how the CE's image change compares with the true change
-(``harness.probes.change_alignment``): its cosine, its size relative to the truth's, and the share of it inside
+(``harness.method.probes.change_alignment``): its cosine, its size relative to the truth's, and the share of it inside
 the pixels the truth changes. If even ``own oracle`` is not closer to the truth than the input, no choice of direction can make CEs faithful
 with this model: the decoder is the bottleneck. Healthy phantoms (grade 0) target grade 2; fractured ones grade 0.
 """
@@ -32,13 +32,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from harness.autoencoder import DiffusionAutoencoder  # noqa: E402
-from harness.counterfactual import encode_for_counterfactuals, render_counterfactuals  # noqa: E402
 from harness.data.phantoms import PhantomParams, generate_phantoms, render, to_uint8  # noqa: E402
 from harness.data.transforms import to_model_range  # noqa: E402
-from harness.directions import fit_direction, move_along, signed_distance  # noqa: E402
-from harness.heads import fit_head  # noqa: E402
-from harness.probes import change_alignment, truth_errors  # noqa: E402
+from harness.method.autoencoder import DiffusionAutoencoder  # noqa: E402
+from harness.method.counterfactual import encode_for_counterfactuals, render_counterfactuals  # noqa: E402
+from harness.method.directions import fit_direction, move_along, signed_distance  # noqa: E402
+from harness.method.heads import fit_head  # noqa: E402
+from harness.method.probes import change_alignment, truth_errors  # noqa: E402
 
 UP_GRADE, DOWN_GRADE = 2, 0  # targets of healthy and fractured phantoms
 

@@ -5,7 +5,7 @@
 Each recipe is a set of run-config overrides on ``jobs/phantoms_demo.yaml``. The DAE is trained (resumed) to each
 budget in ``--out/<recipe>``, then measured on the phantoms, where the true counterfactual is known:
 
-- z-usage: the denoising error with the true vs a shuffled z_sem at t = 250 .. 950 (``harness.probes.z_usage``);
+- z-usage: the denoising error with the true vs a shuffled z_sem at t = 250 .. 950 (``harness.method.probes.z_usage``);
   random-x_T decodes: how often a decode is nearest its own source (chance = 1/B);
 - detection AUC of the ``fracture`` SVM head on z_sem beside the raw-pixel and random-encoder floors;
 - for each ``direction:render[:depth]`` of ``--ce`` (depth: the timestep the inversion stops at; T = full) and
@@ -30,7 +30,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from harness.autoencoder import DiffusionAutoencoder  # noqa: E402
 from harness.checkpoint import checkpoint_name  # noqa: E402
 from harness.cli import run_main  # noqa: E402
 from harness.config import load_config  # noqa: E402
@@ -41,10 +40,11 @@ from harness.evaluate import (  # noqa: E402
     evaluate_heads,
     fit_directions,
 )
-from harness.heads import TaskSpec  # noqa: E402
-from harness.latents import load_latents  # noqa: E402
+from harness.method.autoencoder import DiffusionAutoencoder  # noqa: E402
+from harness.method.heads import TaskSpec  # noqa: E402
+from harness.method.latents import load_latents  # noqa: E402
+from harness.method.probes import random_xT_identity, z_usage  # noqa: E402
 from harness.pipeline import take_balanced  # noqa: E402
-from harness.probes import random_xT_identity, z_usage  # noqa: E402
 from harness.train_dae import main as train_main  # noqa: E402
 
 JOB = REPO / "jobs" / "phantoms_demo.yaml"

@@ -25,12 +25,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from harness.autoencoder import DiffusionAutoencoder  # noqa: E402
 from harness.config import load_config  # noqa: E402
 from harness.diffusion import counterfactual_nfe  # noqa: E402
 from harness.evaluate import evaluate_counterfactual_set, evaluate_heads, fit_directions  # noqa: E402
-from harness.heads import TaskSpec  # noqa: E402
-from harness.latents import load_latents  # noqa: E402
+from harness.method.autoencoder import DiffusionAutoencoder  # noqa: E402
+from harness.method.heads import TaskSpec  # noqa: E402
+from harness.method.latents import load_latents  # noqa: E402
 from harness.pipeline import take_balanced  # noqa: E402
 
 JOB = REPO / "jobs" / "phantoms_demo.yaml"

@@ -3,7 +3,7 @@
     python benchmarks/ce_speed.py --model runs/recipes/eps/final [--batches 1 16 64]
 
 A CE here is what the pipeline does per image: encode, invert to full depth, decode a moved latent
-(``harness.counterfactual``), under ``torch.inference_mode``, on fresh phantoms. DDIM 250 / 100 (the paper's, 351
+(``harness.method.counterfactual``), under ``torch.inference_mode``, on fresh phantoms. DDIM 250 / 100 (the paper's, 351
 UNet evaluations) is timed beside fixed-point 10 / 10 (61 evaluations, ``benchmarks/RESULTS.md``, "Encoding").
 """
 
@@ -20,10 +20,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from harness.autoencoder import DiffusionAutoencoder  # noqa: E402
-from harness.counterfactual import encode_for_counterfactuals, render_counterfactuals  # noqa: E402
 from harness.data.phantoms import generate_phantoms  # noqa: E402
 from harness.data.transforms import to_model_range  # noqa: E402
+from harness.method.autoencoder import DiffusionAutoencoder  # noqa: E402
+from harness.method.counterfactual import encode_for_counterfactuals, render_counterfactuals  # noqa: E402
 
 SOLVERS = {"ddim 250/100": ("ddim", 250, 100), "fixed_point 10/10": ("fixed_point", 10, 10)}
 # How the network runs: precision, memory layout, torch.compile. "fp32" is the default everywhere else.

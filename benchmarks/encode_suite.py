@@ -92,7 +92,7 @@ def time_reconstruction(ae: Any, images: torch.Tensor, invert_steps: int, decode
 
 def encode_suite(ctx: SuiteContext) -> SuiteResult:
     """Throughput and reconstruction error per step count, a batch sweep, paper-96 and the reference ratio."""
-    from harness.autoencoder import DiffusionAutoencoder
+    from harness.method.autoencoder import DiffusionAutoencoder
 
     result = SuiteResult()
     small = ctx.small
@@ -187,8 +187,8 @@ def _solver_table(ae: Any, images: torch.Tensor, label: str, batch: int, paper_m
 
 def _paper96_throughput(ctx: SuiteContext, result: SuiteResult, batch: int) -> None:
     """paper-96 with random weights at the paper's 250 / 100 steps, fp32 and bf16 (speed only)."""
-    from harness.autoencoder import DiffusionAutoencoder
     from harness.diffusion import alphas_cumprod, linear_betas
+    from harness.method.autoencoder import DiffusionAutoencoder
     from harness.models import build_dae
 
     torch.manual_seed(0)

@@ -5,7 +5,7 @@
 
 The latents are Gaussian with the label carried by a few directions plus label noise, so the solvers face a
 realistic, not perfectly separable, problem. ``fit`` is the estimator's own fit; ``total`` adds standardization,
-the mapping back to raw space and the Platt fit, i.e. everything ``harness.heads.fit_head`` does.
+the mapping back to raw space and the Platt fit, i.e. everything ``harness.method.heads.fit_head`` does.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from harness.heads import HEAD_KINDS, cuda_available, fit_head
+from harness.method.heads import HEAD_KINDS, cuda_available, fit_head
 
 
 def random_latents(rows: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -36,14 +36,14 @@ def npz_path() -> Path:
 
 def pneumonia_suite(ctx: SuiteContext) -> SuiteResult:
     """Test-split detection AUC and F1 of the svm and logistic heads, and the reconstruction MSE."""
-    from harness.autoencoder import DiffusionAutoencoder
     from harness.config import load_config
     from harness.data import eval_loader
     from harness.data.sources import ensure_shards
     from harness.encode import encode_to_table
     from harness.evaluate import evaluate_heads, evaluate_reconstruction
-    from harness.heads import TaskSpec
-    from harness.latents import load_latents
+    from harness.method.autoencoder import DiffusionAutoencoder
+    from harness.method.heads import TaskSpec
+    from harness.method.latents import load_latents
     from harness.train_dae import main as train_main
 
     budget = SMALL_BUDGET if ctx.small else FULL_BUDGET

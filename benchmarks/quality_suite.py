@@ -40,13 +40,13 @@ def _overrides(work_dir: Path, shards: Path, budget: dict) -> list[str]:
 
 def quality_suite(ctx: SuiteContext) -> SuiteResult:
     """Detection AUC, grading MAE and macro-F1, CE validity, CE-vs-truth error and reconstruction error."""
-    from harness.autoencoder import DiffusionAutoencoder
     from harness.config import load_config
     from harness.data import eval_loader, write_phantom_shards
     from harness.encode import encode_to_table
     from harness.evaluate import evaluate_counterfactual_set, evaluate_heads, evaluate_reconstruction
-    from harness.heads import TaskSpec
-    from harness.latents import load_latents
+    from harness.method.autoencoder import DiffusionAutoencoder
+    from harness.method.heads import TaskSpec
+    from harness.method.latents import load_latents
     from harness.train_dae import main as train_main
 
     budget = SMALL_BUDGET if ctx.small else FULL_BUDGET

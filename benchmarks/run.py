@@ -108,7 +108,7 @@ def run_suites(names: list[str], ctx: SuiteContext, argv: list[str] | None = Non
 def track_record(record: dict[str, Any], record_path: Path, tracking_uri: str | None, out_dir: Path) -> str | None:
     """Log one MLflow run: provenance as params, metric values as metrics, the record file as an artifact."""
     from harness.config import TrackConfig
-    from harness.tracking import Tracker
+    from harness.ops.tracking import Tracker
 
     label = "+".join(record["suites"])
     tracker = Tracker(TrackConfig(enabled=True, tracking_uri=tracking_uri, experiment="dae-cf-benchmarks",

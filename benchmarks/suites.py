@@ -152,7 +152,7 @@ def heads_suite(ctx: SuiteContext) -> SuiteResult:
     """Fit time of each head kind on a rows x 512 latents table per backend; the Ray sweep's speed-up."""
     from sklearn.metrics import roc_auc_score
 
-    from harness.heads import HEAD_KINDS, cuda_available, fit_head
+    from harness.method.heads import HEAD_KINDS, cuda_available, fit_head
 
     result = SuiteResult()
     rows = 2_000 if ctx.small else 12_000

@@ -34,10 +34,10 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np  # noqa: E402
 
 from harness.config import TrackConfig  # noqa: E402
-from harness.heads import cuda_available  # noqa: E402
 from harness.job_support import Resources  # noqa: E402
-from harness.latents import LatentsTable  # noqa: E402
-from harness.sweep import FitRule, SearchSpace, SweepJob, SweepTask  # noqa: E402
+from harness.method.heads import cuda_available  # noqa: E402
+from harness.method.latents import LatentsTable  # noqa: E402
+from harness.ops.sweep import FitRule, SearchSpace, SweepJob, SweepTask  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,9 +18,9 @@ from harness.checkpoint import CheckpointError
 from harness.config import ConfigError
 from harness.data.prepare.common import PrepareError
 from harness.data.shards import ShardError
-from harness.directions import DirectionError
 from harness.fingerprint import StaleArtifactError
-from harness.heads import HeadFitError
+from harness.method.directions import DirectionError
+from harness.method.heads import HeadFitError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, DirectionError, ShardError,
                                                 PrepareError, StaleArtifactError, HeadFitError, FileNotFoundError,

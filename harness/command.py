@@ -37,7 +37,7 @@ class Verb:
 
 
 def _serve_argv(argv: list[str]) -> list[str]:
-    # harness.serving has one subcommand, `build`; `dae-cf serve --model ...` means it (naming it is allowed too).
+    # harness.ops.serving has one subcommand, `build`; `dae-cf serve --model ...` means it (naming it is allowed too).
     return argv if argv[:1] == ["build"] else ["build", *argv]
 
 
@@ -46,7 +46,7 @@ REGISTRY_COMMANDS = ("promote", "tag", "show")
 
 def _promote_argv(argv: list[str]) -> list[str]:
     # `dae-cf promote --name N --version V` is the registry's `promote`; `dae-cf promote tag|show ...` reaches its
-    # other subcommands. The registry's --tracking-uri may stand first, as in `python -m harness.registry`.
+    # other subcommands. The registry's --tracking-uri may stand first, as in `python -m harness.ops.registry`.
     head = 2 if argv[:1] == ["--tracking-uri"] else 1 if argv[:1] and argv[0].startswith("--tracking-uri=") else 0
     if argv[head:head + 1] and argv[head] in REGISTRY_COMMANDS:
         return argv
@@ -60,17 +60,17 @@ VERBS: dict[str, Verb] = {
                   "harness.train_dae:main"),
     "encode": Verb("encode shards into a latents table (z_sem, optional x_T)", "harness.encode:main"),
     "heads": Verb("fit and evaluate linear heads on any latents table (heads.json, tables, figures)",
-                  "harness.fit_heads_job:main"),
+                  "harness.ops.fit_heads_job:main"),
     "sweep": Verb("Ray Tune sweep of linear heads: selection on val, test once, MLflow child runs",
-                  "harness.sweep_job:main"),
+                  "harness.ops.sweep_job:main"),
     "baseline": Verb("DenseNet121 from scratch on the same shards, tuned with Ray Tune",
-                     "harness.baseline_job:main"),
+                     "harness.ops.baseline_job:main"),
     "compare": Verb("per task, DAE + linear head vs the baseline: metrics, labels used, compute",
-                    "harness.compare_job:main"),
+                    "harness.ops.compare_job:main"),
     "serve": Verb("build the served explainer (MLflow pyfunc) of one task; serve it: mlflow models serve -m OUT",
-                  "harness.serving:main", _serve_argv),
+                  "harness.ops.serving:main", _serve_argv),
     "promote": Verb("make a registered DAE version champion unless a benchmark metric is worse (also: promote "
-                    "tag|show)", "harness.registry:main", _promote_argv),
+                    "tag|show)", "harness.ops.registry:main", _promote_argv),
     "report": Verb("not a step of its own: `pipeline` writes the report, at <eval.out_dir>/report/index.html",
                    None),
     "pipeline": Verb("the whole method on one job file: train -> encode -> heads -> counterfactuals -> report",

@@ -240,7 +240,7 @@ UNSET_CLASS_WEIGHT = "protocol"  # heads.class_weight left to the protocol (null
 class HeadsConfig:
     """Linear heads fitted on z_sem and the distance-to-grade calibration.
 
-    ``protocol`` (``project`` | ``paper``, see harness.head_spec) gives the fitting choices left out; the paper
+    ``protocol`` (``project`` | ``paper``, see harness.method.head_spec) gives the fitting choices left out; the paper
     preset refuses explicit values that contradict it. After loading every choice holds its resolved value.
     """
 
@@ -257,7 +257,7 @@ class HeadsConfig:
     max_iter: int | None = None  # project 5000; paper -1 (no cap)
 
     def __post_init__(self) -> None:
-        from harness.head_spec import HEAD_KINDS, HeadOptions
+        from harness.method.head_spec import HEAD_KINDS, HeadOptions
 
         _require(self.calibration in ("extremes", "lstsq", "poly"), "heads.calibration", "extremes, lstsq or poly")
         _require(self.backend in ("auto", "sklearn", "cuml"), "heads.backend", "must be auto, sklearn or cuml")
@@ -279,21 +279,22 @@ class HeadsConfig:
             object.__setattr__(self, key, getattr(options, key))
 
     def options(self) -> Any:
-        """The resolved :class:`harness.head_spec.HeadOptions` of this section."""
-        from harness.head_spec import HeadOptions
+        """The resolved :class:`harness.method.head_spec.HeadOptions` of this section."""
+        from harness.method.head_spec import HeadOptions
 
         return HeadOptions.from_config(self)
 
 
-# The names of harness.directions.DIRECTIONS and harness.counterfactual.RENDERS (a test keeps them equal); repeated
-# here so that loading a config imports nothing of the method.
+# The names of harness.method.directions.DIRECTIONS and harness.method.counterfactual.RENDERS (a test keeps them
+# equal); repeated here so that loading a config imports nothing of the method.
 CE_DIRECTIONS = ("normal", "pattern", "normal_subspace", "mean_diff")
 CE_RENDERS = ("decode", "residual")
 
 
 @dataclass(frozen=True)
 class CounterfactualConfig:
-    """How counterfactuals move z_sem and are rendered (see harness.directions and harness.counterfactual).
+    """How counterfactuals move z_sem and are rendered (see harness.method.directions and
+    harness.method.counterfactual).
 
     ``direction`` is the one stored with the heads and used by strips, the served explainer and the headline
     figures; ``evaluate_directions`` x ``move_sizes`` are all measured in the report.

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from harness.autoencoder import DiffusionAutoencoder
 from harness.cli import run_main
 from harness.data import eval_loader
 from harness.data.sources import check_shard_geometry
 from harness.fingerprint import manifest_hash, weights_sha256
-from harness.latents import LatentsTable, load_latents, save_latents
+from harness.method.autoencoder import DiffusionAutoencoder
+from harness.method.latents import LatentsTable, load_latents, save_latents
 
 
 def _chunk_path(parts_dir: Path, split: str, rank: int, index: int) -> Path:

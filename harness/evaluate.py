@@ -16,9 +16,11 @@ import torch
 from torch import Tensor
 
 from harness import figures
-from harness.autoencoder import DiffusionAutoencoder
 from harness.checkpoint import atomic_write_text
-from harness.counterfactual import (
+from harness.data.phantoms import PhantomParams, render, to_uint8
+from harness.data.transforms import to_model_range
+from harness.method.autoencoder import DiffusionAutoencoder
+from harness.method.counterfactual import (
     binary_counterfactuals,
     default_grades,
     distance_strip,
@@ -27,16 +29,14 @@ from harness.counterfactual import (
     grade_counterfactuals,
     progression_strip,
 )
-from harness.data.phantoms import PhantomParams, render, to_uint8
-from harness.data.transforms import to_model_range
-from harness.directions import Direction, direction_name
-from harness.floors import floor_rows, images_from_shards, pixel_latents, random_encoder_latents
-from harness.head_spec import HeadOptions
-from harness.head_tasks import check_task_labels
-from harness.heads import TaskResult, TaskSpec, evaluate_task, fit_task, task_direction
-from harness.latents import LatentsTable
-from harness.metrics import roc_curve_points
-from harness.probes import random_xT_identity, z_usage
+from harness.method.directions import Direction, direction_name
+from harness.method.floors import floor_rows, images_from_shards, pixel_latents, random_encoder_latents
+from harness.method.head_spec import HeadOptions
+from harness.method.head_tasks import check_task_labels
+from harness.method.heads import TaskResult, TaskSpec, evaluate_task, fit_task, task_direction
+from harness.method.latents import LatentsTable
+from harness.method.metrics import roc_curve_points
+from harness.method.probes import random_xT_identity, z_usage
 
 # Columns of the paper's Tables 3 and 4, in order.
 DETECTION_COLUMNS = ("task", "kind", "split", "auc", "f1", "accuracy", "sensitivity", "specificity", "n_pos", "n_neg")

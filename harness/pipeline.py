@@ -20,9 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.autoencoder import DiffusionAutoencoder
-from harness.baseline import BaselineJob
-from harness.baseline_job import run_baselines
 from harness.cli import run_main
 from harness.config import RunConfig, dump_yaml, load_config
 from harness.data import eval_loader
@@ -39,13 +36,16 @@ from harness.evaluate import (
     save_heads,
 )
 from harness.figures import save_image_grid, save_latent_map
-from harness.floors import beats_floor
-from harness.heads import TaskSpec
 from harness.job_support import load_job_yaml
-from harness.latents import load_latents
-from harness.metrics import FIDMetric, LPIPSMetric, MissingWeightsError
+from harness.method.autoencoder import DiffusionAutoencoder
+from harness.method.floors import beats_floor
+from harness.method.heads import TaskSpec
+from harness.method.latents import load_latents
+from harness.method.metrics import FIDMetric, LPIPSMetric, MissingWeightsError
+from harness.ops.baseline import BaselineJob
+from harness.ops.baseline_job import run_baselines
+from harness.ops.tracking import Tracker
 from harness.report import Report, check_report
-from harness.tracking import Tracker
 from harness.train_dae import main as train_main
 
 

@@ -29,7 +29,6 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from harness import checkpoint as ckpt
-from harness.autoencoder import DiffusionAutoencoder
 from harness.cli import run_main
 from harness.config import RunConfig, dump_yaml, flatten, load_config
 from harness.data import AugmentSpec, eval_loader, photometric_jitter, train_loader
@@ -39,9 +38,10 @@ from harness.distributed import deepspeed_plugin
 from harness.figures import save_image_grid
 from harness.fileio import write_json_atomic
 from harness.fingerprint import RUN_RECORD, check_run_folder, clear_run_folder, manifest_hash, run_fingerprint
+from harness.method.autoencoder import DiffusionAutoencoder
 from harness.model_spec import write_model_spec
 from harness.models import DAE, build_dae
-from harness.tracking import Tracker
+from harness.ops.tracking import Tracker
 from harness.training_probe import probe_from_config
 
 

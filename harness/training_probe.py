@@ -3,7 +3,7 @@
 A long run should not wait until the end to find out whether the method works. On a fixed labelled validation
 batch the probe measures, with the EMA weights:
 
-- ``z_usage_t{t}``: how much the denoiser relies on z_sem at a few noise levels (``harness.probes.z_usage``);
+- ``z_usage_t{t}``: how much the denoiser relies on z_sem at a few noise levels (``harness.method.probes.z_usage``);
 - ``auc``: a logistic head fitted on the batch's own latents, scored in-sample (a cheap separability signal,
   not a held-out figure);
 - ``ce_validity`` / ``ce_realised``: binary counterfactuals of a few images along the configured direction
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from harness.counterfactual import binary_counterfactuals, evaluate_counterfactuals
-from harness.directions import fit_direction
-from harness.heads import TaskSpec, fit_head
-from harness.metrics import detection_metrics
-from harness.probes import z_usage
+from harness.method.counterfactual import binary_counterfactuals, evaluate_counterfactuals
+from harness.method.directions import fit_direction
+from harness.method.heads import TaskSpec, fit_head
+from harness.method.metrics import detection_metrics
+from harness.method.probes import z_usage
 
 
 def _balanced_rows(y: np.ndarray, n: int) -> np.ndarray:
@@ -41,7 +41,7 @@ def training_probe(ae: Any, x: Tensor, labels: np.ndarray, task: TaskSpec, *, di
                    timesteps: tuple[int, ...] = (250, 500, 750, 950), seed: int = 0) -> dict[str, float]:
     """Probe figures for images ``x`` (B, C, H, W) with labels (B,) under ``task`` (see the module docstring).
 
-    ``ae`` is a :class:`harness.autoencoder.DiffusionAutoencoder`. Returns ``{}``-free floats; figures that
+    ``ae`` is a :class:`harness.method.autoencoder.DiffusionAutoencoder`. Returns ``{}``-free floats; figures that
     cannot be computed (one class only in the batch) are NaN.
     """
     z = ae.encode(x)  # (B, D)
@@ -73,7 +73,7 @@ def training_probe(ae: Any, x: Tensor, labels: np.ndarray, task: TaskSpec, *, di
 def probe_from_config(dae: Any, config: Any, batch: dict[str, Any], device: torch.device) -> dict[str, float]:
     """:func:`training_probe` for the trainer: the run's first task and counterfactual direction on ``batch``
     (an ``eval_loader`` batch of the validation split)."""
-    from harness.autoencoder import DiffusionAutoencoder
+    from harness.method.autoencoder import DiffusionAutoencoder
 
     task = TaskSpec.from_config(config.heads.tasks[0])
     ae = DiffusionAutoencoder.from_config(dae, config, device=device, batch_size=config.eval.batch_size)

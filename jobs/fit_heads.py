@@ -1,8 +1,8 @@
-"""Fit and evaluate linear heads on a latents table: ``dae-cf heads`` (harness/fit_heads_job.py); same flags."""
+"""Fit and evaluate linear heads on a latents table: ``dae-cf heads`` (harness/ops/fit_heads_job.py); same flags."""
 import sys
 
 from harness.cli import run_main
-from harness.fit_heads_job import main
+from harness.ops.fit_heads_job import main
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from harness.autoencoder import DiffusionAutoencoder, load_dae
 from harness.checkpoint import CheckpointError, save_state_dict
 from harness.config import dump_yaml, load_config
 from harness.diffusion import alphas_cumprod, linear_betas
+from harness.method.autoencoder import DiffusionAutoencoder, load_dae
 from harness.model_spec import ModelSpec
 from harness.models import build_dae
 
@@ -110,7 +110,7 @@ def test_eps_fn_converts_the_network_output_by_prediction_type():
 
 
 def test_clip_x0_and_invert_to_reach_the_ddim_calls(monkeypatch):
-    import harness.autoencoder as autoencoder
+    import harness.method.autoencoder as autoencoder
 
     calls = []
     for name in ("ddim_sample", "ddim_invert"):

@@ -11,8 +11,10 @@ import pytest
 import torch
 import yaml
 
-from harness import baseline_job, compare_job
-from harness.baseline import (
+from harness.config import ConfigError
+from harness.job_support import build_dataclass, load_job_yaml
+from harness.ops import baseline_job, compare_job
+from harness.ops.baseline import (
     BaselineJob,
     BaselineTask,
     DataShape,
@@ -23,9 +25,7 @@ from harness.baseline import (
     labels_used,
     score,
 )
-from harness.compare import load_summary, method_row, write_comparison
-from harness.config import ConfigError
-from harness.job_support import build_dataclass, load_job_yaml
+from harness.ops.compare import load_summary, method_row, write_comparison
 from harness.report import check_report
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.counterfactual import (
+from harness.method.counterfactual import (
     CounterfactualBatch,
     binary_counterfactuals,
     default_grades,
@@ -25,7 +25,7 @@ from harness.counterfactual import (
     signed_distance,
     to_grade,
 )
-from harness.heads import Calibration, FittedHead, Hyperplane, fit_calibration, fit_head
+from harness.method.heads import Calibration, FittedHead, Hyperplane, fit_calibration, fit_head
 
 IMAGE_SHAPE = (1, 8, 8)
 Z_DIM = 6
@@ -236,7 +236,7 @@ def test_progression_strip_has_one_frame_per_grade_decoded_in_one_batch() -> Non
 
 
 def test_fitted_head_and_calibration_drive_valid_grade_counterfactuals() -> None:
-    """End to end with heads fitted by harness.heads on latents whose grade follows one latent direction."""
+    """End to end with heads fitted by harness.method.heads on latents whose grade follows one latent direction."""
     ae = LinearAutoencoder()
     rng = np.random.default_rng(8)
     z = rng.normal(size=(80, Z_DIM))
@@ -255,7 +255,7 @@ def test_fitted_head_and_calibration_drive_valid_grade_counterfactuals() -> None
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Directions (harness.directions): every direction lands exactly on the target distance.
+# Directions (harness.method.directions): every direction lands exactly on the target distance.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -270,7 +270,7 @@ def low_rank_latents(n: int = 80, rank: int = 3, seed: int = 5) -> tuple[np.ndar
 
 @pytest.mark.parametrize("name", ["normal", "pattern", "normal_subspace", "mean_diff"])
 def test_every_direction_lands_exactly_on_the_target_distance(name: str) -> None:
-    from harness.directions import fit_direction
+    from harness.method.directions import fit_direction
 
     z_train, y = low_rank_latents()
     head = make_head()
@@ -291,7 +291,7 @@ def test_every_direction_lands_exactly_on_the_target_distance(name: str) -> None
 
 
 def test_directions_are_the_pattern_subspace_and_mean_difference_they_claim() -> None:
-    from harness.directions import fit_direction
+    from harness.method.directions import fit_direction
 
     z_train, y = low_rank_latents()
     hp = make_head().hyperplane
@@ -310,7 +310,7 @@ def test_directions_are_the_pattern_subspace_and_mean_difference_they_claim() ->
 
 
 def test_direction_mistakes_name_the_field() -> None:
-    from harness.directions import DirectionError, fit_direction
+    from harness.method.directions import DirectionError, fit_direction
 
     z_train, y = low_rank_latents(n=4)
     hp = make_head().hyperplane
@@ -323,8 +323,8 @@ def test_direction_mistakes_name_the_field() -> None:
 
 
 def test_config_rejects_unknown_direction_and_matches_the_registries() -> None:
-    from harness import counterfactual, directions
     from harness.config import CE_DIRECTIONS, CE_RENDERS, ConfigError, load_config
+    from harness.method import counterfactual, directions
 
     assert CE_DIRECTIONS == directions.DIRECTIONS and CE_RENDERS == counterfactual.RENDERS
     with pytest.raises(ConfigError, match="counterfactual.direction"):
@@ -335,8 +335,8 @@ def test_config_rejects_unknown_direction_and_matches_the_registries() -> None:
 
 
 def test_heads_file_stores_the_direction_and_old_files_load_as_normal() -> None:
-    from harness.directions import DirectionError, fit_direction
-    from harness.heads import TaskResult, TaskSpec
+    from harness.method.directions import DirectionError, fit_direction
+    from harness.method.heads import TaskResult, TaskSpec
 
     z_train, y = low_rank_latents()
     head = make_head()
@@ -360,7 +360,7 @@ def test_heads_file_stores_the_direction_and_old_files_load_as_normal() -> None:
 def test_on_manifold_direction_flips_a_decoder_that_only_sees_the_latent_subspace() -> None:
     """A decoder that renders only the part of z inside the training subspace (as a DAE trained on such latents
     does): the paper's normal barely moves the image, the pattern moves it across the boundary."""
-    from harness.directions import fit_direction
+    from harness.method.directions import fit_direction
 
     z_train, y = low_rank_latents(rank=2, seed=11)
     basis = np.linalg.svd(z_train - z_train.mean(0))[2][:2]  # (2, D)
@@ -381,7 +381,7 @@ def test_on_manifold_direction_flips_a_decoder_that_only_sees_the_latent_subspac
 
 
 def test_residual_rendering_adds_the_decoded_change_to_the_input() -> None:
-    from harness.counterfactual import encode_for_counterfactuals, render_counterfactuals
+    from harness.method.counterfactual import encode_for_counterfactuals, render_counterfactuals
 
     ae = LinearAutoencoder()
     x = make_images(4)
@@ -400,7 +400,7 @@ def test_truth_error_on_a_phantom_pair_with_a_known_answer() -> None:
     closer than the input; returning the input scores exactly the input's error."""
     from harness.data.phantoms import sample_params
     from harness.evaluate import phantom_truth
-    from harness.probes import truth_errors
+    from harness.method.probes import truth_errors
 
     params = [sample_params(np.random.default_rng(s)).to_dict() for s in range(3)]
     meta = [{"phantom": p} for p in params]
@@ -435,7 +435,7 @@ class ProbeAutoencoder(LinearAutoencoder):
 
 
 def test_training_probe_sees_a_decoder_that_follows_z_and_one_that_ignores_it() -> None:
-    from harness.heads import TaskSpec
+    from harness.method.heads import TaskSpec
     from harness.training_probe import training_probe
 
     task = TaskSpec("bright", "label", (1,), None, None)

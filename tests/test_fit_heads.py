@@ -1,4 +1,4 @@
-"""dae-cf heads (harness.fit_heads_job; alias jobs/fit_heads.py) on latents brought from elsewhere: inferred
+"""dae-cf heads (harness.ops.fit_heads_job; alias jobs/fit_heads.py) on latents brought from elsewhere: inferred
 tasks, the paper's protocol, refused labels."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 
-from harness import fit_heads_job
 from harness.cli import run_main
-from harness.latents import LatentsTable, save_latents
+from harness.method.latents import LatentsTable, save_latents
+from harness.ops import fit_heads_job
 
 
 def graded_0_to_4(path, n: int = 150, seed: int = 1):
@@ -83,8 +83,8 @@ def test_tasks_given_by_job_file_or_override(tmp_path):
 
 def test_a_task_that_leaves_one_class_empty_ends_with_one_line(tmp_path, capsys):
     from harness.cli import run_main
-    from harness.fit_heads_job import main as fit_heads_main
-    from harness.latents import LatentsTable, save_latents
+    from harness.method.latents import LatentsTable, save_latents
+    from harness.ops.fit_heads_job import main as fit_heads_main
 
     rng = np.random.default_rng(0)
     path = save_latents(LatentsTable(ids=np.array([str(i) for i in range(40)]),

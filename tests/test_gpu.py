@@ -19,7 +19,7 @@ from helpers.training import run_training, tiny_args
 from harness import checkpoint as ckpt
 from harness.config import load_config
 from harness.data import write_phantom_shards
-from harness.heads import fit_head
+from harness.method.heads import fit_head
 from harness.models import build_dae
 
 pytestmark = [

@@ -14,9 +14,9 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from harness.config import ConfigError, HeadsConfig, load_config
-from harness.grading import grading_report
-from harness.head_spec import UNCAPPED_ITER, HeadOptions
-from harness.heads import FittedHead, TaskResult, TaskSpec, evaluate_task, fit_head, fit_task
+from harness.method.grading import grading_report
+from harness.method.head_spec import UNCAPPED_ITER, HeadOptions
+from harness.method.heads import FittedHead, TaskResult, TaskSpec, evaluate_task, fit_head, fit_task
 from tests.helpers.latents import graded_table
 
 TASK = TaskSpec("fracture", "grade", (1, 2, 3), None, (0, 3))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from harness.heads import (
+from harness.method.heads import (
     Calibration,
     FittedHead,
     Hyperplane,
@@ -18,7 +18,7 @@ from harness.heads import (
     fit_head,
     fit_task,
 )
-from harness.latents import LatentsTable
+from harness.method.latents import LatentsTable
 
 
 def gaussian_classes(n: int = 200, d: int = 6, gap: float = 4.0, seed: int = 0):

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import Tensor
 
-from harness.autoencoder import DiffusionAutoencoder
 from harness.config import ConfigError, load_config
 from harness.diffusion import (
     alphas_cumprod,
@@ -22,6 +21,7 @@ from harness.diffusion import (
     linear_betas,
     walk_length,
 )
+from harness.method.autoencoder import DiffusionAutoencoder
 from harness.models import build_dae
 
 T = 1000

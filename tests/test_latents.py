@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from harness.latents import LatentsTable, load_latents, save_latents
+from harness.method.latents import LatentsTable, load_latents, save_latents
 
 
 def make_table(n: int = 12, d: int = 8, with_x_T: bool = True, seed: int = 0) -> LatentsTable:

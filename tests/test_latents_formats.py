@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from harness.config import ConfigError
-from harness.head_tasks import check_task_labels, infer_tasks, numeric_labels
-from harness.heads import TaskSpec
-from harness.latents import LatentsError, load_latents, save_latents
+from harness.method.head_tasks import check_task_labels, infer_tasks, numeric_labels
+from harness.method.heads import TaskSpec
+from harness.method.latents import LatentsError, load_latents, save_latents
 from tests.helpers.latents import graded_table
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness import metrics
-from harness.metrics import (
+from harness.method import metrics
+from harness.method.metrics import (
     FIDMetric,
     LPIPSMetric,
     MissingWeightsError,

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.autoencoder import DiffusionAutoencoder, load_dae
 from harness.checkpoint import CheckpointError, list_checkpoints
 from harness.cli import run_main
 from harness.config import load_config
@@ -19,6 +18,7 @@ from harness.data import write_phantom_shards
 from harness.data.shards import ShardError
 from harness.data.sources import check_shards_match, ensure_shards
 from harness.fingerprint import StaleArtifactError, differences, run_fingerprint
+from harness.method.autoencoder import DiffusionAutoencoder, load_dae
 from harness.model_spec import SPEC_NAME, ModelSpec, read_model_spec
 from harness.train_dae import main as train_main
 
@@ -181,7 +181,7 @@ def test_phantom_shards_made_with_other_settings_are_not_reused(tmp_path):
 
 
 def test_a_latents_file_of_another_type_ends_with_one_line_and_writes_nothing(tmp_path, capsys):
-    from harness.fit_heads_job import main as fit_heads_main
+    from harness.ops.fit_heads_job import main as fit_heads_main
 
     fake = tmp_path / "latents.npz"
     fake.write_text("not an archive\n")

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from harness.autoencoder import DiffusionAutoencoder
 from harness.data import write_phantom_shards
 from harness.diffusion import alphas_cumprod, linear_betas
 from harness.encode import encode_to_table
 from harness.fingerprint import manifest_hash, weights_sha256
-from harness.latents import load_latents
+from harness.method.autoencoder import DiffusionAutoencoder
+from harness.method.latents import load_latents
 from harness.models import build_dae
 from harness.report import check_report
 
@@ -115,8 +115,9 @@ def test_main_pipeline_tiny_budget_writes_complete_report(shards, tmp_path):
 
 
 def test_core_modules_do_not_import_entry_point_libraries():
-    code = ("import sys, harness.config, harness.diffusion, harness.models, harness.heads, harness.counterfactual, "
-            "harness.latents, harness.metrics, harness.autoencoder, harness.data.phantoms, harness.data.transforms\n"
+    code = ("import sys, harness.config, harness.diffusion, harness.models, harness.method.heads, "
+            "harness.method.counterfactual, harness.method.latents, harness.method.metrics, "
+            "harness.method.autoencoder, harness.data.phantoms, harness.data.transforms\n"
             "bad = [m for m in ('accelerate', 'ray', 'mlflow', 'webdataset') if m in sys.modules]\n"
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
@@ -124,13 +125,13 @@ def test_core_modules_do_not_import_entry_point_libraries():
 
 
 def test_the_baseline_is_a_call_on_the_loaded_job_and_its_rows_are_read_back(tmp_path, monkeypatch):
-    """The pipeline's baseline step calls harness.baseline_job.run_baselines (no subprocess to jobs/) with the job
+    """The pipeline's baseline step calls harness.ops.baseline_job.run_baselines (no subprocess to jobs/) with the job
     file loaded, and turns the records it writes into Table 3 rows."""
     import json
 
     from harness import pipeline
-    from harness.baseline import BaselineJob
     from harness.config import load_config
+    from harness.ops.baseline import BaselineJob
 
     calls = []
 

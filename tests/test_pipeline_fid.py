@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness import metrics
-from harness.metrics import FIDMetric, frechet_distance
+from harness.method import metrics
+from harness.method.metrics import FIDMetric, frechet_distance
 from harness.pipeline import reconstruction_fid
 
 

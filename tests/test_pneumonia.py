@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from harness.autoencoder import DiffusionAutoencoder
 from harness.config import load_config
-from harness.counterfactual import binary_counterfactuals
 from harness.data import read_manifest
 from harness.data.sources import ensure_shards
 from harness.diffusion import alphas_cumprod, linear_betas
 from harness.encode import encode_to_table
-from harness.heads import TaskSpec, fit_task
-from harness.latents import load_latents
+from harness.method.autoencoder import DiffusionAutoencoder
+from harness.method.counterfactual import binary_counterfactuals
+from harness.method.heads import TaskSpec, fit_task
+from harness.method.latents import load_latents
 from harness.models import build_dae
 
 NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist.npz"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness.diffusion import alphas_cumprod, linear_betas
-from harness.floors import (
+from harness.method.floors import (
     PIXEL_FLOOR,
     RANDOM_FLOOR,
     beats_floor,
@@ -18,9 +18,8 @@ from harness.floors import (
     pixel_latents,
     random_encoder_latents,
 )
-from harness.heads import TaskSpec
-from harness.models import build_dae
-from harness.probes import (
+from harness.method.heads import TaskSpec
+from harness.method.probes import (
     change_alignment,
     random_xT_identity,
     realised_fraction,
@@ -28,6 +27,7 @@ from harness.probes import (
     truth_errors,
     z_usage,
 )
+from harness.models import build_dae
 
 ALPHA_BAR = alphas_cumprod(linear_betas())  # (1000,)
 

@@ -27,14 +27,14 @@ from helpers.serving import (
     write_heads,
 )
 
-from harness import registry, serving
-from harness.autoencoder import DiffusionAutoencoder
 from harness.checkpoint import load_state_dict, save_state_dict
 from harness.config import TrackConfig, load_config
 from harness.data import write_phantom_shards
+from harness.method.autoencoder import DiffusionAutoencoder
 from harness.model_spec import write_model_spec
-from harness.registry import compare_to_champion, config_hash, manifest_hash, metric_direction, version_tags
-from harness.tracking import Tracker
+from harness.ops import registry, serving
+from harness.ops.registry import compare_to_champion, config_hash, manifest_hash, metric_direction, version_tags
+from harness.ops.tracking import Tracker
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_mlproject_entry_points_call_existing_scripts_with_known_flags():
             start = next(i for i, word in enumerate(words) if word.endswith(".py")) + 1
             script = words[start - 1]
         source = (ROOT / script).read_text()
-        wrapped = re.search(r"^from (harness\.\w+) import main$", source, re.M)
+        wrapped = re.search(r"^from (harness(?:\.\w+)+) import main$", source, re.M)
         if wrapped:  # a thin jobs/ script: the flags live in the module it runs
             source = (ROOT / (wrapped.group(1).replace(".", "/") + ".py")).read_text()
         for flag in (word for word in words[start:] if word.startswith("--")):

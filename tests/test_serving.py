@@ -32,9 +32,9 @@ from helpers.serving import (
 )
 from PIL import Image
 
-from harness import serving
-from harness.autoencoder import DiffusionAutoencoder
-from harness.counterfactual import move_to_distance, reflect
+from harness.method.autoencoder import DiffusionAutoencoder
+from harness.method.counterfactual import move_to_distance, reflect
+from harness.ops import serving
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from harness import sweep_job
 from harness.config import ConfigError
-from harness.heads import TaskResult, evaluate_task
 from harness.job_support import load_job_yaml
-from harness.latents import load_latents
-from harness.sweep import SweepJob, SweepTask, select_best
+from harness.method.heads import TaskResult, evaluate_task
+from harness.method.latents import load_latents
+from harness.ops import sweep_job
+from harness.ops.sweep import SweepJob, SweepTask, select_best
 from tests.helpers.latents import CALIBRATIONS, CS, KINDS, synthetic_latents, write_job
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,12 +9,12 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
-from harness import sweep_job
 from harness.config import ConfigError
-from harness.heads import fit_task
 from harness.job_support import load_job_yaml
-from harness.latents import LatentsError, LatentsTable, load_latents, save_latents
-from harness.sweep import SweepJob, cv_tables, fit_final, run_trial
+from harness.method.heads import fit_task
+from harness.method.latents import LatentsError, LatentsTable, load_latents, save_latents
+from harness.ops import sweep_job
+from harness.ops.sweep import SweepJob, cv_tables, fit_final, run_trial
 from tests.helpers.latents import synthetic_latents, write_job
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from harness.latents import LatentsTable, save_latents
+from harness.method.latents import LatentsTable, save_latents
 
 KINDS, CS, CALIBRATIONS = ["svm", "logistic", "linear"], [0.01, 1.0], ["extremes", "poly2"]
 

@@ -18,12 +18,12 @@ import requests
 import torch
 from PIL import Image
 
-from harness.autoencoder import DiffusionAutoencoder
 from harness.checkpoint import save_state_dict
 from harness.config import dump_yaml, load_config
 from harness.data.phantoms import generate_phantoms
-from harness.directions import Direction
-from harness.heads import Calibration, FittedHead, Hyperplane, TaskResult, TaskSpec
+from harness.method.autoencoder import DiffusionAutoencoder
+from harness.method.directions import Direction
+from harness.method.heads import Calibration, FittedHead, Hyperplane, TaskResult, TaskSpec
 from harness.models import build_dae
 
 STEPS = 2  # DDIM steps for inversion and decoding: enough to exercise the path, cheap on a CPU

@@ -16,8 +16,8 @@ import torch
 from reliability_support import run_args
 
 from harness import checkpoint as ckpt
-from harness.autoencoder import load_dae
 from harness.checkpoint import CheckpointError, load_state_dict
+from harness.method.autoencoder import load_dae
 from harness.train_dae import main as train_main
 
 

@@ -1,4 +1,4 @@
-"""Grading metrics of a calibrated head beside the rounded-grade ones of ``harness.metrics.grading_metrics``.
+"""Grading metrics of a calibrated head beside the rounded-grade ones of ``harness.method.metrics.grading_metrics``.
 
 The calibration gives a continuous grade; the project's tables report the rounded, clipped grade. Both MAEs
 are reported (rounding alone can move MAE by up to 0.5 per row), with quadratic-weighted Cohen's kappa (the
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.metrics import grading_metrics
+from harness.method.metrics import grading_metrics
 
 
 def grading_report(true_grades: np.ndarray, continuous: np.ndarray, grade_range: tuple[int, int]) -> dict[str, Any]:

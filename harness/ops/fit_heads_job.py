@@ -7,15 +7,15 @@
         positives: [1], negatives: [], grade_range: null}]' --out runs/heads-edema
 
 Latents: .parquet, .npz, .safetensors, .pt/.pth (a dict of tensors) or a Hugging Face ``datasets`` folder
-(``harness.latents.load_latents``); string labels are mapped to numbers and the mapping is printed. Uses the
+(``harness.method.latents.load_latents``); string labels are mapped to numbers and the mapping is printed. Uses the
 ``heads`` section of the config (tasks, kinds, protocol and every fitting choice, calibration) and
 ``counterfactual.direction``. Without tasks in the job file or the overrides, the tasks are inferred from the
-labels and printed (``harness.head_tasks.infer_tasks``); a label outside a given task's ``grade_range`` stops
+labels and printed (``harness.method.head_tasks.infer_tasks``); a label outside a given task's ``grade_range`` stops
 the job. Writes heads.json (hyperplanes, fitting choices, calibrations and CE directions in raw z_sem space),
 the detection/grading tables and ROC/calibration/confusion figures, and a t-SNE latent map, as an HTML report.
 Nothing is written when the input is refused.
 
-``python jobs/fit_heads.py`` and ``python -m harness.fit_heads_job`` take the same arguments. Callers that
+``python jobs/fit_heads.py`` and ``python -m harness.ops.fit_heads_job`` take the same arguments. Callers that
 already hold a loaded config use :func:`fit_heads` (no command line).
 """
 
@@ -31,9 +31,9 @@ from harness.cli import run_main
 from harness.config import RunConfig, load_config, parse_overrides
 from harness.evaluate import evaluate_heads, save_head_figures, save_heads
 from harness.figures import save_latent_map
-from harness.head_tasks import check_task_labels, describe_mappings, infer_tasks, numeric_labels
-from harness.heads import TaskSpec
-from harness.latents import LatentsError, LatentsTable, load_latents
+from harness.method.head_tasks import check_task_labels, describe_mappings, infer_tasks, numeric_labels
+from harness.method.heads import TaskSpec
+from harness.method.latents import LatentsError, LatentsTable, load_latents
 from harness.report import Report
 
 

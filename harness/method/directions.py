@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from harness.heads import Hyperplane
+    from harness.method.heads import Hyperplane
 
 LatentT = TypeVar("LatentT", np.ndarray, Tensor)
 

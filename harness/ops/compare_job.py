@@ -6,8 +6,8 @@
 ``dae-cf baseline``; several baseline folders may be given (e.g. one per task). Writes ``index.html``,
 ``results.md``, ``results.json`` and ``tables/*.csv|.md|.json`` into ``--out``.
 
-``python jobs/compare.py`` and ``python -m harness.compare_job`` take the same arguments; :func:`compare` does the
-work without a command line (the tables themselves are built by ``harness.compare``).
+``python jobs/compare.py`` and ``python -m harness.ops.compare_job`` take the same arguments; :func:`compare` does the
+work without a command line (the tables themselves are built by ``harness.ops.compare``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 
-from harness.compare import load_summary, write_comparison
+from harness.ops.compare import load_summary, write_comparison
 
 
 def compare(heads: Sequence[str | PathLike], baselines: Sequence[str | PathLike], out: str | PathLike) -> Path:

@@ -1,6 +1,6 @@
 """DenseNet121 trained from scratch on the shards: the fully supervised baseline of the paper's Tables 3-4.
 
-Same shards, splits and augmentation as the DAE, and the same metrics (:mod:`harness.metrics`) as the heads:
+Same shards, splits and augmentation as the DAE, and the same metrics (:mod:`harness.method.metrics`) as the heads:
 
 - ``detection``: one logit, ``BCEWithLogits`` with ``pos_weight = negatives / positives`` of the train split
   (the counterpart of the heads' balanced class weights); rows outside the task's rule carry no loss. AUC comes
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 from harness.config import AugmentConfig, ConfigError, TrackConfig
 from harness.data.transforms import AugmentSpec
-from harness.heads import TaskSpec
 from harness.job_support import Resources, Splits, Stopwatch
-from harness.metrics import detection_metrics, grading_metrics
+from harness.method.heads import TaskSpec
+from harness.method.metrics import detection_metrics, grading_metrics
 
 OBJECTIVES = ("detection", "grading")
 SELECT = {"auc": ("val_auc", 1.0), "f1": ("val_f1", 1.0), "macro_f1": ("val_macro_f1", 1.0),

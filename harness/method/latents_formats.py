@@ -1,6 +1,6 @@
 """Latents brought from elsewhere: tensor files and Hugging Face ``datasets`` folders -> :class:`LatentsTable`.
 
-``harness.latents.load_latents`` dispatches here; nothing executes code from the file (no pickle).
+``harness.method.latents.load_latents`` dispatches here; nothing executes code from the file (no pickle).
 
 ``.safetensors``
     tensors ``z_sem`` (N, D), optional ``x_T`` (N, C, H, W), one ``label_<column>`` (N,) per label column and
@@ -16,7 +16,7 @@ A folder written by ``datasets`` (``Dataset.save_to_disk`` / ``DatasetDict.save_
     are the splits (``validation``/``valid`` read as ``val``); a single ``Dataset`` needs a ``split`` column.
     Needs ``pip install datasets`` (not a dependency of this project).
 
-String labels are kept as strings here; ``harness.head_tasks.numeric_labels`` maps them to integers and says how.
+String labels are kept as strings here; ``harness.method.head_tasks.numeric_labels`` maps them to integers and says how.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.latents import LatentsError, LatentsTable, from_arrow
+from harness.method.latents import LatentsError, LatentsTable, from_arrow
 
 DEFAULT_SPLIT_NAMES = ("train", "val", "test")
 HF_SPLIT_ALIASES = {"validation": "val", "valid": "val", "validate": "val"}

@@ -7,9 +7,9 @@
 
 Locally Ray starts with ``--num-cpus`` cores (default: all of the machine's); under ``ray job submit`` the
 same command joins the cluster. Every trial fits on the train split and is scored on the validation split
-(``harness.sweep.run_trial``), or with ``cv_folds: k`` by stratified k-fold cross-validation on train (latents
-without a val split); the selected configuration per task (``harness.sweep.select_best``, rule stated
-in the job file) is refitted once and scored on validation and test (``harness.sweep.fit_final``; in the
+(``harness.ops.sweep.run_trial``), or with ``cv_folds: k`` by stratified k-fold cross-validation on train (latents
+without a val split); the selected configuration per task (``harness.ops.sweep.select_best``, rule stated
+in the job file) is refitted once and scored on validation and test (``harness.ops.sweep.fit_final``; in the
 driver, or in a Ray task holding the trials' GPU share when they had one).
 
 MLflow: one parent run per invocation; one child run per trial (params, ``val_*`` metrics, costs, tag
@@ -17,7 +17,7 @@ MLflow: one parent run per invocation; one child run per trial (params, ``val_*`
 files and the sweep report. Outputs in ``--out``: ``best_heads/<task>.json`` (TaskResult.to_dict plus the
 latents' and DAE's identifiers), ``summary.json`` (rows for ``dae-cf compare``), ``report/`` (tables, HTML).
 
-``python jobs/sweep_heads.py`` and ``python -m harness.sweep_job`` take the same arguments; :func:`sweep_heads`
+``python jobs/sweep_heads.py`` and ``python -m harness.ops.sweep_job`` take the same arguments; :func:`sweep_heads`
 runs a loaded job without a command line.
 """
 
@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from harness.cli import run_main
-from harness.compare import method_row
-from harness.head_tasks import check_task_labels, describe_mappings, numeric_labels
 from harness.job_support import (
     Stopwatch,
     file_sha256,
@@ -44,9 +42,10 @@ from harness.job_support import (
     ray_run_config,
     write_json_atomic,
 )
-from harness.latents import LatentsError, LatentsTable, load_latents
-from harness.report import Report
-from harness.sweep import (
+from harness.method.head_tasks import check_task_labels, describe_mappings, numeric_labels
+from harness.method.latents import LatentsError, LatentsTable, load_latents
+from harness.ops.compare import method_row
+from harness.ops.sweep import (
     SELECT_METRICS,
     SweepJob,
     SweepTask,
@@ -57,7 +56,8 @@ from harness.sweep import (
     select_best,
     selection_key,
 )
-from harness.tracking import Tracker
+from harness.ops.tracking import Tracker
+from harness.report import Report
 
 log = logging.getLogger("sweep_heads")
 TRIAL_KEYS = ("ok", "error", "warnings", "labels_used", "fit_seconds", "cpu_s", "wall_s")

@@ -14,7 +14,7 @@ MLflow: one parent run; a child run per trial (per-epoch ``train_loss`` and ``va
 ``selected``); ``<task>/<objective>/test_*`` metrics only on the parent. Outputs in ``--out``:
 ``best/<task>-<objective>/`` (weights + record.json), ``summary.json`` (rows for ``dae-cf compare``), ``report/``.
 
-``python jobs/baseline_densenet.py`` and ``python -m harness.baseline_job`` take the same arguments;
+``python jobs/baseline_densenet.py`` and ``python -m harness.ops.baseline_job`` take the same arguments;
 :func:`run_baselines` runs a loaded job without a command line (the pipeline calls it).
 """
 
@@ -32,16 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from harness.baseline import (
-    BaselineJob,
-    BaselineTask,
-    DataShape,
-    evaluate_checkpoint,
-    labels_used,
-    ray_trial,
-    targets,
-)
-from harness.compare import method_row
 from harness.data.shards import read_manifest
 from harness.job_support import (
     Stopwatch,
@@ -52,12 +42,22 @@ from harness.job_support import (
     ray_run_config,
     write_json_atomic,
 )
+from harness.ops.baseline import (
+    BaselineJob,
+    BaselineTask,
+    DataShape,
+    evaluate_checkpoint,
+    labels_used,
+    ray_trial,
+    targets,
+)
+from harness.ops.compare import method_row
+from harness.ops.tracking import Tracker
 from harness.report import Report
-from harness.tracking import Tracker
 
 log = logging.getLogger("baseline_densenet")
 # The job files live in the repository's jobs/, beside this package (an editable install or a checkout).
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "baseline_phantoms.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "baseline_phantoms.yaml"
 HISTORY_KEYS = ("train_loss", "val_auc", "val_f1", "val_macro_f1", "val_mae", "val_accuracy")
 
 
@@ -136,7 +136,7 @@ def tune_task(data: DataShape, task: BaselineTask, job: BaselineJob, storage: Pa
 
 
 def select_trial(trials: list[dict[str, Any]]) -> int:
-    """The trial with the best validation score (larger = better, see harness.baseline.SELECT); ties: earliest."""
+    """The trial with the best validation score (larger = better, see harness.ops.baseline.SELECT); ties: earliest."""
     scores = [float(t["metrics"].get("best_score", -math.inf)) if t["checkpoint"] is not None else -math.inf
               for t in trials]
     if not trials or max(scores) == -math.inf:

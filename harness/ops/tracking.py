@@ -1,6 +1,6 @@
 """MLflow tracking: the one module through which training and evaluation jobs talk to MLflow.
 
-(``harness.registry`` and ``harness.serving`` are the registry and serving entry points; they use it too.)
+(``harness.ops.registry`` and ``harness.ops.serving`` are the registry and serving entry points; they use it too.)
 
 By default a run is tracked in an embedded store inside the run folder (``<out_dir>/mlruns.db`` plus an
 artifact folder), so nothing needs a server. ``--tracking-uri`` (or ``MLFLOW_TRACKING_URI``) points the same
@@ -89,7 +89,7 @@ class Tracker:
                        artifact_path: str = "model", description: str | None = None) -> str | None:
         """Log ``folder`` (safetensors + config) under ``artifact_path`` and register it as a new version of ``name``.
 
-        The version is tagged with ``harness.registry.version_tags(folder)`` (config hash, data manifest hash,
+        The version is tagged with ``harness.ops.registry.version_tags(folder)`` (config hash, data manifest hash,
         reconstruction metrics, weights checksum; ``tags`` take precedence) and receives the alias ``candidate``, so
         the alias always names the newest version. Weights already registered under ``name`` (same
         ``weights_sha256``) are not registered again: their version is returned. None when tracking is disabled.
@@ -99,7 +99,7 @@ class Tracker:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        from harness.registry import CANDIDATE, version_tags
+        from harness.ops.registry import CANDIDATE, version_tags
 
         client = MlflowClient(self.uri)
         all_tags = {**version_tags(folder), **(tags or {})}

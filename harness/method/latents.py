@@ -26,7 +26,7 @@ On disk, chosen by the file suffix:
     arrays ``id`` (N,) str, ``split`` (N,) str, ``z_sem`` (N, D), optional ``x_T`` (N, C, H, W), one
     ``label_<column>`` (N,) per label column, and optionally ``meta_json`` (a 0-d string array of JSON).
 
-Read only (``harness.latents_formats``): ``.safetensors``, ``.pt``/``.pth`` dicts of tensors and Hugging Face
+Read only (``harness.method.latents_formats``): ``.safetensors``, ``.pt``/``.pth`` dicts of tensors and Hugging Face
 ``datasets`` folders. Loading refuses split names other than train/val/test and NaN/inf latents
 (:class:`LatentsError`, naming the file, the column and the count); a parquet file may omit ``id``.
 """
@@ -340,12 +340,12 @@ def check_loaded(path: Path | str, table: LatentsTable) -> LatentsTable:
 
 
 def load_latents(path: str | os.PathLike) -> LatentsTable:
-    """Read a latents table from any supported layout (module docstring and ``harness.latents_formats``).
+    """Read a latents table from any supported layout (module docstring and ``harness.method.latents_formats``).
 
     ``.parquet`` and ``.npz`` as written by :func:`save_latents`; ``.safetensors``; ``.pt`` / ``.pth`` (a dict
     of tensors, loaded with ``torch.load(weights_only=True)``); a folder written by Hugging Face ``datasets``'
     ``save_to_disk``. Split names other than train/val/test and NaN/inf latents are refused."""
-    from harness import latents_formats
+    from harness.method import latents_formats
 
     path = Path(path)
     if path.is_dir():
@@ -355,7 +355,7 @@ def load_latents(path: str | os.PathLike) -> LatentsTable:
     suffix = path.suffix.lower()
     problem = file_kind_problem(path)  # e.g. a text file named .npz: say so, not "holds an object array"
     if problem:
-        raise LatentsError(f"{path} is {problem}: write latents with harness.latents.save_latents (or see the "
+        raise LatentsError(f"{path} is {problem}: write latents with harness.method.latents.save_latents (or see the "
                            "README's 'Bring your own latents' for the formats)")
     if suffix == ".parquet":
         return check_loaded(path, _load_parquet(path))

@@ -11,14 +11,14 @@ does not (texture, exact position). A linear head on ``z_sem`` is a hyperplane `
 - progression strips: latents at the distances of grades ``g_min - 1 .. g_max + 1`` decoded with the image's
   own ``x_T`` (the outer two grades are illustrative extrapolations, as in the paper's figures).
 
-Every move takes an optional :class:`~harness.directions.Direction` (``pattern``, ``normal_subspace``,
+Every move takes an optional :class:`~harness.method.directions.Direction` (``pattern``, ``normal_subspace``,
 ``mean_diff``; None = the paper's unit normal) and lands exactly on the same target distance whatever the
 direction. One batch is encoded and inverted once (:func:`encode_for_counterfactuals`) and shared by every
 direction, move size and grade. Rendering is ``decode`` (the paper: decode ``(z_ce, x_T)``) or ``residual``
 (the input plus ``decode(z_ce, x_T) - decode(z, x_T)``, so reconstruction error does not count as change).
 
 The latent arithmetic works on numpy arrays and torch tensors alike; the image-level functions take any object
-satisfying :class:`Autoencoder` and a fitted head from ``harness.heads``.
+satisfying :class:`Autoencoder` and a fitted head from ``harness.method.heads``.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from harness.directions import Direction, direction_name, move_along, signed_distance
-from harness.metrics import l1_proximity, validity_rate
-from harness.probes import realised_fraction, realised_fraction_summary, truth_errors
+from harness.method.directions import Direction, direction_name, move_along, signed_distance
+from harness.method.metrics import l1_proximity, validity_rate
+from harness.method.probes import realised_fraction, realised_fraction_summary, truth_errors
 
 if TYPE_CHECKING:  # only for annotations: the head module is not needed to move latents
-    from harness.heads import Calibration, FittedHead, Hyperplane
+    from harness.method.heads import Calibration, FittedHead, Hyperplane
 
 LatentT = TypeVar("LatentT", np.ndarray, Tensor)
 
@@ -67,7 +67,7 @@ def move_to_distance(z: LatentT, hyperplane: Hyperplane, target_distance: float 
     """Move latents (..., D) so that their signed distance equals ``target_distance`` exactly.
 
     Along the unit normal (``direction=None``, the paper): ``w_ce = w + (d* - dist) * n / ||n||``, which leaves
-    the component of ``w`` orthogonal to ``n`` untouched. Along another :class:`~harness.directions.Direction`
+    the component of ``w`` orthogonal to ``n`` untouched. Along another :class:`~harness.method.directions.Direction`
     ``v`` the step is rescaled by ``||n|| / (n . v)`` so the landing distance is the same.
     """
     return move_along(z, hyperplane, direction, target_distance)

@@ -1,12 +1,12 @@
 """The served explainer: an MLflow pyfunc model answering "what grade, and how would this image look at grade k?".
 
-    python -m harness.serving build --model runs/dae-demo/final --heads runs/eval-demo/heads.json \\
+    python -m harness.ops.serving build --model runs/dae-demo/final --heads runs/eval-demo/heads.json \\
         --task fracture --kind svm --out runs/explainer-fracture [--register dae-cf-explainer]
     mlflow models serve -m runs/explainer-fracture --env-manager local -h 127.0.0.1 -p 5001
 
 The model folder bundles, as plain artifacts, the DAE (``ema.safetensors`` + ``config.yaml`` exported by
 training), one task's head and calibration (``TaskResult.to_dict()`` JSON) and the serving settings. Nothing
-of torch is pickled: ``load_context`` rebuilds the network from the artifacts with ``harness.autoencoder``.
+of torch is pickled: ``load_context`` rebuilds the network from the artifacts with ``harness.method.autoencoder``.
 
 Request (``/invocations``), one row per image::
 
@@ -49,7 +49,7 @@ _GRAY_MODES = {"L": 255.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0}
 _MODE_CHANNELS = {"1": 1, "L": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "LA": 2, "RGB": 3, "RGBA": 4, "CMYK": 4}
 _MODEL_SCRIPT = (
     '"""Entry script of a saved dae-cf explainer: builds the model from code (nothing pickled)."""\n'
-    "import mlflow.models\n\nfrom harness.serving import DAEExplainer\n\nmlflow.models.set_model(DAEExplainer())\n"
+    "import mlflow.models\n\nfrom harness.ops.serving import DAEExplainer\n\nmlflow.models.set_model(DAEExplainer())\n"
 )
 _REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pillow", "safetensors", "pyyaml", "scikit-learn")
 
@@ -206,8 +206,8 @@ class DAEExplainer(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         """Rebuild the DAE and the head from the artifacts (safetensors, JSON): no pickled model is read."""
-        from harness.autoencoder import DiffusionAutoencoder
-        from harness.heads import TaskResult
+        from harness.method.autoencoder import DiffusionAutoencoder
+        from harness.method.heads import TaskResult
 
         self.settings = json.loads(Path(context.artifacts["settings"]).read_text())
         if self.settings.get("format_version") != SETTINGS_VERSION:
@@ -259,7 +259,12 @@ class DAEExplainer(mlflow.pyfunc.PythonModel):
         """Validate everything first, then encode + invert once and decode every counterfactual in one batch."""
         import torch
 
-        from harness.counterfactual import encode_for_counterfactuals, move_to_distance, reflect, render_counterfactuals
+        from harness.method.counterfactual import (
+            encode_for_counterfactuals,
+            move_to_distance,
+            reflect,
+            render_counterfactuals,
+        )
 
         images, targets = self._parse(model_input, params)
         binary = bool(params.get("binary", True))
@@ -335,7 +340,7 @@ def _requirements() -> list[str]:
 
 def load_task_result(heads_path: str | Path, task: str, kind: str) -> Any:
     """The ``"task/kind"`` entry of a heads.json (as written by ``harness.pipeline`` / ``jobs/fit_heads.py``)."""
-    from harness.heads import TaskResult
+    from harness.method.heads import TaskResult
 
     heads = json.loads(Path(heads_path).read_text())
     key = f"{task}/{kind}"
@@ -348,8 +353,8 @@ def build_explainer(model_dir: str | Path, heads_path: str | Path, task: str, ki
                     dataset: str | None = None, invert_steps: int | None = None, decode_steps: int | None = None,
                     batch_size: int = 16, max_images: int = 64, overwrite: bool = False) -> Path:
     """Save the pyfunc explainer for one task's head to ``out_dir`` (written beside it, then renamed)."""
-    from harness.autoencoder import load_dae
-    from harness.registry import version_tags
+    from harness.method.autoencoder import load_dae
+    from harness.ops.registry import version_tags
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -399,7 +404,7 @@ def register_explainer(built_dir: str | Path, name: str, tracking_uri: str | Non
                        experiment: str = "dae-cf-serving", store_dir: str | Path | None = None) -> str | None:
     """Log a built explainer folder to an MLflow run and register it as a version of ``name`` (alias candidate)."""
     from harness.config import TrackConfig
-    from harness.tracking import Tracker
+    from harness.ops.tracking import Tracker
 
     built_dir = Path(built_dir)
     settings = json.loads((built_dir / "artifacts" / "serving.json").read_text())

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.heads import TaskSpec
-from harness.latents import LatentsError, LatentsTable
+from harness.method.heads import TaskSpec
+from harness.method.latents import LatentsError, LatentsTable
 
 MISSING_STRINGS = ("", "nan", "na", "n/a", "none", "null", "missing")
 # With two string values, one of these is the negative class (0); otherwise values are numbered in sorted order.

@@ -1,4 +1,4 @@
-"""The head sweep's job file, one trial, and the selection rule (``harness.sweep_job`` runs them under Ray Tune).
+"""The head sweep's job file, one trial, and the selection rule (``harness.ops.sweep_job`` runs them under Ray Tune).
 
 For each task the sweep tries every combination of head kind, regularisation C, training-label rule
 (``fit_rules``: which grades count as positive/negative when FITTING, e.g. the paper's noisy-label rule
@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from harness.config import ConfigError, TrackConfig
-from harness.head_spec import HEAD_KINDS, HeadOptions
-from harness.heads import TaskResult, TaskSpec, evaluate_task, fit_task
 from harness.job_support import Resources, Splits, Stopwatch
-from harness.latents import LatentsTable
+from harness.method.head_spec import HEAD_KINDS, HeadOptions
+from harness.method.heads import TaskResult, TaskSpec, evaluate_task, fit_task
+from harness.method.latents import LatentsTable
 
 SELECT_METRICS = {"auc": ("auc", "max"), "f1": ("f1", "max"), "macro_f1": ("grade_macro_f1", "max"),
                   "mae": ("grade_mae", "min")}
@@ -131,7 +131,7 @@ class LogUniform:
 class SearchSpace:
     """The searched dimensions (grids) plus fixed fitting options.
 
-    ``protocol`` (``project`` | ``paper``, harness.head_spec) gives the fitting options left out; the paper
+    ``protocol`` (``project`` | ``paper``, harness.method.head_spec) gives the fitting options left out; the paper
     preset fixes standardize, class_weight, svm_solver and max_iter (explicit contradicting values are
     refused) and leaves the searched C and calibration free. After loading each option holds its value."""
 

@@ -1,6 +1,6 @@
 """DAE + linear head vs a fully supervised DenseNet121, task by task (the paper's Tables 3-4 side by side).
 
-Both jobs (``dae-cf sweep``, :mod:`harness.sweep_job`, and ``dae-cf baseline``, :mod:`harness.baseline_job`)
+Both jobs (``dae-cf sweep``, :mod:`harness.ops.sweep_job`, and ``dae-cf baseline``, :mod:`harness.ops.baseline_job`)
 write ``summary.json`` holding one row per task in the layout of :func:`method_row`: test-split metrics of the
 configuration selected on validation, the number of training labels it used, and what it cost (wall seconds of
 the search plus the final test pass; CPU seconds of every trial process; GPU seconds = trial wall time x the GPU
@@ -27,7 +27,7 @@ NAN = float("nan")
 def method_row(task: str, method: str, detection: dict[str, Any] | None, grading: dict[str, Any] | None, *,
                labels_used: int, wall_s: float, cpu_s: float, gpu_s: float, trials: int,
                selected: str) -> dict[str, Any]:
-    """One summary row. ``detection`` holds ``auc``/``f1`` (harness.metrics.detection_metrics), ``grading``
+    """One summary row. ``detection`` holds ``auc``/``f1`` (harness.method.metrics.detection_metrics), ``grading``
     holds ``macro_f1``/``mae`` (grading_metrics) or the ``grade_``-prefixed names of heads.evaluate_task."""
     detection, grading = detection or {}, grading or {}
 

@@ -1,17 +1,17 @@
 """Model registry: what every registered DAE version carries, and promotion from candidate to champion.
 
-    python -m harness.registry promote --name dae-cf-phantoms --version 3 [--tracking-uri URI]
-    python -m harness.registry tag --name dae-cf-phantoms --version 3 fracture/svm/auc=0.93
-    python -m harness.registry show --name dae-cf-phantoms
+    python -m harness.ops.registry promote --name dae-cf-phantoms --version 3 [--tracking-uri URI]
+    python -m harness.ops.registry tag --name dae-cf-phantoms --version 3 fracture/svm/auc=0.93
+    python -m harness.ops.registry show --name dae-cf-phantoms
 
-Every version registered through ``harness.tracking.Tracker.register_model`` is tagged with the hash of its
+Every version registered through ``harness.ops.tracking.Tracker.register_model`` is tagged with the hash of its
 configuration, the hash of the data manifest it was trained on and its reconstruction metrics, and receives
 the alias ``candidate`` (which therefore always names the newest version). ``promote`` moves the alias
 ``champion`` to a version only when none of its benchmark metrics is worse than the current champion's:
 reconstruction MSE may not rise, and no AUC tag (added by ``tag`` after an evaluation) may fall.
 
 The hashing and comparison helpers are plain Python; MLflow is imported only by the functions that talk to
-a registry, so ``harness.tracking`` can use them without a cycle.
+a registry, so ``harness.ops.tracking`` can use them without a cycle.
 """
 
 from __future__ import annotations

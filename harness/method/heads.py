@@ -9,10 +9,10 @@ its inverse gives the distance of a requested grade.
 Head kinds: ``"svm"`` (linear SVM: ``LinearSVC`` or ``SVC(kernel="linear")``), ``"logistic"`` (logistic
 regression) and ``"linear"`` (ridge regression on the 0/1 target, thresholded at 0.5: the hyperplane
 ``w.x + b - 0.5 = 0``). Every fitting choice (standardize, class weights, SVM solver, C, max_iter, calibration)
-and the ``project`` / ``paper`` protocols live in ``harness.head_spec.HeadOptions``; each fitted head records
+and the ``project`` / ``paper`` protocols live in ``harness.method.head_spec.HeadOptions``; each fitted head records
 them. Backends: scikit-learn, or cuML on a CUDA device. numpy / scikit-learn; the calibration is in
-``harness.calibration``, grading metrics in ``harness.grading``, counterfactual directions in
-``harness.directions``.
+``harness.method.calibration``, grading metrics in ``harness.method.grading``, counterfactual directions in
+``harness.method.directions``.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from harness.calibration import CALIBRATION_MODES, Calibration, fit_calibration  # noqa: F401 (re-exported)
-from harness.directions import Direction, DirectionError, direction_name, fit_direction, normal_direction
-from harness.grading import grading_report
-from harness.head_spec import HEAD_KINDS, HeadOptions, normalize_class_weight
-from harness.latents import LatentsTable
-from harness.metrics import detection_metrics
+from harness.method.calibration import CALIBRATION_MODES, Calibration, fit_calibration  # noqa: F401 (re-exported)
+from harness.method.directions import Direction, DirectionError, direction_name, fit_direction, normal_direction
+from harness.method.grading import grading_report
+from harness.method.head_spec import HEAD_KINDS, HeadOptions, normalize_class_weight
+from harness.method.latents import LatentsTable
+from harness.method.metrics import detection_metrics
 
 BACKENDS = ("auto", "sklearn", "cuml")
 MIN_SAMPLES_PER_CLASS = 2
@@ -261,7 +261,7 @@ def fit_head(z: np.ndarray, y: np.ndarray, kind: str = "svm", C: float = 1.0, st
              options: HeadOptions | None = None) -> FittedHead:
     """Fit a linear head on latents z (N, D) with 0/1 targets y (N,); the hyperplane is returned in raw space.
 
-    ``options`` (a :class:`harness.head_spec.HeadOptions`), when given, replaces C, standardize, class_weight,
+    ``options`` (a :class:`harness.method.head_spec.HeadOptions`), when given, replaces C, standardize, class_weight,
     max_iter, svm_solver and protocol. With ``standardize`` the estimator sees ``(z - mu) / sigma``; its
     ``(n_std, b_std)`` maps back exactly: ``n_std.(z - mu)/sigma + b_std = (n_std/sigma).z + (b_std -
     sum(n_std*mu/sigma))``.
@@ -374,7 +374,7 @@ def fit_task(table: LatentsTable, task: TaskSpec, kind: str = "svm", C: float = 
              max_iter: int = 5000, random_state: int = 0, options: HeadOptions | None = None) -> TaskResult:
     """Fit the task's head on ``train_split`` rows selected by its rule; calibrate on all graded train rows.
 
-    ``options`` (a :class:`harness.head_spec.HeadOptions`), when given, replaces C, calibration_mode, degree,
+    ``options`` (a :class:`harness.method.head_spec.HeadOptions`), when given, replaces C, calibration_mode, degree,
     standardize, class_weight and max_iter. Warnings raised while fitting are re-emitted (same category) with
     the task and head named, so a ConvergenceWarning says which head did not converge.
     """

@@ -2,7 +2,7 @@
 
 A high AUC of a linear head on z_sem does not by itself show that z_sem is semantic: logistic regression on
 the raw pixels (the literature's floor) and a head on the latents of a randomly initialised encoder of the same
-architecture often score well too. This module builds both floors as :class:`~harness.latents.LatentsTable`
+architecture often score well too. This module builds both floors as :class:`~harness.method.latents.LatentsTable`
 objects with the same ids, splits and labels as the DAE's table, scores them with the same head code
 (:func:`harness.evaluate.evaluate_heads`) and says, per task and head kind, whether the DAE beats them.
 
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from harness.heads import TaskSpec
-from harness.latents import LatentsTable
+from harness.method.heads import TaskSpec
+from harness.method.latents import LatentsTable
 from harness.models import DAESpec, build_dae
 
 ImagesBySplit = Mapping[str, tuple[Tensor, dict[str, np.ndarray], list[str]]]

@@ -1,0 +1,11 @@
+"""The method, readable in one sitting: a trained DAE's encode / invert / decode, linear heads on the semantic latent
+z_sem and their calibration to grades, the directions and moves that make counterfactuals, and the measures of both.
+
+Reading order (after ``harness/diffusion/ddim.py`` and ``harness/models/dae.py``): ``autoencoder`` (encode, invert,
+decode a batch) -> ``heads`` (linear heads, signed distance of Eq. 3) -> ``calibration`` (distance -> grade and back)
+-> ``directions`` (where a CE moves z_sem) -> ``counterfactual`` (Eq. 4, grade targets, strips, rendering) ->
+``probes`` (the measures that cannot be fooled). Beside them: ``latents`` and ``latents_formats`` (the latents table
+and latents brought from elsewhere), ``head_spec`` and ``head_tasks`` (a head's fitting choices, tasks and labels),
+``metrics`` and ``grading`` (detection, grading, image and CE metrics), ``floors`` (what a head reaches without a
+trained DAE).
+"""
