@@ -193,11 +193,11 @@ def test_bf16_and_channels_last_change_the_arithmetic_not_the_answer():
         ae = DiffusionAutoencoder(copy.deepcopy(dae), alphas_cumprod(linear_betas()), device="cpu", **options)
         z = ae.encode(x)  # (B, D)
         outputs[name] = (z, ae.eps_fn(z)(x_t, t))  # (B, D), (B, C, H, W)
-    for low, full in zip(outputs["bf16"], outputs["fp32"]):
+    for low, full in zip(outputs["bf16"], outputs["fp32"], strict=True):
         assert low.dtype == torch.float32  # the caller always gets fp32 back
         assert not torch.equal(low, full)
         assert ((low - full).norm() / full.norm()).item() < 0.05
-    for nhwc, full in zip(outputs["nhwc"], outputs["fp32"]):
+    for nhwc, full in zip(outputs["nhwc"], outputs["fp32"], strict=True):
         torch.testing.assert_close(nhwc, full, atol=1e-5, rtol=1e-4)
 
 

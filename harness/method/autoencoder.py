@@ -56,7 +56,8 @@ class DiffusionAutoencoder:
     decoding; ``inversion`` ("ddim" | "fixed_point") with ``fixed_point_iters`` / ``fixed_point_anderson`` is how
     each inversion step is solved. ``precision`` ("fp32" | "bf16") runs the networks under bf16 autocast,
     ``channels_last`` stores activations NHWC and ``compile`` wraps the network in ``torch.compile``; the
-    benchmark ``benchmarks/ce_speed.py`` measures where each pays. :meth:`from_config` reads them all from ``config.diffusion``.
+    benchmark ``benchmarks/ce_speed.py`` measures where each pays. :meth:`from_config` reads them all from
+    ``config.diffusion``.
     """
 
     def __init__(self, dae: DAE, alpha_bar: Tensor, device: str | torch.device | None = None,
