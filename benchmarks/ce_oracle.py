@@ -16,7 +16,8 @@ unchanged input (``harness.method.probes.truth_errors``) and by the fracture hea
 Each row also says how the CE's image change compares with the true change
 (``harness.method.probes.change_alignment``): its cosine, its size relative to the truth's, and the share of it
 inside the pixels the truth changes. If even ``own oracle`` is not closer to the truth than the input, no choice
-of direction can make CEs faithful with this model: the decoder is the bottleneck. Healthy phantoms (grade 0) target grade 2; fractured ones grade 0.
+of direction can make CEs faithful with this model: the decoder is the bottleneck. Healthy phantoms (grade 0)
+target grade 2; fractured ones grade 0.
 """
 
 from __future__ import annotations
