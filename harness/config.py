@@ -325,6 +325,7 @@ class EvalConfig:
     out_dir: str = "runs/eval"
     encode_splits: tuple[str, ...] = ("train", "test")
     batch_size: int = 64
+    precision: str = "fp32"  # fp32 | bf16: the networks under bf16 autocast while encoding and decoding
     counterfactual_images: int = 8
     strip_images: int = 4
     latent_map_points: int = 1000
@@ -333,6 +334,9 @@ class EvalConfig:
     baseline_job: str | None = None  # a jobs/baseline_*.yaml: also train DenseNet121 and compare (Table 3 form)
     baseline_cpus: int | None = None  # Ray CPUs for the baseline (default: all)
     floors: bool = True  # also fit the heads on raw pixels and on a random encoder (the floors of Table 3)
+
+    def __post_init__(self) -> None:
+        _require(self.precision in ("fp32", "bf16"), "eval.precision", f"must be fp32 or bf16, got {self.precision!r}")
 
 
 @dataclass(frozen=True)

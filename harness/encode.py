@@ -116,7 +116,7 @@ def encode_to_table(ae: DiffusionAutoencoder, shard_dir: str | Path, splits: lis
         return None
     # What made the table: the weights, the data and the encoding settings (harness.fingerprint).
     made_by = {"weights_sha256": weights_sha256(ae.dae), "data_manifest_sha256": manifest_hash(shard_dir),
-               "shard_dir": str(shard_dir), "splits": list(splits),
+               "shard_dir": str(shard_dir), "splits": list(splits), "precision": ae.precision,
                **{k: v for k, v in kwargs.items() if k in ("with_x_T", "invert_steps", "image_size", "channels")}}
     table = merge_chunks(parts_dir, splits, {**(meta or {}), "fingerprint": made_by})
     save_latents(table, out_path)

@@ -140,7 +140,7 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     torch.manual_seed(config.train.seed)
 
     # Encode the labelled splits (no augmentation) into a latents table.
-    ae = DiffusionAutoencoder.load(trained["model_dir"], batch_size=ev.batch_size)
+    ae = DiffusionAutoencoder.load(trained["model_dir"], batch_size=ev.batch_size, precision=ev.precision)
     latents_path = out_dir / "latents.parquet"
     encode_to_table(ae, config.data.shard_dir, list(ev.encode_splits), latents_path, batch_size=ev.batch_size,
                     image_size=config.data.image_size, channels=config.data.channels,

@@ -73,7 +73,8 @@ def ema_decay_at(step: int, target: float) -> float:
 @torch.no_grad()
 def preview(ema: DAE, config: RunConfig, images: torch.Tensor, path: Path) -> float:
     """Save inputs / reconstructions / decodes with a random x_T; return the reconstruction MSE."""
-    ae = DiffusionAutoencoder.from_config(ema, config, device=images.device, batch_size=config.eval.batch_size)
+    ae = DiffusionAutoencoder.from_config(ema, config, device=images.device, batch_size=config.eval.batch_size,
+                                          precision=config.eval.precision)
     z = ae.encode(images)
     recon = ae.decode(z, ae.invert(images, z))
     # What z_sem alone carries. A generator of its own: drawing from the global one would shift the training

@@ -76,7 +76,8 @@ def probe_from_config(dae: Any, config: Any, batch: dict[str, Any], device: torc
     from harness.method.autoencoder import DiffusionAutoencoder
 
     task = TaskSpec.from_config(config.heads.tasks[0])
-    ae = DiffusionAutoencoder.from_config(dae, config, device=device, batch_size=config.eval.batch_size)
+    ae = DiffusionAutoencoder.from_config(dae, config, device=device, batch_size=config.eval.batch_size,
+                                          precision=config.eval.precision)
     labels = batch["labels"][task.column].cpu().numpy()
     return training_probe(ae, batch["image"].to(device), labels, task, direction=config.counterfactual.direction,
                           n_counterfactuals=config.train.probe_counterfactuals, seed=config.train.seed)

@@ -167,6 +167,7 @@ def test_old_exported_config_without_the_new_keys_loads_with_todays_defaults(tmp
     ("--diffusion.invert_to=1000", "diffusion.invert_to: must be null or in 0..999"),
     ("--diffusion.clip_x0=maybe", "diffusion.clip_x0: expected true/false"),
     ("--train.encoder_jitter=-0.1", "train.encoder_jitter: must lie in [0, 1]"),
+    ("--eval.precision=fp16", "eval.precision: must be fp32 or bf16"),
 ])
 def test_bad_objective_and_decoding_values_name_the_key(override, fragment):
     from harness.config import ConfigError
