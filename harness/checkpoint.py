@@ -119,3 +119,25 @@ def read_json(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"missing {path.name} in {path.parent}") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+
+
+def random_state_file(checkpoint: str | Path, rank: int, saved_world_size: int | None = None) -> Path | None:
+    """The RNG-state file rank ``rank`` restores from ``checkpoint``, or None where that rank did not exist.
+
+    A run may resume on more processes than wrote the checkpoint (trained on one GPU, continued on eight): ranks
+    at or beyond the writer's process count have no saved state and start from a fresh seed. ``saved_world_size``
+    comes from ``trainer_state.json``; checkpoints from before it was recorded are read by counting their
+    ``random_states_<rank>.pkl`` files. A file missing for a rank the writer had is a damaged checkpoint.
+    """
+    checkpoint = Path(checkpoint)
+    if saved_world_size is None:
+        saved_world_size = len(list(checkpoint.glob("random_states_*.pkl")))
+    if rank >= saved_world_size:
+        return None
+    path = checkpoint / f"random_states_{rank}.pkl"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint was written by {saved_world_size} process(es), "
+                              "so every rank below that must have its random state; resume from an intact "
+                              "checkpoint (delete this one to fall back to the previous)")
+    return path
+

@@ -140,14 +140,20 @@ def main(argv: list[str] | None = None) -> dict:
     step, run_id = 0, None
     resume_from = ckpt.latest_checkpoint(ckpt_root) if action == "resume" else None
     if resume_from is not None:
-        rng_file = resume_from / f"random_states_{rank}.pkl"
-        try:  # Accelerate only logs (at info level) when it cannot restore the random state, then carries on
-            accelerate_load(rng_file)
-        except Exception as err:
-            raise ckpt.CheckpointError(f"cannot restore the random state from {rng_file}: {err}") from err
-        accelerator.load_state(str(resume_from))
-        ema.load_state_dict(ckpt.load_state_dict(resume_from / "ema.safetensors"))
         state = ckpt.read_json(resume_from / "trainer_state.json")
+        rng_file = ckpt.random_state_file(resume_from, rank, state.get("world_size"))
+        if rng_file is None:  # more processes than wrote the checkpoint: Accelerate skips the missing file
+            print(f"rank {rank}: {resume_from} was written by fewer processes; this rank starts from a fresh seed",
+                  flush=True)
+        else:
+            try:  # Accelerate only logs (at info level) when it cannot restore the random state, then carries on
+                accelerate_load(rng_file)
+            except Exception as err:
+                raise ckpt.CheckpointError(f"cannot restore the random state from {rng_file}: {err}") from err
+        accelerator.load_state(str(resume_from))
+        if rng_file is None:
+            set_seed(tc.seed + rank + state["step"])  # not the fresh run's seed: its noise would repeat
+        ema.load_state_dict(ckpt.load_state_dict(resume_from / "ema.safetensors"))
         step, run_id = state["step"], state.get("mlflow_run_id")
         accelerator.print(f"resumed from {resume_from} at {state['samples_seen']:,} samples")
     total_steps = math.ceil(tc.total_samples / tc.batch_size)
@@ -190,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
                 (tmp / "config.yaml").write_text(dump_yaml(config))
                 write_model_spec(tmp, config)  # the folder loads on its own (harness.model_spec)
                 (tmp / "trainer_state.json").write_text(json.dumps(
-                    {"step": step, "samples_seen": samples_seen, "mlflow_run_id": tracker.run_id}))
+                    {"step": step, "samples_seen": samples_seen, "mlflow_run_id": tracker.run_id,
+                     "world_size": world}))
                 ckpt.publish(tmp, final)
                 ckpt.prune(ckpt_root, tc.keep_checkpoints)
         except Exception as err:  # a full disk or a lost permission: say where, and that nothing saved is lost

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -83,18 +84,40 @@ def test_sigkill_then_resume_equals_uninterrupted_run(shards, tmp_path):
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_two_cpu_processes_see_disjoint_data(shards, tmp_path):
+def test_two_cpu_processes_see_disjoint_data_and_resume_a_one_process_run(shards, tmp_path):
+    # Half the budget on one process, the rest on two (trained on one GPU, continued on eight): rank 1 has no saved
+    # random state and must start from a fresh seed instead of failing; the two ranks then read disjoint samples.
+    run_dir = tmp_path / "ddp"
+    first = run_training(tiny_args(shards, run_dir, total=32))
+    output = first.stdout.read()
+    assert first.wait(timeout=400) == 0, output
     port = str(29500 + random.Random(os.getpid()).randrange(1000))
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(REPO / "launch" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", port]
-    proc = run_training(tiny_args(shards, tmp_path / "ddp", total=64, **{"train.record_keys": "true"}), launcher)
+    proc = run_training(tiny_args(shards, run_dir, total=64, **{"train.record_keys": "true"}) + ["--resume"],
+                        launcher)
     output = proc.stdout.read()
     assert proc.wait(timeout=400) == 0, output
-    keys = [set((tmp_path / "ddp" / f"keys_rank{r}.txt").read_text().split()) for r in (0, 1)]
+    assert "resumed from" in output and "rank 1: " in output and "starts from a fresh seed" in output
+    assert "rank 0: " not in output  # rank 0's state was saved and is restored
+    keys = [set((run_dir / f"keys_rank{r}.txt").read_text().split()) for r in (0, 1)]
     assert keys[0] and keys[1]
     assert not keys[0] & keys[1], "ranks trained on the same samples"
-    assert (tmp_path / "ddp" / "final" / "ema.safetensors").is_file()
+    assert (run_dir / "final" / "ema.safetensors").is_file()
     assert "2 process(es) x batch 8" in output
+    state = json.loads((ckpt.latest_checkpoint(run_dir / "checkpoints") / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["samples_seen"] == 64
+
+
+def test_random_state_file_tells_a_new_rank_from_a_damaged_checkpoint(tmp_path):
+    for rank in (0, 1):
+        (tmp_path / f"random_states_{rank}.pkl").write_bytes(b"state")
+    assert ckpt.random_state_file(tmp_path, 1) == tmp_path / "random_states_1.pkl"
+    assert ckpt.random_state_file(tmp_path, 2) is None  # written by two processes: rank 2 is new
+    assert ckpt.random_state_file(tmp_path, 1, saved_world_size=1) is None  # the recorded count wins
+    (tmp_path / "random_states_1.pkl").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="random_states_1.pkl is missing: the checkpoint was written by 2"):
+        ckpt.random_state_file(tmp_path, 1, saved_world_size=2)
 
 
 def test_one_step_with_v_prediction_min_snr_jitter_clipping_and_partial_depth(shards, tmp_path):
