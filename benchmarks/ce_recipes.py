@@ -75,7 +75,7 @@ def _floors(config, cache: Path) -> dict:
 def measure(config, model_dir: Path, out: Path, ce_specs: list[tuple[str, str, str]], n_images: int,
             move_sizes: tuple[float, ...] = (1.0,)) -> dict:
     d = config.diffusion
-    ae = DiffusionAutoencoder.load(model_dir, batch_size=64)
+    ae = DiffusionAutoencoder.load(model_dir, batch_size=64, inversion=d.inversion)  # the job's solver, not the model's
     row: dict = {}
     # z-usage on validation images, and what z_sem alone carries (random x_T).
     val = take_balanced(config.data.shard_dir, "val", 64, config, "grade")["image"]
@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="measure the run's saved checkpoint at each budget instead of training to it")
     parser.add_argument("--steps", type=int, nargs=2, default=[100, 50], metavar=("INVERT", "DECODE"),
                         help="DDIM steps of inversion and decoding for the measurements")
+    parser.add_argument("--inversion", choices=("ddim", "fixed_point"), default="ddim",
+                        help="inversion solver of the measurements (fixed_point needs equal --steps)")
     parser.add_argument("--table", action="store_true", help="print the markdown tables of --results and stop")
     args = parser.parse_args(argv)
     if args.table:
@@ -185,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         run_overrides = overrides + [f"--train.out_dir={run_dir}", f"--train.total_samples={budget}",
                                      "--track.enabled=false", f"--train.preview_every={budget}",
                                      f"--diffusion.invert_steps={args.steps[0]}",
-                                     f"--diffusion.decode_steps={args.steps[1]}"]
+                                     f"--diffusion.decode_steps={args.steps[1]}",
+                                     f"--diffusion.inversion={args.inversion}"]
         started = time.perf_counter()
         if args.checkpoint:  # the first checkpoint at or past the budget (batches do not divide it evenly)
             saved = sorted(run_dir.glob("checkpoints/" + checkpoint_name(0).rstrip("0") + "*"))

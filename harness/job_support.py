@@ -115,6 +115,20 @@ def load_job(path: str | os.PathLike, cls: type, tracking_uri: str | None = None
     return job
 
 
+def publish_summary(out: Path, tracker: Any, report: Any, summary: dict[str, Any]) -> Path:
+    """A job's ``summary.json`` (written atomically) and its HTML report, both logged to the job's MLflow run."""
+    path = write_json_atomic(out / "summary.json", summary)
+    tracker.log_artifact(path)
+    tracker.log_artifacts(Path(report.write()).parent, "report")
+    return path
+
+
+def job_from_args(args: Any, cls: type) -> Any:
+    """The command-line start of a job: INFO logging, then ``args.config`` loaded as ``cls`` (:func:`load_job`)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return load_job(args.config, cls, args.tracking_uri)
+
+
 @contextmanager
 def ray_job(tracker: Any, num_cpus: int | None = None) -> Iterator[None]:
     """Run a block with Ray started (or joined, :func:`init_ray`) and the tracker's run open: on leaving, the run

@@ -36,8 +36,9 @@ from harness.data.shards import read_manifest
 from harness.job_support import (
     Stopwatch,
     file_sha256,
+    job_from_args,
     job_to_dict,
-    load_job,
+    publish_summary,
     ray_job,
     ray_run_config,
     write_json_atomic,
@@ -238,19 +239,16 @@ def run_baselines(shards: str | Path, job: BaselineJob, out: str | Path | None =
             rows.append(row)
             objectives.update({f"{task.name}/{name}": result for name, result in results.items()})
         report.add_table("baselines", rows, caption="Selected trial per task (test split)", section="Results")
-        summary = write_json_atomic(out / "summary.json", {
+        publish_summary(out, tracker, report, {
             "job": "baseline_densenet", "shards": str(shards.resolve()), "model": job.model.name, "rows": rows,
             "parent_run_id": tracker.run_id})
-        tracker.log_artifact(summary)
-        tracker.log_artifacts(Path(report.write()).parent, "report")
     return {"rows": rows, "objectives": objectives, "out": str(out), "parent_run_id": tracker.run_id}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line: parse, load the job file, then :func:`run_baselines`."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    job = load_job(args.config, BaselineJob, args.tracking_uri)
+    job = job_from_args(args, BaselineJob)
     return run_baselines(args.shards, job, args.out, task_names=args.task, num_cpus=args.num_cpus)
 
 

@@ -36,8 +36,9 @@ from harness.cli import run_main
 from harness.job_support import (
     Stopwatch,
     file_sha256,
+    job_from_args,
     job_to_dict,
-    load_job,
+    publish_summary,
     ray_job,
     ray_run_config,
     write_json_atomic,
@@ -236,19 +237,16 @@ def sweep_heads(latents: str | Path, job: SweepJob, out: str | Path | None = Non
         rows = [s["row"] for s in summaries.values()]
         report.add_table("selected", rows, caption="Selected configuration per task: test split",
                          section="Selected")
-        summary_path = write_json_atomic(out / "summary.json", {
+        publish_summary(out, tracker, report, {
             "job": "sweep_heads", **identity, "rows": rows, "parent_run_id": tracker.run_id,
             "best_heads": {name: s["best_path"] for name, s in summaries.items()}})
-        tracker.log_artifact(summary_path)
-        tracker.log_artifacts(Path(report.write()).parent, "report")
     return {"rows": rows, "tasks": summaries, "out": str(out), "parent_run_id": tracker.run_id}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line: parse, load the job file, then :func:`sweep_heads`."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    job = load_job(args.config, SweepJob, args.tracking_uri)
+    job = job_from_args(args, SweepJob)
     return sweep_heads(args.latents, job, args.out, num_cpus=args.num_cpus)
 
 
