@@ -65,18 +65,12 @@ def sweep_job(small: bool, gpu_share: float = 0.0) -> SweepJob:
                     resources=Resources(cpu=1, gpu=gpu_share), track=TrackConfig(enabled=False))
 
 
-def load_sweep_module() -> Any:
-    spec = importlib.util.spec_from_file_location("sweep_heads", ROOT / "jobs" / "sweep_heads.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def measure(table: LatentsTable, job: SweepJob, cores: int, storage: Path) -> dict[str, Any]:
     """One sweep on a fresh local Ray with ``cores`` cores."""
     import ray
 
-    tune_task = load_sweep_module().tune_task
+    from harness.ops.sweep_job import tune_task
+
     load = os.getloadavg()[0]  # other work on the machine skews a speed-up: record it
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     try:
