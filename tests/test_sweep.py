@@ -125,3 +125,14 @@ def test_sweep_logs_trials_selects_on_val_and_tests_once(tmp_path, local_ray):
     assert row["labels_used"] == int((table.splits == "train").sum())  # every train row is graded
     assert row["wall_s"] > 0 and row["cpu_s"] > 0 and row["gpu_s"] == 0 and not math.isnan(row["macro_f1"])
     assert (tmp_path / "out" / "report" / "index.html").is_file()
+
+
+def test_a_ray_trial_worker_does_not_import_torch():
+    # Each Ray worker imports the trial's module; torch costs it ~1.4 s, which once doubled the one-core sweep's wall
+    # time (benchmarks "heads" suite). Heads, directions and the sweep work on numpy alone.
+    import subprocess
+    import sys
+
+    code = "import sys, harness.ops.sweep, harness.method.heads; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
