@@ -130,8 +130,8 @@ def random_state_file(checkpoint: str | Path, rank: int, saved_world_size: int |
     ``random_states_<rank>.pkl`` files. A file missing for a rank the writer had is a damaged checkpoint.
     """
     checkpoint = Path(checkpoint)
-    if saved_world_size is None:
-        saved_world_size = len(list(checkpoint.glob("random_states_*.pkl")))
+    if saved_world_size is None:  # at least rank 0 wrote one: a checkpoint with none is damaged, not "new ranks"
+        saved_world_size = max(1, len(list(checkpoint.glob("random_states_*.pkl"))))
     if rank >= saved_world_size:
         return None
     path = checkpoint / f"random_states_{rank}.pkl"

@@ -142,17 +142,16 @@ def main(argv: list[str] | None = None) -> dict:
     if resume_from is not None:
         state = ckpt.read_json(resume_from / "trainer_state.json")
         rng_file = ckpt.random_state_file(resume_from, rank, state.get("world_size"))
-        if rng_file is None:  # more processes than wrote the checkpoint: Accelerate skips the missing file
-            print(f"rank {rank}: {resume_from} was written by fewer processes; this rank starts from a fresh seed",
-                  flush=True)
-        else:
+        if rng_file is not None:
             try:  # Accelerate only logs (at info level) when it cannot restore the random state, then carries on
                 accelerate_load(rng_file)
             except Exception as err:
                 raise ckpt.CheckpointError(f"cannot restore the random state from {rng_file}: {err}") from err
         accelerator.load_state(str(resume_from))
-        if rng_file is None:
+        if rng_file is None:  # more processes than wrote the checkpoint: Accelerate skipped the missing file
             set_seed(tc.seed + rank + state["step"])  # not the fresh run's seed: its noise would repeat
+            print(f"rank {rank}: {resume_from} was written by fewer processes; this rank starts from a fresh seed",
+                  flush=True)
         ema.load_state_dict(ckpt.load_state_dict(resume_from / "ema.safetensors"))
         step, run_id = state["step"], state.get("mlflow_run_id")
         accelerator.print(f"resumed from {resume_from} at {state['samples_seen']:,} samples")

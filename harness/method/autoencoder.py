@@ -93,7 +93,10 @@ class DiffusionAutoencoder:
         self._network: Callable[..., Tensor] = torch.compile(self.dae) if compile else self.dae
 
     def _network_context(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast around network calls only: the sampler's state and its updates (Eq. 12) stay fp32."""
+        """bf16 autocast around network calls only: the sampler's state and its updates (Eq. 12) stay fp32.
+
+        fp32 leaves any autocast the caller opened in force (``enabled=False`` would switch it off).
+        """
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
