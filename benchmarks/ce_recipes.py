@@ -11,6 +11,8 @@ budget in ``--out/<recipe>``, then measured on the phantoms, where the true coun
 - for each ``direction:render[:depth]`` of ``--ce`` (depth: the timestep the inversion stops at; T = full) and
   each of ``--moves``: binary CE validity both ways, the realised fraction of the move, and the median per-CE
   error against the true counterfactual beside the unchanged input's; grade-targeted CEs to the extremes.
+  A direction written ``name+gain`` (e.g. ``pattern+gain:local:500``) moves with its realisation gain, measured on
+  balanced training images with the same rendering and depth (``harness.method.counterfactual.calibrate_gain``).
 
 One JSON line per (recipe, budget) is appended to ``--results``; ``--table`` prints the markdown table of a
 results file (the one in ``benchmarks/RESULTS.md``).
@@ -41,6 +43,7 @@ from harness.evaluate import (  # noqa: E402
     fit_directions,
 )
 from harness.method.autoencoder import DiffusionAutoencoder  # noqa: E402
+from harness.method.counterfactual import calibrate_gain, encode_for_counterfactuals  # noqa: E402
 from harness.method.heads import TaskSpec  # noqa: E402
 from harness.method.latents import load_latents  # noqa: E402
 from harness.method.probes import random_xT_identity, z_usage  # noqa: E402
@@ -48,11 +51,13 @@ from harness.pipeline import take_balanced  # noqa: E402
 from harness.train_dae import main as train_main  # noqa: E402
 
 JOB = REPO / "jobs" / "phantoms_demo.yaml"
+GAIN = "+gain"  # a CE spec's direction with this suffix is measured with its calibrated realisation gain
 RECIPES: dict[str, list[str]] = {
     "eps": [],  # the paper's objective: eps-prediction, plain MSE
     "eps_minsnr": ["--diffusion.loss_weighting=min_snr"],
     "eps_batch16": ["--train.batch_size=16"],  # twice the optimizer steps for the same samples
     "eps_lr5e-4": ["--train.lr=5e-4"],
+    "eps_lr1e-3": ["--train.lr=1e-3"],
     "v": ["--diffusion.prediction=v"],
     "v_minsnr": ["--diffusion.prediction=v", "--diffusion.loss_weighting=min_snr"],
     "eps_jitter": ["--train.encoder_jitter=0.3"],
@@ -101,14 +106,23 @@ def measure(config, model_dir: Path, out: Path, ce_specs: list[tuple[str, str, s
     row["auc_svm"] = heads.detection_rows[0]["auc"]
     # Counterfactuals, per direction and rendering, from one inversion per rendering.
     cf = config.counterfactual
-    names = tuple(dict.fromkeys(name for name, *_ in ce_specs))
+    names = tuple(dict.fromkeys(name.removesuffix(GAIN) for name, *_ in ce_specs))
     directions = fit_directions(result, table, names, variance=cf.subspace_variance, k=cf.subspace_k)
+    train = take_balanced(config.data.shard_dir, "train", cf.gain_images, config, "grade")["image"]
     for render, depth in dict.fromkeys((r, t) for _, r, t in ce_specs):
-        chosen = {n: directions[n] for n, r, t in ce_specs if (r, t) == (render, depth)}
         ae.invert_to = None if depth == "T" else int(depth)  # inversion depth of this group
+        chosen = {}
+        for name in (n for n, r, t in ce_specs if (r, t) == (render, depth)):
+            chosen[name] = directions[name.removesuffix(GAIN)]
+            if name.endswith(GAIN):  # the realisation gain, measured on training images with this group's settings
+                encoded = encode_for_counterfactuals(ae, train, d.invert_steps, d.decode_steps, render,
+                                                     cf.local_threshold)
+                chosen[name], info = calibrate_gain(ae, encoded, result.head, chosen[name])
+                row[f"{name}:{render}" + ("" if depth == "T" else f":{depth}") + ":gain"] = info["gain"]
         ce_rows, _ = evaluate_counterfactual_set(ae, test, result, invert_steps=d.invert_steps,
                                                  decode_steps=d.decode_steps, directions=chosen, render=render,
-                                                 move_sizes=move_sizes, class_names=("healthy", "fractured"))
+                                                 local_threshold=cf.local_threshold, move_sizes=move_sizes,
+                                                 class_names=("healthy", "fractured"))
         for name in chosen:
             key = f"{name}:{render}" + ("" if depth == "T" else f":{depth}")
             for move in move_sizes:

@@ -288,7 +288,7 @@ class HeadsConfig:
 # The names of harness.method.directions.DIRECTIONS and harness.method.counterfactual.RENDERS (a test keeps them
 # equal); repeated here so that loading a config imports nothing of the method.
 CE_DIRECTIONS = ("normal", "pattern", "normal_subspace", "mean_diff")
-CE_RENDERS = ("decode", "residual")
+CE_RENDERS = ("decode", "residual", "local")
 
 
 @dataclass(frozen=True)
@@ -303,7 +303,13 @@ class CounterfactualConfig:
     direction: str = "pattern"
     subspace_variance: float = 0.99  # normal_subspace: fewest principal components explaining this much
     subspace_k: int | None = None  # normal_subspace: a fixed number of components instead
-    render: str = "decode"  # "decode" (the paper) | "residual" (input + decoded change)
+    render: str = "decode"  # "decode" (the paper) | "residual" (input + decoded change) | "local" (residual, kept
+    # where the change concentrates)
+    local_threshold: float = 0.3  # "local": keep the change where it reaches this fraction of its peak
+    # Measure how much of a latent move the decoder realises (on training images) and scale moves to make up for
+    # it, so the re-encoded CE lands on the target (harness.method.directions, "realisation gain").
+    calibrate_gain: bool = False
+    gain_images: int = 64  # balanced training images the gain is measured on
     evaluate_directions: tuple[str, ...] = CE_DIRECTIONS
     move_sizes: tuple[float, ...] = (1.0, 2.0, 4.0)  # multiples of the reflection's move
 
@@ -312,6 +318,8 @@ class CounterfactualConfig:
             bad = [n for n in names if n not in CE_DIRECTIONS]
             _require(not bad, f"counterfactual.{key}", f"unknown direction(s) {bad}; known: {list(CE_DIRECTIONS)}")
         _require(self.render in CE_RENDERS, "counterfactual.render", f"must be one of {list(CE_RENDERS)}")
+        _require(0.0 < self.local_threshold < 1.0, "counterfactual.local_threshold", "must lie in (0, 1)")
+        _require(self.gain_images >= 2, "counterfactual.gain_images", "must be >= 2 (one image per side at least)")
         _require(0.0 < self.subspace_variance <= 1.0, "counterfactual.subspace_variance", "must lie in (0, 1]")
         _require(self.subspace_k is None or self.subspace_k >= 1, "counterfactual.subspace_k", "must be >= 1")
         _require(bool(self.move_sizes) and all(m > 0 for m in self.move_sizes), "counterfactual.move_sizes",

@@ -21,7 +21,9 @@ from harness.data.phantoms import PhantomParams, render, to_uint8
 from harness.data.transforms import to_model_range
 from harness.method.autoencoder import DiffusionAutoencoder
 from harness.method.counterfactual import (
+    LOCAL_THRESHOLD,
     binary_counterfactuals,
+    calibrate_gain,
     default_grades,
     distance_strip,
     encode_for_counterfactuals,
@@ -106,9 +108,23 @@ def save_heads(path: Path, evaluation: HeadEvaluation, table: LatentsTable, coun
     for result in evaluation.results.values():
         result.direction = task_direction(result, table, counterfactual.direction,
                                           variance=counterfactual.subspace_variance, k=counterfactual.subspace_k)
+    return write_heads(path, evaluation)
+
+
+def write_heads(path: Path, evaluation: HeadEvaluation) -> Path:
+    """Write every head with its current direction to ``heads.json`` atomically."""
     atomic_write_text(path, json.dumps({f"{t}/{k}": r.to_dict() for (t, k), r in evaluation.results.items()},
                                        indent=2, default=float))
     return path
+
+
+def calibrate_direction_gain(ae: DiffusionAutoencoder, images: Tensor, config: Any, result: TaskResult,
+                             direction: Direction) -> tuple[Direction, dict]:
+    """``direction`` with its realisation gain measured on *training* ``images`` (B, C, H, W)
+    (:func:`harness.method.counterfactual.calibrate_gain`), inverted and rendered as the run makes its CEs."""
+    cf, d = config.counterfactual, config.diffusion
+    encoded = encode_for_counterfactuals(ae, images, d.invert_steps, d.decode_steps, cf.render, cf.local_threshold)
+    return calibrate_gain(ae, encoded, result.head, direction)
 
 
 def save_head_figures(evaluation: HeadEvaluation, table: LatentsTable, out_dir: Path,
@@ -208,7 +224,7 @@ def _binary_truth(meta: list[dict[str, Any]], target_class: np.ndarray, target_d
 def evaluate_counterfactual_set(ae: DiffusionAutoencoder, batch: dict[str, Any], result: TaskResult, *,
                                 invert_steps: int, decode_steps: int, directions: dict[str, Direction] | None = None,
                                 primary: str | None = None, move_sizes: tuple[float, ...] = (1.0,),
-                                render: str = "decode", lpips=None,
+                                render: str = "decode", local_threshold: float = LOCAL_THRESHOLD, lpips=None,
                                 class_names: tuple[str, str] = ("negative", "positive")) -> tuple[list[dict], dict]:
     """Binary CEs in both directions for every direction x move size, and, on phantoms, grade-targeted CEs to the
     opposite extreme, all from one shared inversion of the batch.
@@ -220,7 +236,7 @@ def evaluate_counterfactual_set(ae: DiffusionAutoencoder, batch: dict[str, Any],
     x = batch["image"]
     directions = directions or {"normal": None}
     primary = primary or next(iter(directions))
-    encoded = encode_for_counterfactuals(ae, x, invert_steps, decode_steps, render)
+    encoded = encode_for_counterfactuals(ae, x, invert_steps, decode_steps, render, local_threshold)
     phantoms = bool(batch["meta"]) and "phantom" in batch["meta"][0] and result.calibration is not None
     rows, outputs = [], {"encoded": encoded}
     source = result.head.predict(encoded.z.numpy())  # (B,) the class each binary CE moves away from

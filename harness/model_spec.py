@@ -42,6 +42,7 @@ class ModelSpec:
     size: str = "custom"  # the DAE_SIZES name it was built from, for people (the architecture is what loads)
     dataset: str = ""  # name of the shard folder it was trained on
     render: str = "decode"  # the counterfactual rendering its run used
+    local_threshold: float = 0.3  # and, for the "local" rendering, its mask threshold
     weights_sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # fields of a newer version, kept but not used
 
@@ -56,19 +57,20 @@ class ModelSpec:
         architecture = dataclasses.replace(DAE_SIZES[config.model.size], **overrides)
         return cls(architecture=architecture, in_channels=config.data.channels, diffusion=config.diffusion,
                    size=config.model.size, dataset=Path(config.data.shard_dir).name,
-                   render=config.counterfactual.render)
+                   render=config.counterfactual.render, local_threshold=config.counterfactual.local_threshold)
 
     def run_config(self) -> RunConfig:
         """A run config with this model's data geometry, diffusion and rendering (defaults elsewhere)."""
         data = DataConfig(source="shards", shard_dir=self.dataset or "unknown", image_size=self.image_size,
                           channels=self.in_channels)
-        return RunConfig(data=data, diffusion=self.diffusion, counterfactual=CounterfactualConfig(render=self.render))
+        counterfactual = CounterfactualConfig(render=self.render, local_threshold=self.local_threshold)
+        return RunConfig(data=data, diffusion=self.diffusion, counterfactual=counterfactual)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": SPEC_VERSION, "size": self.size,
                 "architecture": dataclasses.asdict(self.architecture), "in_channels": self.in_channels,
                 "diffusion": dataclasses.asdict(self.diffusion), "dataset": self.dataset, "render": self.render,
-                "weights_sha256": self.weights_sha256, **self.extra}
+                "local_threshold": self.local_threshold, "weights_sha256": self.weights_sha256, **self.extra}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> ModelSpec:
@@ -103,11 +105,12 @@ class ModelSpec:
             raise CheckpointError(f"error: {where}: diffusion: {err}") from None
         extra = {k: v for k, v in data.items() if k not in {
             "format_version", "size", "architecture", "in_channels", "diffusion", "dataset", "render",
-            "weights_sha256"}}
+            "local_threshold", "weights_sha256"}}
         return cls(architecture=architecture, in_channels=int(data["in_channels"]), diffusion=diffusion,
                    size=str(data.get("size", "custom")), dataset=str(data.get("dataset", "")),
-                   render=str(data.get("render", "decode")), weights_sha256=str(data.get("weights_sha256", "")),
-                   extra=extra)
+                   render=str(data.get("render", "decode")),
+                   local_threshold=float(data.get("local_threshold", 0.3)),
+                   weights_sha256=str(data.get("weights_sha256", "")), extra=extra)
 
     def build(self) -> DAE:
         """An untrained network of this architecture."""

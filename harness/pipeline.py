@@ -25,6 +25,7 @@ from harness.config import RunConfig, dump_yaml, load_config
 from harness.data import eval_loader
 from harness.encode import encode_to_table
 from harness.evaluate import (
+    calibrate_direction_gain,
     detection_floors,
     evaluate_counterfactual_set,
     evaluate_heads,
@@ -34,6 +35,7 @@ from harness.evaluate import (
     save_counterfactual_figures,
     save_head_figures,
     save_heads,
+    write_heads,
 )
 from harness.figures import save_image_grid, save_latent_map
 from harness.job_support import load_job_yaml
@@ -172,10 +174,24 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     clock.next("counterfactuals")
     names = tuple(dict.fromkeys((cf.direction, *cf.evaluate_directions)))  # the configured one first
     directions = fit_directions(main_result, table, names, variance=cf.subspace_variance, k=cf.subspace_k)
+    primary, gain_text = cf.direction, ""
+    if cf.calibrate_gain:  # the configured direction with its realisation gain leads; the others stay at gain 1
+        gain_images = take_balanced(config.data.shard_dir, "train", cf.gain_images, config, tasks[0].column)
+        gained, gain_info = calibrate_direction_gain(ae, gain_images["image"], config, main_result,
+                                                     directions[cf.direction])
+        primary = f"{cf.direction}+gain"
+        directions = {primary: gained, **directions}
+        main_result.direction = gained  # heads.json: the served explainer and the strips move the same way
+        write_heads(out_dir / "heads.json", heads)
+        gain_text = (f" '{primary}' is '{cf.direction}' with its realisation gain {gained.gain[0]:.2f} (moves from "
+                     f"the negative side) / {gained.gain[1]:.2f} (from the positive side), measured on "
+                     f"{len(gain_images['key'])} training images" + (" (at its bound: the decoder barely realises "
+                     "moves from that side)" if any(gain_info["at_bound"]) else "") + ".")
     ce_rows, ce_outputs = evaluate_counterfactual_set(ae, batch, main_result, invert_steps=d.invert_steps,
                                                       decode_steps=d.decode_steps, directions=directions,
-                                                      primary=cf.direction, move_sizes=tuple(cf.move_sizes),
-                                                      render=cf.render, lpips=lpips,
+                                                      primary=primary, move_sizes=tuple(cf.move_sizes),
+                                                      render=cf.render, local_threshold=cf.local_threshold,
+                                                      lpips=lpips,
                                                       class_names=tasks[0].class_names or tuple(ev.class_names))
 
     # Fully supervised baseline on the same shards and splits (optional).
@@ -220,7 +236,7 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
                      "reflection's move), "
                      "validity after re-encoding, the realised fraction of the move, L1 proximity and, on phantoms, "
                      "the per-CE median error against the true counterfactual beside the unchanged input's, with the "
-                     f"fraction of CEs closer to the truth than their input. Strips use '{cf.direction}'.",
+                     f"fraction of CEs closer to the truth than their input. Strips use '{primary}'.{gain_text}",
                      section="Counterfactuals")
     if lpips_reason:
         report.add_not_computed("LPIPS", lpips_reason)
@@ -236,7 +252,7 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
         report.add_figure(path, path.stem.replace("_", " "), section="Heads")
     for path in save_counterfactual_figures(ae, batch, main_result, ce_outputs, fig_dir, n_strips=ev.strip_images,
                                             invert_steps=d.invert_steps, decode_steps=d.decode_steps,
-                                            direction=directions[cf.direction]):
+                                            direction=directions[primary]):
         report.add_figure(path, path.stem.replace("_", " "), section="Counterfactuals")
     test = table.select("test")
     n_map = min(ev.latent_map_points, len(test))

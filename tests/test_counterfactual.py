@@ -8,6 +8,8 @@ variant that ignores z shows that the validity check can fail.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -331,6 +333,8 @@ def test_config_rejects_unknown_direction_and_matches_the_registries() -> None:
         load_config(None, ["--counterfactual.direction=sideways"])
     with pytest.raises(ConfigError, match="counterfactual.render"):
         load_config(None, ["--counterfactual.render=blend"])
+    with pytest.raises(ConfigError, match="counterfactual.local_threshold"):
+        load_config(None, ["--counterfactual.render=local", "--counterfactual.local_threshold=0"])
     assert load_config(None, []).counterfactual.direction == "pattern"
 
 
@@ -393,6 +397,99 @@ def test_residual_rendering_adds_the_decoded_change_to_the_input() -> None:
     torch.testing.assert_close(residual, expected)
     with pytest.raises(ValueError, match="counterfactual.render"):
         encode_for_counterfactuals(ae, x, render="blend")
+
+
+def test_local_change_mask_keeps_the_concentrated_edit_and_drops_faint_spread() -> None:
+    from harness.method.counterfactual import local_change_mask
+
+    change = torch.full((2, 1, 8, 8), 0.01)  # (B, C, H, W): a faint change everywhere ...
+    change[0, 0, 2:4, 2:4] = -0.5  # ... and one strong, local edit in image 0
+    change[1] = 0.0  # image 1 does not change at all
+    mask = local_change_mask(change, threshold=0.3)
+    assert mask.shape == (2, 1, 8, 8)
+    assert torch.all(mask[0, 0, 2:4, 2:4] == 1.0)  # the edit is kept whole, whatever its sign
+    assert mask[0].sum() == 4.0  # the faint part (2 % of the peak) is dropped
+    assert torch.all(mask[1] == 0.0)  # no change: nothing to keep, and no division by zero
+    ramp = local_change_mask(torch.linspace(0, 1, 11).reshape(1, 1, 1, 11), threshold=0.3)
+    torch.testing.assert_close(ramp[0, 0, 0, [3, 4, 5, 7]], torch.tensor([0.0, 2 / 7, 4 / 7, 1.0]))  # linear ramp
+    with pytest.raises(ValueError, match="local_threshold"):
+        local_change_mask(change, threshold=1.0)
+
+
+def test_local_rendering_is_the_residual_change_inside_the_mask_only() -> None:
+    from harness.method.counterfactual import encode_for_counterfactuals, local_change_mask, render_counterfactuals
+
+    ae = LinearAutoencoder()
+    x = make_images(4)
+    enc = encode_for_counterfactuals(ae, x, invert_steps=3, decode_steps=2, render="local", local_threshold=0.5)
+    z_ce = enc.z + 0.3
+    change = ae.decode(z_ce, enc.x_T.clone(), 2) - ae.decode(enc.z, enc.x_T.clone(), 2)
+    mask = local_change_mask(change, 0.5)
+    assert 0.0 < float(mask.mean()) < 1.0  # the test means something: part of the change is dropped
+    local = render_counterfactuals(ae, enc, z_ce)
+    torch.testing.assert_close(local, (x + mask * change).clamp(-1, 1))
+    assert enc.select(slice(0, 2)).local_threshold == 0.5  # a subset renders the same way
+    broken = LinearAutoencoder(ignore_z=True)  # negative control: a decoder that ignores z changes nothing
+    broken.original_z = broken.encode(x)
+    enc_broken = encode_for_counterfactuals(broken, x, invert_steps=3, decode_steps=2, render="local")
+    torch.testing.assert_close(render_counterfactuals(broken, enc_broken, enc_broken.z + 0.3), x.clamp(-1, 1))
+
+
+class DampedAutoencoder(LinearAutoencoder):
+    """Realises only ``realise`` of any latent move (a DAE trained too briefly), and ``slack`` more of moves that
+    start on the head's negative side: decode(z) shows original_z + r (z - original_z)."""
+
+    def __init__(self, realise: float, head: FittedHead, slack: float = 0.0) -> None:
+        super().__init__()
+        self.realise, self.head, self.slack = realise, head, slack
+
+    def decode(self, z: torch.Tensor, x_T: torch.Tensor, steps: int) -> torch.Tensor:
+        start = self.original_z[: z.shape[0]]
+        rate = self.realise + self.slack * (signed_distance(start, self.head.hyperplane) < 0).double()  # (B,)
+        return self._mean_image(start + rate[:, None] * (z.double() - start)) + x_T
+
+
+def test_calibrated_gain_makes_the_reencoded_ce_land_where_the_reflection_points() -> None:
+    from harness.method.counterfactual import calibrate_gain, encode_for_counterfactuals, render_counterfactuals
+    from harness.method.directions import normal_direction
+
+    head = make_head()
+    ae = DampedAutoencoder(realise=0.25, head=head, slack=0.25)  # realises 1/2 from below, 1/4 from above
+    train, test = make_images(8, seed=11), make_images(6, seed=12)
+    ae.original_z = ae.encode(train)  # "decode" rendering: the residual one clips to [-1, 1], inexact here
+    enc_train = encode_for_counterfactuals(ae, train, invert_steps=2, decode_steps=2, render="decode")
+    dist_train = signed_distance(enc_train.z, head.hyperplane)
+    assert bool((dist_train < 0).any()) and bool((dist_train >= 0).any())  # both sides are calibrated
+    gained, info = calibrate_gain(ae, enc_train, head, normal_direction(head.hyperplane), rounds=1)
+    assert gained.gain == pytest.approx((2.0, 4.0))  # 1 / the realised share, per side
+    assert info["at_bound"] == [False, False]
+    ae.original_z = ae.encode(test)  # unseen images: the gain is a property of the decoder, not of the batch
+    enc_test = encode_for_counterfactuals(ae, test, invert_steps=2, decode_steps=2, render="decode")
+    dist = signed_distance(enc_test.z, head.hyperplane)
+    for direction, expected in ((normal_direction(head.hyperplane), None), (gained, -dist)):
+        x_ce = render_counterfactuals(ae, enc_test, reflect(enc_test.z, head.hyperplane, direction))
+        reached = signed_distance(ae.encode(x_ce), head.hyperplane)
+        if expected is None:  # without the gain the damped decoder never crosses the boundary
+            assert bool(torch.all(torch.sign(reached) == torch.sign(dist)))
+        else:
+            torch.testing.assert_close(reached, expected)
+    broken = LinearAutoencoder(ignore_z=True)  # negative control: a decoder that ignores z cannot be calibrated
+    broken.original_z = broken.encode(train)
+    enc_broken = encode_for_counterfactuals(broken, train, invert_steps=2, decode_steps=2, render="decode")
+    _, info = calibrate_gain(broken, enc_broken, head, normal_direction(head.hyperplane), bounds=(0.25, 16.0))
+    assert info["gain"] == [16.0, 16.0] and info["at_bound"] == [True, True]
+
+
+def test_a_direction_keeps_its_gain_in_the_heads_file_and_old_files_load_without_one() -> None:
+    from harness.method.directions import Direction, DirectionError
+
+    direction = Direction("pattern", np.ones(Z_DIM) / np.sqrt(Z_DIM), gain=(2.5, 3.0))
+    back = Direction.from_dict(json.loads(json.dumps(direction.to_dict())))
+    assert back.gain == (2.5, 3.0)
+    old = {k: v for k, v in direction.to_dict().items() if k != "gain"}
+    assert Direction.from_dict(old).gain == (1.0, 1.0)
+    with pytest.raises(DirectionError, match="direction.gain"):
+        Direction.from_dict({**old, "gain": [2.0, -1.0]})
 
 
 def test_truth_error_on_a_phantom_pair_with_a_known_answer() -> None:

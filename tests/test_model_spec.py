@@ -203,3 +203,13 @@ def test_stale_phantom_shards_end_training_with_one_line_and_write_nothing(tmp_p
     assert status == 2 and message.startswith("error: ") and "seed: 0 -> 5" in message
     assert (shard_dir / "manifest.json").read_bytes() == manifest
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_rendering_and_its_threshold_travel_with_the_model_and_old_specs_default_them():
+    config = load_config(None, ["--counterfactual.render=local", "--counterfactual.local_threshold=0.45"])
+    spec = ModelSpec.from_config(config)
+    back = ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict())), "dae_spec.json")
+    assert (back.render, back.local_threshold) == ("local", 0.45)
+    assert back.run_config().counterfactual.local_threshold == 0.45  # what the served explainer renders with
+    old = {k: v for k, v in spec.to_dict().items() if k not in ("render", "local_threshold")}
+    assert (ModelSpec.from_dict(old, "old").render, ModelSpec.from_dict(old, "old").local_threshold) == ("decode", 0.3)

@@ -83,7 +83,8 @@ def test_main_pipeline_tiny_budget_writes_complete_report(shards, tmp_path):
                  f"--eval.out_dir={tmp_path / 'eval'}", "--train.total_samples=64", "--train.batch_size=16",
                  "--train.preview_images=4", "--diffusion.invert_steps=3", "--diffusion.decode_steps=3",
                  "--eval.counterfactual_images=8", "--eval.strip_images=2", "--eval.batch_size=16",
-                 "--eval.encode_splits=[train, test]"]
+                 "--eval.encode_splits=[train, test]", "--counterfactual.render=local",
+                 "--counterfactual.calibrate_gain=true", "--counterfactual.gain_images=8"]
     index = run(str(REPO / "jobs" / "phantoms_demo.yaml"), overrides)
     assert index.is_file() and check_report(index) == []
     html = index.read_text()
@@ -99,7 +100,7 @@ def test_main_pipeline_tiny_budget_writes_complete_report(shards, tmp_path):
     with open(tables / "counterfactuals.csv") as handle:
         ce_rows = list(csv.DictReader(handle))
     measured = {(r["direction"], r["move"]) for r in ce_rows}
-    for direction in ("normal", "pattern", "normal_subspace", "mean_diff"):  # every direction x move size, both ways
+    for direction in ("pattern+gain", "normal", "pattern", "normal_subspace", "mean_diff"):  # every one x move size
         assert {(direction, "1x"), (direction, "2x"), (direction, "4x"), (direction, "-")} <= measured
     assert all(r["closer_than_input"] != "" for r in ce_rows)  # phantoms: every CE row is scored against the truth
     with open(tables / "floors.csv") as handle:
@@ -107,6 +108,10 @@ def test_main_pipeline_tiny_budget_writes_complete_report(shards, tmp_path):
     assert ("raw pixels", "logistic") in floors and ("random encoder", "svm") in floors
     heads = json.loads((tmp_path / "eval" / "heads.json").read_text())
     assert {entry["direction"]["name"] for entry in heads.values()} == {"pattern"}  # the job's direction
+    # The CE head carries the gain measured on training images (the served explainer moves as the report did);
+    # the other heads, never rendered here, keep the exact latent move.
+    gains = {key: entry["direction"]["gain"] for key, entry in heads.items()}
+    assert gains.pop("fracture/svm") != [1.0, 1.0] and all(g == [1.0, 1.0] for g in gains.values())
     detection = (tables / "detection.csv").read_text().splitlines()
     assert detection[0].startswith("task,kind,split,auc,f1") and len(detection) == 1 + 2 * 3  # 2 tasks x 3 kinds
     table = load_latents(tmp_path / "eval" / "latents.parquet")

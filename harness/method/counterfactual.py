@@ -14,8 +14,10 @@ does not (texture, exact position). A linear head on ``z_sem`` is a hyperplane `
 Every move takes an optional :class:`~harness.method.directions.Direction` (``pattern``, ``normal_subspace``,
 ``mean_diff``; None = the paper's unit normal) and lands exactly on the same target distance whatever the
 direction. One batch is encoded and inverted once (:func:`encode_for_counterfactuals`) and shared by every
-direction, move size and grade. Rendering is ``decode`` (the paper: decode ``(z_ce, x_T)``) or ``residual``
-(the input plus ``decode(z_ce, x_T) - decode(z, x_T)``, so reconstruction error does not count as change).
+direction, move size and grade. Rendering is ``decode`` (the paper: decode ``(z_ce, x_T)``), ``residual``
+(the input plus ``decode(z_ce, x_T) - decode(z, x_T)``, so reconstruction error does not count as change) or
+``local`` (the residual change kept only where it concentrates, :func:`local_change_mask`: a small DAE spreads
+faint edits over the whole image besides the one that matters, and those make a CE farther from the truth).
 
 The latent arithmetic works on numpy arrays and torch tensors alike; the image-level functions take any object
 satisfying :class:`Autoencoder` and a fitted head from ``harness.method.heads``.
@@ -24,7 +26,7 @@ satisfying :class:`Autoencoder` and a fitted head from ``harness.method.heads``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
@@ -113,7 +115,24 @@ def progression_latents(z: LatentT, hyperplane: Hyperplane, calibration: Calibra
 # ---------------------------------------------------------------------------------------------------------
 
 
-RENDERS = ("decode", "residual")
+RENDERS = ("decode", "residual", "local")
+LOCAL_THRESHOLD = 0.3  # benchmarks/RESULTS.md, "Localised rendering"
+
+
+def local_change_mask(change: Tensor, threshold: float = LOCAL_THRESHOLD) -> Tensor:
+    """Where a decoded change concentrates: (B, C, H, W) -> soft mask (B, 1, H, W) in [0, 1].
+
+    Per image, the change's size ``s = mean_c |change|`` relative to its largest value ``r = s / max(s)``; the
+    mask is 0 below ``threshold``, rises linearly and is 1 from halfway between ``threshold`` and 1. Only the
+    model's own change decides (no label, no truth), so the same rule serves any image. An image that does not
+    change at all gets an all-zero mask.
+    """
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"counterfactual.local_threshold must lie in (0, 1), got {threshold}")
+    size = change.abs().mean(dim=1, keepdim=True)  # (B, 1, H, W)
+    peak = size.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)  # (B, 1, 1, 1)
+    ramp = (1.0 - threshold) / 2.0
+    return ((size / peak - threshold) / ramp).clamp(0.0, 1.0)
 
 
 @dataclass
@@ -161,7 +180,8 @@ def _as_batch(x: Tensor) -> Tensor:
 class Encoded:
     """A batch encoded once and shared by every counterfactual made from it (all directions, sizes, grades).
 
-    ``recon`` is the decode of the unchanged latent, needed by the ``residual`` rendering.
+    ``recon`` is the decode of the unchanged latent, needed by the ``residual`` and ``local`` renderings;
+    ``local_threshold`` is the ``local`` rendering's :func:`local_change_mask` threshold.
     """
 
     x: Tensor  # (B, C, H, W)
@@ -170,24 +190,27 @@ class Encoded:
     decode_steps: int
     render: str = "decode"
     recon: Tensor | None = None  # (B, C, H, W)
+    local_threshold: float = LOCAL_THRESHOLD
 
     def select(self, rows: Tensor | slice) -> Encoded:
         """The same encoding for rows ``rows`` (a boolean mask, indices or a slice) only."""
         return Encoded(self.x[rows], self.z[rows], self.x_T[rows], self.decode_steps, self.render,
-                       None if self.recon is None else self.recon[rows])
+                       None if self.recon is None else self.recon[rows], self.local_threshold)
 
 
 @torch.no_grad()
 def encode_for_counterfactuals(ae: Autoencoder, x: Tensor, invert_steps: int = 250, decode_steps: int = 100,
-                               render: str = "decode") -> Encoded:
-    """Encode, invert (and for ``residual`` reconstruct) a batch once: (B, C, H, W) -> :class:`Encoded`."""
+                               render: str = "decode", local_threshold: float = LOCAL_THRESHOLD) -> Encoded:
+    """Encode, invert (and unless ``decode``, reconstruct) a batch once: (B, C, H, W) -> :class:`Encoded`."""
     if render not in RENDERS:
         raise ValueError(f"counterfactual.render: unknown rendering {render!r}; known: {list(RENDERS)}")
+    if not 0.0 < local_threshold < 1.0:
+        raise ValueError(f"counterfactual.local_threshold must lie in (0, 1), got {local_threshold}")
     x = _as_batch(x)
     z = ae.encode(x)  # (B, D)
     x_T = ae.invert(x, z, steps=invert_steps)  # (B, C, H, W)
-    recon = ae.decode(z, x_T.clone(), steps=decode_steps) if render == "residual" else None
-    return Encoded(x, z, x_T, decode_steps, render, recon)
+    recon = None if render == "decode" else ae.decode(z, x_T.clone(), steps=decode_steps)
+    return Encoded(x, z, x_T, decode_steps, render, recon, local_threshold)
 
 
 @torch.no_grad()
@@ -196,14 +219,18 @@ def render_counterfactuals(ae: Autoencoder, encoded: Encoded, z_ce: Tensor, inde
 
     ``decode`` returns the decode itself (the paper). ``residual`` adds the decoded change to the input,
     ``x + decode(z_ce, x_T) - decode(z, x_T)``: the reconstruction error, identical in both decodes, cancels,
-    and what remains is the change the latent move causes. Clipped to [-1, 1].
+    and what remains is the change the latent move causes. ``local`` keeps that change only where it concentrates,
+    ``x + m * change`` with ``m`` = :func:`local_change_mask`. Clipped to [-1, 1].
     """
     index = torch.arange(encoded.x.shape[0]) if index is None else index
     x_T = encoded.x_T[index].clone()  # (M, C, H, W); a real copy, safe for in-place samplers
     decoded = ae.decode(z_ce, x_T, steps=encoded.decode_steps)
     if encoded.render == "decode":
         return decoded
-    return (encoded.x[index] + decoded - encoded.recon[index]).clamp(-1.0, 1.0)
+    change = decoded - encoded.recon[index]  # (M, C, H, W)
+    if encoded.render == "local":
+        change = change * local_change_mask(change, encoded.local_threshold)
+    return (encoded.x[index] + change).clamp(-1.0, 1.0)
 
 
 def _reuse_or_encode(ae: Autoencoder, x: Tensor, encoded: Encoded | None, invert_steps: int, decode_steps: int,
@@ -278,6 +305,41 @@ def progression_strip(ae: Autoencoder, x: Tensor, head: FittedHead, calibration:
     distances = np.asarray(calibration.distance_for_grade(np.asarray(grades, dtype=np.float64))).reshape(-1)
     return distance_strip(ae, x, head, distances, invert_steps, decode_steps, direction=direction, render=render,
                           encoded=encoded)
+
+
+@torch.no_grad()
+def calibrate_gain(ae: Autoencoder, encoded: Encoded, head: FittedHead, direction: Direction, *, rounds: int = 2,
+                   bounds: tuple[float, float] = (0.25, 16.0)) -> tuple[Direction, dict[str, Any]]:
+    """Measure the realisation gain of ``direction`` on a batch of *training* images (see
+    :mod:`harness.method.directions`): ``direction`` with ``gain`` set, and what was measured.
+
+    Each round renders the binary CE (reflection, 1x) of every image with the current gain, re-encodes it and
+    divides each side's gain by the median realised fraction of the images starting on that side, so that the
+    re-encoded CE lands on ``-dist``; two rounds absorb most of the decoder's non-linearity. A side whose moves
+    are not realised at all (median fraction <= 0, or no image on it) gets the upper bound: the returned info
+    says so, and CEs from that side stay invalid however far they move. Test images are never used.
+    """
+    if rounds < 1:
+        raise ValueError(f"calibrate_gain: rounds must be >= 1, got {rounds}")
+    dist = _to_numpy(signed_distance(encoded.z.double(), head.hyperplane))  # (B,)
+    sides = {0: dist < 0, 1: dist >= 0}
+    gain = [1.0, 1.0]
+    history = []
+    for _ in range(rounds):
+        gained = replace(direction, gain=(gain[0], gain[1]))
+        x_ce = render_counterfactuals(ae, encoded, reflect(encoded.z, head.hyperplane, gained))
+        reached = _to_numpy(signed_distance(ae.encode(x_ce).double(), head.hyperplane))  # (B,)
+        fraction = realised_fraction(dist, -dist, reached)
+        medians = []
+        for side, rows in sides.items():
+            defined = fraction[rows & np.isfinite(fraction)]
+            median = float(np.median(defined)) if defined.size else float("nan")
+            medians.append(median)
+            gain[side] = bounds[1] if not median > 0 else float(np.clip(gain[side] / median, *bounds))
+        history.append({"gain_in": [float(g) for g in gained.gain], "realised_median": medians})
+    info = {"gain": gain, "rounds": history, "n_images": [int(rows.sum()) for rows in sides.values()],
+            "at_bound": [g in bounds for g in gain]}
+    return replace(direction, gain=(gain[0], gain[1])), info
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,6 +14,12 @@ such latents, does not respond. Directions that stay on the data move the image:
 Whatever the direction ``v``, the move lands exactly on the target distance ``d*``: the signed distance is
 linear in ``z``, so ``z_ce = z + (d* - dist) * ||n|| / (n . v) * v`` gives ``dist(z_ce) = d*``. Every direction
 is stored with ``n . v > 0`` (it points to the positive side). Pure numpy / torch: no autoencoder needed.
+
+A direction may carry a *realisation gain* ``(g_neg, g_pos)``: a DAE that is not fully trained realises only
+part of a latent move in the image (decode, re-encode: the distance moves a fraction of the way), so the latent
+move is multiplied by the gain of the side the latent starts on, ``z_ce = z + g (d* - dist) ||n|| / (n . v) v``,
+and the *re-encoded image* lands on ``d*``. The gain is measured with the autoencoder on training images
+(``harness.method.counterfactual.calibrate_gain``); (1, 1), the default, is the exact latent move above.
 """
 
 from __future__ import annotations
@@ -48,9 +54,11 @@ class Direction:
     name: str
     vector: np.ndarray  # (D,)
     info: dict[str, Any] = field(default_factory=dict)  # e.g. {"k": 3, "explained_variance": 0.995}
+    gain: tuple[float, float] = (1.0, 1.0)  # realisation gain of moves from the negative / the positive side
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "vector": np.asarray(self.vector, dtype=np.float64).tolist(), "info": self.info}
+        return {"name": self.name, "vector": np.asarray(self.vector, dtype=np.float64).tolist(), "info": self.info,
+                "gain": [float(g) for g in self.gain]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "direction") -> Direction:
@@ -66,7 +74,12 @@ class Direction:
         vector = np.asarray(data["vector"], dtype=np.float64)
         if vector.ndim != 1 or not np.all(np.isfinite(vector)) or not np.any(vector):
             raise DirectionError(f"{where}.vector: must be a finite, non-zero 1-D list of numbers")
-        return cls(data["name"], vector, dict(data.get("info", {})))
+        gain = data.get("gain", [1.0, 1.0])  # files written before the gain existed: the exact latent move
+        if (not isinstance(gain, list | tuple) or len(gain) != 2
+                or not all(isinstance(g, int | float) and np.isfinite(g) and g > 0 for g in gain)):
+            raise DirectionError(f"{where}.gain: must be two positive numbers [negative side, positive side], "
+                                 f"got {gain!r}")
+        return cls(data["name"], vector, dict(data.get("info", {})), (float(gain[0]), float(gain[1])))
 
 
 def direction_name(direction: Direction | None) -> str:
@@ -186,7 +199,8 @@ def move_along(z: LatentT, hyperplane: Hyperplane, direction: Direction | None,
     """Move latents (..., D) along ``direction`` (None = the unit normal) to the signed distance ``target_distance``.
 
     ``z_ce = z + (d* - dist) * ||n|| / (n . v) * v``; for ``v = n / ||n||`` this is the paper's
-    ``w + (d* - dist) n / ||n||``. ``target_distance`` is a scalar or one value per latent.
+    ``w + (d* - dist) n / ||n||``. ``target_distance`` is a scalar or one value per latent. A direction with a
+    realisation gain other than (1, 1) multiplies each move by the gain of the side its latent starts on.
     """
     normal = np.asarray(hyperplane.normal, dtype=np.float64)  # (D,)
     if z.shape[-1] != normal.shape[0]:
@@ -207,5 +221,13 @@ def move_along(z: LatentT, hyperplane: Hyperplane, direction: Direction | None,
     else:
         target = np.asarray(target_distance, dtype=dist.dtype)
     step = (target - dist) / per_unit  # (...)
+    if direction is not None and tuple(direction.gain) != (1.0, 1.0):
+        negative_gain, positive_gain = (float(g) for g in direction.gain)
+        if _is_tensor(z):
+            import torch
+
+            step = step * torch.where(dist >= 0, positive_gain, negative_gain).to(step.dtype)
+        else:
+            step = step * np.where(dist >= 0, positive_gain, negative_gain)
     return z + step[..., None] * _like(vector, z)
 

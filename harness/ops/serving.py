@@ -260,6 +260,7 @@ class DAEExplainer(mlflow.pyfunc.PythonModel):
         import torch
 
         from harness.method.counterfactual import (
+            LOCAL_THRESHOLD,
             encode_for_counterfactuals,
             move_to_distance,
             reflect,
@@ -277,7 +278,8 @@ class DAEExplainer(mlflow.pyfunc.PythonModel):
                 # everything z_sem does not and is shared by all counterfactuals of the image.
                 s = self.settings
                 encoded = encode_for_counterfactuals(self.ae, x, s["invert_steps"], s["decode_steps"],
-                                                     s.get("render", "decode"))
+                                                     s.get("render", "decode"),
+                                                     s.get("local_threshold", LOCAL_THRESHOLD))
                 z = encoded.z  # (B, D)
             else:
                 z = self.ae.encode(x)
@@ -379,7 +381,8 @@ def build_explainer(model_dir: str | Path, heads_path: str | Path, task: str, ki
             "invert_steps": invert_steps or config.diffusion.invert_steps,
             "decode_steps": decode_steps or config.diffusion.decode_steps,
             "batch_size": batch_size, "max_images": max_images, "dae": version_tags(model_dir),
-            "render": config.counterfactual.render, "direction": result.direction_name,
+            "render": config.counterfactual.render, "local_threshold": config.counterfactual.local_threshold,
+            "direction": result.direction_name,
         }
         (staging / "head.json").write_text(json.dumps(result.to_dict(), indent=2, default=float))
         (staging / "serving.json").write_text(json.dumps(settings, indent=2))
