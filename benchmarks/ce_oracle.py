@@ -36,7 +36,12 @@ sys.path.insert(0, str(REPO))
 from harness.data.phantoms import PhantomParams, generate_phantoms, render, to_uint8  # noqa: E402
 from harness.data.transforms import to_model_range  # noqa: E402
 from harness.method.autoencoder import DiffusionAutoencoder  # noqa: E402
-from harness.method.counterfactual import encode_for_counterfactuals, render_counterfactuals  # noqa: E402
+from harness.method.counterfactual import (  # noqa: E402
+    LOCAL_THRESHOLD,
+    RENDERS,
+    encode_for_counterfactuals,
+    render_counterfactuals,
+)
 from harness.method.directions import fit_direction, move_along, signed_distance  # noqa: E402
 from harness.method.heads import fit_head  # noqa: E402
 from harness.method.probes import change_alignment, truth_errors  # noqa: E402
@@ -65,11 +70,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--invert-steps", type=int, default=None, help="default: the model's")
     parser.add_argument("--decode-steps", type=int, default=None, help="default: the model's")
     parser.add_argument("--invert-to", type=int, default=None, help="inversion depth (timestep); default: the model's")
-    parser.add_argument("--render", choices=("residual", "decode"), default="residual")
+    parser.add_argument("--render", choices=RENDERS, default="residual")
+    parser.add_argument("--local-threshold", type=float, default=LOCAL_THRESHOLD, help="the 'local' rendering's mask")
+    parser.add_argument("--inversion", choices=("ddim", "fixed_point"), default=None, help="default: the model's")
     parser.add_argument("--results", type=Path, default=None, help="append the JSON line here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     extra = {} if args.invert_to is None else {"invert_to": args.invert_to}
+    extra.update({} if args.inversion is None else {"inversion": args.inversion})
     ae = DiffusionAutoencoder.load(args.model, device="cpu", batch_size=64, **extra)
     inv = args.invert_steps or ae.invert_steps
     dec = args.decode_steps or ae.decode_steps
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Test phantoms: one inversion each, shared by every latent below.
     x, truth, y = phantom_pairs(args.n_test, size, seed=202)
-    encoded = encode_for_counterfactuals(ae, x, inv, dec, render=args.render)
+    encoded = encode_for_counterfactuals(ae, x, inv, dec, render=args.render, local_threshold=args.local_threshold)
     z = encoded.z.double().numpy()  # (B, D)
     dist = signed_distance(z, head.hyperplane)
     latents = {
@@ -101,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows["truth through the DAE"] = {**_score(x, rebuilt, truth), **_validity(ae, head, rebuilt, y)}
     cos = float(pattern.vector @ (mean_move[0] - mean_move[1]) / np.linalg.norm(mean_move[0] - mean_move[1]))
     result = {"model": str(args.model), "invert_steps": inv, "decode_steps": dec, "invert_to": ae.invert_to,
-              "render": args.render, "n_train": args.n_train,
+              "render": args.render, "local_threshold": args.local_threshold, "inversion": ae.inversion,
+              "n_train": args.n_train,
               "n_test": args.n_test, "cos_pattern_vs_mean_oracle": cos, "rows": rows}
     print(f"depth {ae.invert_to}, render {args.render}, {inv}/{dec} steps")
     print(f"{'latent':<24} {'CE-truth med':>12} {'input-truth med':>15} {'closer':>7} {'validity':>8} "

@@ -167,6 +167,10 @@ def markdown_tables(results: Path) -> str:
             truth = list(r[f"{key}:truth"].values())
             errors = f"{_fmt(truth[0][0])} / {_fmt(truth[0][1])}" if truth and truth[0][0] is not None else "-"
             closer = " / ".join(_fmt(t[2]) for t in truth[:2]) if truth and truth[0][2] is not None else "-"
+            if f"{setting}:gain" in r:
+                setting += " (gain {:.1f} / {:.1f})".format(*r[f"{setting}:gain"])
+            if r.get("inversion", "ddim") != "ddim":
+                setting += f", {r['inversion']} {r['invert_steps']}/{r['decode_steps']}"
             out.append(f"| {r['recipe']} | {r['samples']:,} | {setting} | {move} | "
                        f"{' / '.join(_fmt(v) for v in validity)} | {r[f'{key}:realised']:.2f} | {errors} | {closer} |")
     return "\n".join(out)
@@ -218,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         row = {"recipe": args.recipe, "overrides": overrides, "samples": budget, "train_wall_s": round(train_wall, 1),
                "invert_steps": config.diffusion.invert_steps, "decode_steps": config.diffusion.decode_steps,
+               "inversion": config.diffusion.inversion,
                **_floors(config, Path(args.out) / "floors.json"),
                **measure(config, Path(trained["model_dir"]), eval_dir, ce_specs, args.images, move_sizes)}
         row["eval_wall_s"] = round(time.perf_counter() - started, 1)

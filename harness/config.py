@@ -420,7 +420,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        hint = (" (YAML reads an unquoted no / off / yes / on as a boolean: quote it, e.g. '\"no\"' on the command "
+                "line or \"no\" in the file)" if isinstance(value, bool) else "")
+        raise ConfigError(f"{key}: expected a string, got {value!r}{hint}")
     if annotation is Any:
         return value
     raise ConfigError(f"{key}: unsupported type {annotation!r}")

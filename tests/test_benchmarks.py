@@ -191,3 +191,21 @@ def test_ce_speed_times_each_solver_variant_and_batch(tmp_path):
     assert all(r["seconds"] > 0 and r["ce_per_s"] == pytest.approx(r["batch"] / r["seconds"], rel=1e-2) for r in rows)
     assert all(0 <= r["recon_mse"] < 0.01 for r in rows)  # fixed-point 10/10 reconstructs (fixture: near exactly)
     assert len((tmp_path / "speed.jsonl").read_text().splitlines()) == 4
+
+
+def test_the_recipe_table_names_the_gain_and_the_solver_of_each_ce_row(tmp_path):
+    from benchmarks import ce_recipes
+
+    row = {"recipe": "eps", "samples": 120000, "raw pixels/logistic": 0.99, "random encoder/svm": 0.93,
+           "auc_svm": 0.996, "random_xT_own_source": 0.5, "inversion": "fixed_point", "invert_steps": 10,
+           "decode_steps": 10, **{f"z_usage_t{t}": 0.1 for t in (250, 500, 750, 950)},
+           "pattern+gain:local:500:gain": [2.24, 1.97],
+           "pattern+gain:local:500:validity": {"healthy -> fractured": 1.0, "fractured -> healthy": 0.9},
+           "pattern+gain:local:500:realised": 1.05,
+           "pattern+gain:local:500:truth": {"healthy -> fractured": [0.0185, 0.0184, 0.59],
+                                            "fractured -> healthy": [0.0207, 0.0207, 0.6]}}
+    results = tmp_path / "recipes.jsonl"
+    results.write_text(json.dumps(row) + "\n")
+    table = ce_recipes.markdown_tables(results)
+    assert ("| eps | 120,000 | pattern+gain:local:500 (gain 2.2 / 2.0), fixed_point 10/10 | 1x | 1.000 / 0.900 | 1.05 | "
+            "0.018 / 0.018 | 0.590 / 0.600 |") in table

@@ -71,3 +71,11 @@ def test_yaml_syntax_error_names_file(tmp_path):
     bad.write_text("train: {lr: [1e-4\n")
     with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
         load_config(bad)
+
+
+def test_an_unquoted_yaml_no_for_a_string_setting_says_to_quote_it():
+    from harness.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="quote it"):
+        load_config(None, ["--train.mixed_precision=no"])  # YAML 1.1: no -> False
+    assert load_config(None, ['--train.mixed_precision="no"']).train.mixed_precision == "no"
