@@ -207,5 +207,5 @@ def test_the_recipe_table_names_the_gain_and_the_solver_of_each_ce_row(tmp_path)
     results = tmp_path / "recipes.jsonl"
     results.write_text(json.dumps(row) + "\n")
     table = ce_recipes.markdown_tables(results)
-    assert ("| eps | 120,000 | pattern+gain:local:500 (gain 2.2 / 2.0), fixed_point 10/10 | 1x | 1.000 / 0.900 | 1.05 | "
-            "0.018 / 0.018 | 0.590 / 0.600 |") in table
+    assert ("| eps | 120,000 | pattern+gain:local:500 (gain 2.2 / 2.0), fixed_point 10/10 | 1x | 1.000 / 0.900 | "
+            "1.05 | 0.018 / 0.018 | 0.590 / 0.600 |") in table
