@@ -144,6 +144,12 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def _recipe_name(row: dict) -> str:
+    """The recipe, plus any ``--extra`` overrides of that run (e.g. another seed)."""
+    extra = [o.lstrip("-") for o in row.get("overrides", []) if o not in RECIPES.get(row["recipe"], [])]
+    return " ".join([row["recipe"], *extra])
+
+
 def markdown_tables(results: Path) -> str:
     """The recipe table (one row per recipe x budget) and the CE table (one row per CE setting and move)."""
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
@@ -152,7 +158,7 @@ def markdown_tables(results: Path) -> str:
     for r in rows:
         usage = " / ".join(f"{r[f'z_usage_t{t}']:.2f}" for t in (250, 500, 750, 950))
         floors = f"{r['raw pixels/logistic']:.3f} / {r['random encoder/svm']:.3f}"
-        out.append(f"| {r['recipe']} | {r['samples']:,} | {r['auc_svm']:.3f} ({floors}) | {usage} | "
+        out.append(f"| {_recipe_name(r)} | {r['samples']:,} | {r['auc_svm']:.3f} ({floors}) | {usage} | "
                    f"{r['random_xT_own_source']:.2f} |")
     out += ["", "| recipe | samples | direction:render[:depth] | move | validity healthy->fractured / "
             "fractured->healthy | realised | median error vs truth: CE / input (h->f) "
@@ -171,7 +177,7 @@ def markdown_tables(results: Path) -> str:
                 setting += " (gain {:.1f} / {:.1f})".format(*r[f"{setting}:gain"])
             if r.get("inversion", "ddim") != "ddim":
                 setting += f", {r['inversion']} {r['invert_steps']}/{r['decode_steps']}"
-            out.append(f"| {r['recipe']} | {r['samples']:,} | {setting} | {move} | "
+            out.append(f"| {_recipe_name(r)} | {r['samples']:,} | {setting} | {move} | "
                        f"{' / '.join(_fmt(v) for v in validity)} | {r[f'{key}:realised']:.2f} | {errors} | {closer} |")
     return "\n".join(out)
 
