@@ -42,7 +42,7 @@ class ModelSpec:
     size: str = "custom"  # the DAE_SIZES name it was built from, for people (the architecture is what loads)
     dataset: str = ""  # name of the shard folder it was trained on
     render: str = "decode"  # the counterfactual rendering its run used
-    local_threshold: float = 0.3  # and, for the "local" rendering, its mask threshold
+    local_threshold: float = CounterfactualConfig.local_threshold  # and, for "local", its mask threshold
     weights_sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # fields of a newer version, kept but not used
 
@@ -109,7 +109,7 @@ class ModelSpec:
         return cls(architecture=architecture, in_channels=int(data["in_channels"]), diffusion=diffusion,
                    size=str(data.get("size", "custom")), dataset=str(data.get("dataset", "")),
                    render=str(data.get("render", "decode")),
-                   local_threshold=float(data.get("local_threshold", 0.3)),
+                   local_threshold=float(data.get("local_threshold", CounterfactualConfig.local_threshold)),
                    weights_sha256=str(data.get("weights_sha256", "")), extra=extra)
 
     def build(self) -> DAE:

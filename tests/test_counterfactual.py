@@ -325,10 +325,11 @@ def test_direction_mistakes_name_the_field() -> None:
 
 
 def test_config_rejects_unknown_direction_and_matches_the_registries() -> None:
-    from harness.config import CE_DIRECTIONS, CE_RENDERS, ConfigError, load_config
+    from harness.config import CE_DIRECTIONS, CE_RENDERS, ConfigError, CounterfactualConfig, load_config
     from harness.method import counterfactual, directions
 
     assert CE_DIRECTIONS == directions.DIRECTIONS and CE_RENDERS == counterfactual.RENDERS
+    assert CounterfactualConfig.local_threshold == counterfactual.LOCAL_THRESHOLD
     with pytest.raises(ConfigError, match="counterfactual.direction"):
         load_config(None, ["--counterfactual.direction=sideways"])
     with pytest.raises(ConfigError, match="counterfactual.render"):

@@ -119,6 +119,11 @@ RENDERS = ("decode", "residual", "local")
 LOCAL_THRESHOLD = 0.3  # benchmarks/RESULTS.md, "Localised rendering"
 
 
+def _check_local_threshold(threshold: float) -> None:
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"counterfactual.local_threshold must lie in (0, 1), got {threshold}")
+
+
 def local_change_mask(change: Tensor, threshold: float = LOCAL_THRESHOLD) -> Tensor:
     """Where a decoded change concentrates: (B, C, H, W) -> soft mask (B, 1, H, W) in [0, 1].
 
@@ -127,8 +132,7 @@ def local_change_mask(change: Tensor, threshold: float = LOCAL_THRESHOLD) -> Ten
     model's own change decides (no label, no truth), so the same rule serves any image. An image that does not
     change at all gets an all-zero mask.
     """
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"counterfactual.local_threshold must lie in (0, 1), got {threshold}")
+    _check_local_threshold(threshold)
     size = change.abs().mean(dim=1, keepdim=True)  # (B, 1, H, W)
     peak = size.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)  # (B, 1, 1, 1)
     ramp = (1.0 - threshold) / 2.0
@@ -204,8 +208,7 @@ def encode_for_counterfactuals(ae: Autoencoder, x: Tensor, invert_steps: int = 2
     """Encode, invert (and unless ``decode``, reconstruct) a batch once: (B, C, H, W) -> :class:`Encoded`."""
     if render not in RENDERS:
         raise ValueError(f"counterfactual.render: unknown rendering {render!r}; known: {list(RENDERS)}")
-    if not 0.0 < local_threshold < 1.0:
-        raise ValueError(f"counterfactual.local_threshold must lie in (0, 1), got {local_threshold}")
+    _check_local_threshold(local_threshold)  # before the costly inversion, not at the first render
     x = _as_batch(x)
     z = ae.encode(x)  # (B, D)
     x_T = ae.invert(x, z, steps=invert_steps)  # (B, C, H, W)

@@ -218,16 +218,13 @@ def move_along(z: LatentT, hyperplane: Hyperplane, direction: Direction | None,
         import torch
 
         target = torch.as_tensor(target_distance, dtype=z.dtype, device=z.device)
+        where = torch.where
     else:
         target = np.asarray(target_distance, dtype=dist.dtype)
+        where = np.where
     step = (target - dist) / per_unit  # (...)
     if direction is not None and tuple(direction.gain) != (1.0, 1.0):
         negative_gain, positive_gain = (float(g) for g in direction.gain)
-        if _is_tensor(z):
-            import torch
-
-            step = step * torch.where(dist >= 0, positive_gain, negative_gain).to(step.dtype)
-        else:
-            step = step * np.where(dist >= 0, positive_gain, negative_gain)
+        step = step * where(dist >= 0, positive_gain, negative_gain)
     return z + step[..., None] * _like(vector, z)
 
