@@ -117,7 +117,8 @@ def measure(config, model_dir: Path, out: Path, ce_specs: list[tuple[str, str, s
             if name.endswith(GAIN):  # the realisation gain, measured on training images with this group's settings
                 encoded = encode_for_counterfactuals(ae, train, d.invert_steps, d.decode_steps, render,
                                                      cf.local_threshold)
-                chosen[name], info = calibrate_gain(ae, encoded, result.head, chosen[name])
+                chosen[name], info = calibrate_gain(ae, encoded, result.head, chosen[name],
+                                                      validity=cf.gain_validity)
                 row[f"{name}:{render}" + ("" if depth == "T" else f":{depth}") + ":gain"] = info["gain"]
         ce_rows, _ = evaluate_counterfactual_set(ae, test, result, invert_steps=d.invert_steps,
                                                  decode_steps=d.decode_steps, directions=chosen, render=render,

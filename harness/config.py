@@ -310,6 +310,9 @@ class CounterfactualConfig:
     # it, so the re-encoded CE lands on the target (harness.method.directions, "realisation gain").
     calibrate_gain: bool = False
     gain_images: int = 64  # balanced training images the gain is measured on
+    # null: the gain lands the re-encoded CE on the mirror image (-dist); q in (0, 1): the smallest gain at which
+    # a share q of the training CEs from each side crosses the boundary (smaller edits, closer to the input).
+    gain_validity: float | None = None
     evaluate_directions: tuple[str, ...] = CE_DIRECTIONS
     move_sizes: tuple[float, ...] = (1.0, 2.0, 4.0)  # multiples of the reflection's move
 
@@ -320,6 +323,8 @@ class CounterfactualConfig:
         _require(self.render in CE_RENDERS, "counterfactual.render", f"must be one of {list(CE_RENDERS)}")
         _require(0.0 < self.local_threshold < 1.0, "counterfactual.local_threshold", "must lie in (0, 1)")
         _require(self.gain_images >= 2, "counterfactual.gain_images", "must be >= 2 (one image per side at least)")
+        _require(self.gain_validity is None or 0.0 < self.gain_validity < 1.0, "counterfactual.gain_validity",
+                 "must lie in (0, 1) (the share of training CEs that must cross the boundary) or be null")
         _require(0.0 < self.subspace_variance <= 1.0, "counterfactual.subspace_variance", "must lie in (0, 1]")
         _require(self.subspace_k is None or self.subspace_k >= 1, "counterfactual.subspace_k", "must be >= 1")
         _require(bool(self.move_sizes) and all(m > 0 for m in self.move_sizes), "counterfactual.move_sizes",

@@ -124,7 +124,7 @@ def calibrate_direction_gain(ae: DiffusionAutoencoder, images: Tensor, config: A
     (:func:`harness.method.counterfactual.calibrate_gain`), inverted and rendered as the run makes its CEs."""
     cf, d = config.counterfactual, config.diffusion
     encoded = encode_for_counterfactuals(ae, images, d.invert_steps, d.decode_steps, cf.render, cf.local_threshold)
-    return calibrate_gain(ae, encoded, result.head, direction)
+    return calibrate_gain(ae, encoded, result.head, direction, validity=cf.gain_validity)
 
 
 def save_head_figures(evaluation: HeadEvaluation, table: LatentsTable, out_dir: Path,

@@ -336,6 +336,9 @@ def test_config_rejects_unknown_direction_and_matches_the_registries() -> None:
         load_config(None, ["--counterfactual.render=blend"])
     with pytest.raises(ConfigError, match="counterfactual.local_threshold"):
         load_config(None, ["--counterfactual.render=local", "--counterfactual.local_threshold=0"])
+    with pytest.raises(ConfigError, match="counterfactual.gain_validity"):
+        load_config(None, ["--counterfactual.gain_validity=1.5"])
+    assert load_config(None, ["--counterfactual.gain_validity=0.9"]).counterfactual.gain_validity == 0.9
     assert load_config(None, []).counterfactual.direction == "pattern"
 
 
@@ -479,6 +482,55 @@ def test_calibrated_gain_makes_the_reencoded_ce_land_where_the_reflection_points
     enc_broken = encode_for_counterfactuals(broken, train, invert_steps=2, decode_steps=2, render="decode")
     _, info = calibrate_gain(broken, enc_broken, head, normal_direction(head.hyperplane), bounds=(0.25, 16.0))
     assert info["gain"] == [16.0, 16.0] and info["at_bound"] == [True, True]
+
+
+class SpreadAutoencoder(LinearAutoencoder):
+    """Realises a different share of the latent move for each image (``rates``, in encoding order)."""
+
+    def __init__(self, rates: torch.Tensor) -> None:
+        super().__init__()
+        self.rates = rates.double()
+
+    def decode(self, z: torch.Tensor, x_T: torch.Tensor, steps: int) -> torch.Tensor:
+        start = self.original_z[: z.shape[0]]
+        return self._mean_image(start + self.rates[: z.shape[0], None] * (z.double() - start)) + x_T
+
+
+def test_a_validity_target_gives_the_smallest_gain_at_which_that_share_of_ces_crosses() -> None:
+    from harness.method.counterfactual import (
+        CROSSING_FRACTION,
+        calibrate_gain,
+        encode_for_counterfactuals,
+        render_counterfactuals,
+    )
+    from harness.method.directions import normal_direction
+
+    head = make_head()
+    train = make_images(10, seed=11)
+    ae = SpreadAutoencoder(torch.linspace(0.1, 0.6, 10))
+    ae.original_z = ae.encode(train)
+    enc = encode_for_counterfactuals(ae, train, invert_steps=2, decode_steps=2, render="decode")
+    below = signed_distance(enc.z, head.hyperplane) < 0
+    assert 2 <= int(below.sum()) <= 8  # both sides hold several images with different rates
+    normal = normal_direction(head.hyperplane)
+    for validity in (0.5, 0.8):
+        gained, info = calibrate_gain(ae, enc, head, normal, rounds=1, validity=validity)
+        for side, rows in enumerate((below, ~below)):
+            rate = ae.rates[rows].numpy()
+            # the (1 - q) quantile of the realised shares, brought just past the boundary (f = 1/2)
+            assert gained.gain[side] == pytest.approx(CROSSING_FRACTION / np.quantile(rate, 1.0 - validity))
+        x_ce = render_counterfactuals(ae, enc, reflect(enc.z, head.hyperplane, gained))
+        dist, reached = signed_distance(enc.z, head.hyperplane), signed_distance(ae.encode(x_ce), head.hyperplane)
+        crossed = (torch.sign(reached) != torch.sign(dist)).double()
+        for rows in (below, ~below):  # at least the asked share crosses on each side
+            assert float(crossed[rows].mean()) >= validity - 1e-9
+        if validity == 0.5:  # and no more than needed: the least realised images stay on their side
+            assert float(crossed.mean()) < 1.0
+        assert gained.info["gain_target"] == f"{validity:.0%} of CEs crossing"
+    mirror, _ = calibrate_gain(ae, enc, head, normal, rounds=1)  # the default aims further: at the mirror image
+    assert all(m > g for m, g in zip(mirror.gain, gained.gain, strict=True))
+    with pytest.raises(ValueError, match="gain_validity"):
+        calibrate_gain(ae, enc, head, normal, validity=1.0)
 
 
 def test_a_direction_keeps_its_gain_in_the_heads_file_and_old_files_load_without_one() -> None:

@@ -124,6 +124,14 @@ def _check_local_threshold(threshold: float) -> None:
         raise ValueError(f"counterfactual.local_threshold must lie in (0, 1), got {threshold}")
 
 
+CROSSING_FRACTION = 0.55  # calibrate_gain's aim for a validity target: just past the boundary (f = 1/2)
+
+
+def _check_gain_validity(validity: float | None) -> None:
+    if validity is not None and not 0.0 < validity < 1.0:
+        raise ValueError(f"counterfactual.gain_validity must lie in (0, 1) or be null, got {validity}")
+
+
 def local_change_mask(change: Tensor, threshold: float = LOCAL_THRESHOLD) -> Tensor:
     """Where a decoded change concentrates: (B, C, H, W) -> soft mask (B, 1, H, W) in [0, 1].
 
@@ -312,18 +320,29 @@ def progression_strip(ae: Autoencoder, x: Tensor, head: FittedHead, calibration:
 
 @torch.no_grad()
 def calibrate_gain(ae: Autoencoder, encoded: Encoded, head: FittedHead, direction: Direction, *, rounds: int = 2,
-                   bounds: tuple[float, float] = (0.25, 16.0)) -> tuple[Direction, dict[str, Any]]:
+                   bounds: tuple[float, float] = (0.25, 16.0),
+                   validity: float | None = None) -> tuple[Direction, dict[str, Any]]:
     """Measure the realisation gain of ``direction`` on a batch of *training* images (see
     :mod:`harness.method.directions`): ``direction`` with ``gain`` set, and what was measured.
 
     Each round renders the binary CE (reflection, 1x) of every image with the current gain, re-encodes it and
     divides each side's gain by the median realised fraction of the images starting on that side, so that the
-    re-encoded CE lands on ``-dist``; two rounds absorb most of the decoder's non-linearity. A side whose moves
-    are not realised at all (median fraction <= 0, or no image on it) gets the upper bound: the returned info
-    says so, and CEs from that side stay invalid however far they move. Test images are never used.
+    re-encoded CE lands on ``-dist``; two rounds absorb most of the decoder's non-linearity.
+
+    ``validity`` = q in (0, 1) asks for less: the smallest gain at which a share q of each side's CEs crosses the
+    boundary. A move realised to a fraction f lands at ``dist (1 - 2 f)``, on the boundary at f = 1/2; the
+    (1 - q) quantile of the fractions is brought to ``CROSSING_FRACTION`` (0.55: a tenth of the distance past
+    the boundary, so the quantile's own image is not left on it). Such CEs stop short of the mirror image and
+    change the input less. A side whose moves are not realised at all (that fraction <= 0, or no image on it) gets the upper
+    bound: the returned info says so, and CEs from that side stay invalid however far they move. Test images are
+    never used.
     """
     if rounds < 1:
         raise ValueError(f"calibrate_gain: rounds must be >= 1, got {rounds}")
+    _check_gain_validity(validity)
+    # (quantile of the realised fractions, the value it is brought to): the median onto the mirror image, or
+    # the (1 - q) quantile onto the boundary.
+    quantile, target = (0.5, 1.0) if validity is None else (1.0 - validity, CROSSING_FRACTION)
     dist = _to_numpy(signed_distance(encoded.z.double(), head.hyperplane))  # (B,)
     sides = {0: dist < 0, 1: dist >= 0}
     gain = [1.0, 1.0]
@@ -333,16 +352,20 @@ def calibrate_gain(ae: Autoencoder, encoded: Encoded, head: FittedHead, directio
         x_ce = render_counterfactuals(ae, encoded, reflect(encoded.z, head.hyperplane, gained))
         reached = _to_numpy(signed_distance(ae.encode(x_ce).double(), head.hyperplane))  # (B,)
         fraction = realised_fraction(dist, -dist, reached)
-        medians = []
+        medians, reference = [], []
         for side, rows in sides.items():
             defined = fraction[rows & np.isfinite(fraction)]
             median = float(np.median(defined)) if defined.size else float("nan")
+            level = float(np.quantile(defined, quantile)) if defined.size else float("nan")
             medians.append(median)
-            gain[side] = bounds[1] if not median > 0 else float(np.clip(gain[side] / median, *bounds))
-        history.append({"gain_in": [float(g) for g in gained.gain], "realised_median": medians})
+            reference.append(level)
+            gain[side] = bounds[1] if not level > 0 else float(np.clip(gain[side] * target / level, *bounds))
+        history.append({"gain_in": [float(g) for g in gained.gain], "realised_median": medians,
+                        "realised_quantile": reference})
     info = {"gain": gain, "rounds": history, "n_images": [int(rows.sum()) for rows in sides.values()],
-            "at_bound": [g in bounds for g in gain]}
-    return replace(direction, gain=(gain[0], gain[1])), info
+            "at_bound": [g in bounds for g in gain],
+            "target": "the mirror image (-dist)" if validity is None else f"{validity:.0%} of CEs crossing"}
+    return replace(direction, gain=(gain[0], gain[1]), info={**direction.info, "gain_target": info["target"]}), info
 
 
 # ---------------------------------------------------------------------------------------------------------
