@@ -1,4 +1,4 @@
-"""End-to-end training: one process in-process, SIGKILL + resume, and two CPU processes with disjoint data."""
+"""End-to-end training: one process in-process, SIGKILL + resume, two CPU processes (disjoint data, one gradient)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,6 +108,33 @@ def test_two_cpu_processes_see_disjoint_data_and_resume_a_one_process_run(shards
     assert "2 process(es) x batch 8" in output
     state = json.loads((ckpt.latest_checkpoint(run_dir / "checkpoints") / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["samples_seen"] == 64
+
+
+def test_two_processes_hold_the_gradient_of_the_whole_batch(tmp_path):
+    # Two ranks that each backpropagate half of a batch must end the backward pass with the one-process gradient
+    # of the whole batch: a sum instead of a mean (x2), a loss scaled by the world size or an unsynchronised
+    # encoder would each train a multi-GPU run differently from a one-GPU run of the same batch size.
+    from safetensors.torch import load_file
+
+    helper = REPO / "tests" / "helpers" / "ddp_gradient.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = str(29500 + random.Random(os.getpid() + 1).randrange(1000))
+    runs = {1: [sys.executable, str(helper)],
+            2: [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "launch" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", port, str(helper)]}
+    grads = {}
+    for world, command in runs.items():
+        out = tmp_path / f"grad_{world}.safetensors"
+        proc = subprocess.run([*command, str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        grads[world] = load_file(out)
+        assert int(grads[world].pop("world_size")) == world
+    one, two = (torch.cat([g[name].flatten() for name in sorted(g)]) for g in (grads[1], grads[2]))
+    assert one.abs().max() > 0 and bool(torch.all(torch.isfinite(two)))
+    assert float((two - one).norm() / one.norm()) < 1e-4  # float summation order only (measured: ~1e-6)
+    scale = float(one.abs().max())
+    for name in grads[1]:
+        torch.testing.assert_close(grads[2][name], grads[1][name], rtol=1e-3, atol=1e-5 * scale, msg=name)
 
 
 def test_random_state_file_tells_a_new_rank_from_a_damaged_checkpoint(tmp_path):
