@@ -333,9 +333,10 @@ def calibrate_gain(ae: Autoencoder, encoded: Encoded, head: FittedHead, directio
     boundary. A move realised to a fraction f lands at ``dist (1 - 2 f)``, on the boundary at f = 1/2; the
     (1 - q) quantile of the fractions is brought to ``CROSSING_FRACTION`` (0.55: a tenth of the distance past
     the boundary, so the quantile's own image is not left on it). Such CEs stop short of the mirror image and
-    change the input less. A side whose moves are not realised at all (that fraction <= 0, or no image on it) gets the upper
-    bound: the returned info says so, and CEs from that side stay invalid however far they move. Test images are
-    never used.
+    change the input less.
+
+    A side whose moves are not realised at all (that fraction <= 0, or no image on it) gets the upper bound: the
+    returned info says so, and CEs from that side stay invalid however far they move. Test images are never used.
     """
     if rounds < 1:
         raise ValueError(f"calibrate_gain: rounds must be >= 1, got {rounds}")
