@@ -175,7 +175,8 @@ def markdown_tables(results: Path) -> str:
             errors = f"{_fmt(truth[0][0])} / {_fmt(truth[0][1])}" if truth and truth[0][0] is not None else "-"
             closer = " / ".join(_fmt(t[2]) for t in truth[:2]) if truth and truth[0][2] is not None else "-"
             if f"{setting}:gain" in r:
-                setting += " (gain {:.1f} / {:.1f})".format(*r[f"{setting}:gain"])
+                aim = f" aimed at {r['gain_validity']:.0%} valid" if r.get("gain_validity") else ""
+                setting += " (gain {:.1f} / {:.1f}{})".format(*r[f"{setting}:gain"], aim)
             if r.get("inversion", "ddim") != "ddim":
                 setting += f", {r['inversion']} {r['invert_steps']}/{r['decode_steps']}"
             out.append(f"| {_recipe_name(r)} | {r['samples']:,} | {setting} | {move} | "
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         row = {"recipe": args.recipe, "overrides": overrides, "samples": budget, "train_wall_s": round(train_wall, 1),
                "invert_steps": config.diffusion.invert_steps, "decode_steps": config.diffusion.decode_steps,
                "inversion": config.diffusion.inversion,
+               "local_threshold": config.counterfactual.local_threshold,
+               "gain_validity": config.counterfactual.gain_validity,
                **_floors(config, Path(args.out) / "floors.json"),
                **measure(config, Path(trained["model_dir"]), eval_dir, ce_specs, args.images, move_sizes)}
         row["eval_wall_s"] = round(time.perf_counter() - started, 1)

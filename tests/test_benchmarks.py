@@ -209,3 +209,5 @@ def test_the_recipe_table_names_the_gain_and_the_solver_of_each_ce_row(tmp_path)
     table = ce_recipes.markdown_tables(results)
     assert ("| eps | 120,000 | pattern+gain:local:500 (gain 2.2 / 2.0), fixed_point 10/10 | 1x | 1.000 / 0.900 | "
             "1.05 | 0.018 / 0.018 | 0.590 / 0.600 |") in table
+    results.write_text(json.dumps({**row, "gain_validity": 0.9}) + "\n")  # a gain aimed at validity says so
+    assert "(gain 2.2 / 2.0 aimed at 90% valid), fixed_point" in ce_recipes.markdown_tables(results)
