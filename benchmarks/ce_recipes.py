@@ -146,8 +146,11 @@ def _fmt(value) -> str:
 
 
 def _recipe_name(row: dict) -> str:
-    """The recipe, plus any ``--extra`` overrides of that run (e.g. another seed)."""
+    """The recipe, plus any ``--extra`` overrides of that run (e.g. another seed) and the model size when it is not
+    tiny-32 (rows written before the size was recorded were all tiny-32, the demo job's size then)."""
     extra = [o.lstrip("-") for o in row.get("overrides", []) if o not in RECIPES.get(row["recipe"], [])]
+    if not any(e.startswith("model.size=") for e in extra) and row.get("model", "tiny-32") != "tiny-32":
+        extra.append(f"model.size={row['model']}")
     return " ".join([row["recipe"], *extra])
 
 
@@ -219,6 +222,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.checkpoint:  # the first checkpoint at or past the budget (batches do not divide it evenly)
             saved = sorted(run_dir.glob("checkpoints/" + checkpoint_name(0).rstrip("0") + "*"))
             at_or_past = [c for c in saved if int(c.name.rsplit("_", 1)[-1]) >= budget]
+            if not at_or_past:
+                raise FileNotFoundError(f"--checkpoint: no checkpoint of {budget:,} samples or more in "
+                                        f"{run_dir / 'checkpoints'}; train it first (the same call without "
+                                        "--checkpoint)")
             trained = {"model_dir": str(at_or_past[0])}
         else:
             trained = train_main(["--config", str(JOB), *run_overrides, "--resume"])
@@ -230,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         row = {"recipe": args.recipe, "overrides": overrides, "samples": budget, "train_wall_s": round(train_wall, 1),
                "invert_steps": config.diffusion.invert_steps, "decode_steps": config.diffusion.decode_steps,
-               "inversion": config.diffusion.inversion,
+               "inversion": config.diffusion.inversion, "model": config.model.size,
                "local_threshold": config.counterfactual.local_threshold,
                "gain_validity": config.counterfactual.gain_validity,
                **_floors(config, Path(args.out) / "floors.json"),

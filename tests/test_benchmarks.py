@@ -211,3 +211,5 @@ def test_the_recipe_table_names_the_gain_and_the_solver_of_each_ce_row(tmp_path)
             "1.05 | 0.018 / 0.018 | 0.590 / 0.600 |") in table
     results.write_text(json.dumps({**row, "gain_validity": 0.9}) + "\n")  # a gain aimed at validity says so
     assert "(gain 2.2 / 2.0 aimed at 90% valid), fixed_point" in ce_recipes.markdown_tables(results)
+    results.write_text(json.dumps({**row, "model": "nano-32"}) + "\n")  # a size other than tiny-32 is named
+    assert "| eps model.size=nano-32 | 120,000 |" in ce_recipes.markdown_tables(results)

