@@ -305,7 +305,7 @@ class CounterfactualConfig:
     subspace_k: int | None = None  # normal_subspace: a fixed number of components instead
     render: str = "decode"  # "decode" (the paper) | "residual" (input + decoded change) | "local" (residual, kept
     # where the change concentrates)
-    local_threshold: float = 0.3  # "local": keep the change where it reaches this fraction of its peak
+    local_threshold: float = 0.2  # "local": keep the change where it reaches this fraction of its peak
     # Measure how much of a latent move the decoder realises (on training images) and scale moves to make up for
     # it, so the re-encoded CE lands on the target (harness.method.directions, "realisation gain").
     calibrate_gain: bool = False

@@ -212,4 +212,4 @@ def test_the_rendering_and_its_threshold_travel_with_the_model_and_old_specs_def
     assert (back.render, back.local_threshold) == ("local", 0.45)
     assert back.run_config().counterfactual.local_threshold == 0.45  # what the served explainer renders with
     old = {k: v for k, v in spec.to_dict().items() if k not in ("render", "local_threshold")}
-    assert (ModelSpec.from_dict(old, "old").render, ModelSpec.from_dict(old, "old").local_threshold) == ("decode", 0.3)
+    assert (ModelSpec.from_dict(old, "old").render, ModelSpec.from_dict(old, "old").local_threshold) == ("decode", 0.2)

@@ -116,7 +116,7 @@ def progression_latents(z: LatentT, hyperplane: Hyperplane, calibration: Calibra
 
 
 RENDERS = ("decode", "residual", "local")
-LOCAL_THRESHOLD = 0.3  # benchmarks/RESULTS.md, "Localised rendering"
+LOCAL_THRESHOLD = 0.2  # benchmarks/RESULTS.md, "Localised rendering" (the threshold table) and "nano-32"
 
 
 def _check_local_threshold(threshold: float) -> None:
