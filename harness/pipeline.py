@@ -52,17 +52,31 @@ from harness.train_dae import main as train_main
 
 
 def take_balanced(shard_dir: str, split: str, n: int, config: RunConfig, column: str) -> dict:
-    """The first ``n`` images of ``split`` with both classes present when possible (deterministic)."""
-    batch = next(iter(eval_loader(shard_dir, 4 * n, split=split, image_size=config.data.image_size,
-                                  channels=config.data.channels)))
-    labels = batch["labels"][column].numpy()
+    """``n`` images of ``split``, sorted by position: ``n // 2`` of its lowest ``column`` value ("healthy") and the
+    rest from the other values (fewer of one group only where the split holds fewer). Deterministic.
+
+    Reads ``4 n`` images at a time and stops once both groups can be filled: a split written sorted by label (the
+    first hundreds all positive, as MedMNIST's can be) still gives both classes.
+    """
+    batches, labels = [], np.zeros(0, dtype=np.int64)
+    for batch in eval_loader(shard_dir, 4 * n, split=split, image_size=config.data.image_size,
+                             channels=config.data.channels):
+        batches.append(batch)
+        labels = np.concatenate([labels, batch["labels"][column].numpy()])
+        healthy_count = int((labels == labels.min()).sum())
+        if healthy_count >= n // 2 and len(labels) - healthy_count >= n - n // 2:
+            break
+    keys = [key for b in batches for key in b["key"]]
     order = np.argsort(labels == labels.min(), kind="stable")[::-1]  # healthy first, then the rest
     healthy, other = order[labels[order] == labels.min()], order[labels[order] != labels.min()]
     chosen = np.concatenate([healthy[: n // 2], other[: n - min(n // 2, len(healthy))]])[:n]
     chosen = torch.from_numpy(np.sort(chosen))
-    return {"image": batch["image"][chosen], "key": [batch["key"][i] for i in chosen],
-            "labels": {k: v[chosen] for k, v in batch["labels"].items()},
-            "meta": [batch["meta"][i] for i in chosen]}
+    images = torch.cat([b["image"] for b in batches])  # (N, C, H, W)
+    meta = [m for b in batches for m in b["meta"]]
+    columns = set.intersection(*(set(b["labels"]) for b in batches))
+    return {"image": images[chosen], "key": [keys[i] for i in chosen],
+            "labels": {k: torch.cat([b["labels"][k] for b in batches])[chosen] for k in sorted(columns)},
+            "meta": [meta[i] for i in chosen]}
 
 
 def run_baseline(config: RunConfig, out_dir: Path) -> list[dict]:

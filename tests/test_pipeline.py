@@ -167,3 +167,24 @@ def test_the_baseline_is_a_call_on_the_loaded_job_and_its_rows_are_read_back(tmp
     config = load_config(None, [f"--eval.baseline_job={job_file}", f"--data.shard_dir={tmp_path / 'shards'}"])
     pipeline.run_baseline(config, tmp_path / "eval2")
     assert calls[-1]["num_cpus"] is None  # no eval.baseline_cpus: Ray's default (all cores)
+
+
+def test_take_balanced_finds_both_classes_in_a_split_written_sorted_by_label(tmp_path):
+    # MedMNIST-prepared splits can open with hundreds of one class: the gain calibration and the CE batch must
+    # still see both, or the "healthy" side is measured on misclassified positives.
+    from harness.config import load_config
+    from harness.data.shards import write_shards
+    from harness.pipeline import take_balanced
+
+    samples = [(f"s{i:04d}", np.full((8, 8), i % 256, np.uint8), {"label": int(i >= 40)}) for i in range(60)]
+    samples = samples[40:] + samples[:40]  # 20 positives first, then 40 negatives
+    write_shards(samples, tmp_path, "train", samples_per_shard=16)
+    config = load_config(None, ["--data.image_size=8"])
+    batch = take_balanced(str(tmp_path), "train", 8, config, "label")  # 32 at a time: the first 32 hold 12 negatives
+    assert sorted(batch["labels"]["label"].tolist()) == [0] * 4 + [1] * 4
+    assert batch["image"].shape == (8, 1, 8, 8) and len(batch["key"]) == len(batch["meta"]) == 8
+    for key, label, image in zip(batch["key"], batch["labels"]["label"].tolist(), batch["image"], strict=True):
+        index = int(key[1:])  # image, key and label still belong together after the regrouping
+        assert label == int(index >= 40) and image.mean().item() == pytest.approx(index / 127.5 - 1.0, abs=1e-6)
+    few = take_balanced(str(tmp_path), "train", 4, config, "label")  # the first 16 are all positive: read on
+    assert sorted(few["labels"]["label"].tolist()) == [0, 0, 1, 1]
