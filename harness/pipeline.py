@@ -199,7 +199,7 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
         write_heads(out_dir / "heads.json", heads)
         gain_text = (f" '{primary}' is '{cf.direction}' with its realisation gain {gained.gain[0]:.2f} (moves from "
                      f"the negative side) / {gained.gain[1]:.2f} (from the positive side), measured on "
-                     f"{len(gain_images['key'])} training images, aimed at the {gain_info['target']}"
+                     f"{len(gain_images['key'])} training images, aimed at {gain_info['target']}"
                      + (" (at its bound: the decoder barely realises "
                      "moves from that side)" if any(gain_info["at_bound"]) else "") + ".")
     ce_rows, ce_outputs = evaluate_counterfactual_set(ae, batch, main_result, invert_steps=d.invert_steps,
