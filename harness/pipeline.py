@@ -58,25 +58,23 @@ def take_balanced(shard_dir: str, split: str, n: int, config: RunConfig, column:
     Reads ``4 n`` images at a time and stops once both groups can be filled: a split written sorted by label (the
     first hundreds all positive, as MedMNIST's can be) still gives both classes.
     """
-    batches, labels = [], np.zeros(0, dtype=np.int64)
+    batches = []
     for batch in eval_loader(shard_dir, 4 * n, split=split, image_size=config.data.image_size,
                              channels=config.data.channels):
         batches.append(batch)
-        labels = np.concatenate([labels, batch["labels"][column].numpy()])
+        labels = torch.cat([b["labels"][column] for b in batches]).numpy()
         healthy_count = int((labels == labels.min()).sum())
         if healthy_count >= n // 2 and len(labels) - healthy_count >= n - n // 2:
             break
-    keys = [key for b in batches for key in b["key"]]
     order = np.argsort(labels == labels.min(), kind="stable")[::-1]  # healthy first, then the rest
     healthy, other = order[labels[order] == labels.min()], order[labels[order] != labels.min()]
     chosen = np.concatenate([healthy[: n // 2], other[: n - min(n // 2, len(healthy))]])[:n]
     chosen = torch.from_numpy(np.sort(chosen))
-    images = torch.cat([b["image"] for b in batches])  # (N, C, H, W)
-    meta = [m for b in batches for m in b["meta"]]
+    keys, meta = [k for b in batches for k in b["key"]], [m for b in batches for m in b["meta"]]
     columns = set.intersection(*(set(b["labels"]) for b in batches))
-    return {"image": images[chosen], "key": [keys[i] for i in chosen],
-            "labels": {k: torch.cat([b["labels"][k] for b in batches])[chosen] for k in sorted(columns)},
-            "meta": [meta[i] for i in chosen]}
+    return {"image": torch.cat([b["image"] for b in batches])[chosen],  # (n, C, H, W)
+            "key": [keys[i] for i in chosen], "meta": [meta[i] for i in chosen],
+            "labels": {k: torch.cat([b["labels"][k] for b in batches])[chosen] for k in sorted(columns)}}
 
 
 def run_baseline(config: RunConfig, out_dir: Path) -> list[dict]:

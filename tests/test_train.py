@@ -114,11 +114,12 @@ def test_two_processes_hold_the_gradient_of_the_whole_batch(tmp_path):
     # Two ranks that each backpropagate half of a batch must end the backward pass with the one-process gradient
     # of the whole batch: a sum instead of a mean (x2), a loss scaled by the world size or an unsynchronised
     # encoder would each train a multi-GPU run differently from a one-GPU run of the same batch size.
+    from helpers.serving import free_port
     from safetensors.torch import load_file
 
     helper = REPO / "tests" / "helpers" / "ddp_gradient.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = str(29500 + random.Random(os.getpid() + 1).randrange(1000))
+    port = str(free_port())
     runs = {1: [sys.executable, str(helper)],
             2: [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(REPO / "launch" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", port, str(helper)]}
