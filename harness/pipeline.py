@@ -137,6 +137,16 @@ class StageClock:
         self._name, self._started = name, now
 
 
+def _gain_shortfall(info: dict) -> str:
+    """What the report adds when the gain search did not reach its aim on a side (empty when it did)."""
+    if "reached" not in info:  # aimed at the mirror image
+        return " (at its bound: the decoder barely realises moves from that side)" if any(info["at_bound"]) else ""
+    missed = [f"{name} side: at most {max(info['crossing_share'][side]):.0%}, at gain {info['gain'][side]:.2f}"
+              for side, name in enumerate(("negative", "positive"))
+              if not info["reached"][side] and info["n_images"][side]]
+    return f" (not reached on the training images: {'; '.join(missed)})" if missed else ""
+
+
 def run(config_path: str | None, overrides: list[str]) -> Path:
     started = time.perf_counter()
     clock = StageClock()
@@ -198,8 +208,7 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
         gain_text = (f" '{primary}' is '{cf.direction}' with its realisation gain {gained.gain[0]:.2f} (moves from "
                      f"the negative side) / {gained.gain[1]:.2f} (from the positive side), measured on "
                      f"{len(gain_images['key'])} training images, aimed at {gain_info['target']}"
-                     + (" (at its bound: the decoder barely realises "
-                     "moves from that side)" if any(gain_info["at_bound"]) else "") + ".")
+                     + _gain_shortfall(gain_info) + ".")
     ce_rows, ce_outputs = evaluate_counterfactual_set(ae, batch, main_result, invert_steps=d.invert_steps,
                                                       decode_steps=d.decode_steps, directions=directions,
                                                       primary=primary, move_sizes=tuple(cf.move_sizes),

@@ -516,9 +516,12 @@ def test_a_validity_target_gives_the_smallest_gain_at_which_that_share_of_ces_cr
     for validity in (0.5, 0.8):
         gained, info = calibrate_gain(ae, enc, head, normal, rounds=1, validity=validity)
         for side, rows in enumerate((below, ~below)):
-            rate = ae.rates[rows].numpy()
-            # the (1 - q) quantile of the realised shares, brought just past the boundary (f = 1/2)
-            assert gained.gain[side] == pytest.approx(CROSSING_FRACTION / np.quantile(rate, 1.0 - validity))
+            rate = np.sort(ae.rates[rows].numpy())[::-1]
+            # the smallest gain that brings ceil(q n) images past CROSSING_FRACTION; the search lands within one
+            # grid step (sqrt 2) bisected twice above it
+            smallest = CROSSING_FRACTION / rate[int(np.ceil(validity * rate.size - 1e-9)) - 1]
+            assert smallest * (1 - 1e-9) <= gained.gain[side] <= smallest * 2 ** (1 / 8)
+        assert info["reached"] == [True, True]
         x_ce = render_counterfactuals(ae, enc, reflect(enc.z, head.hyperplane, gained))
         dist, reached = signed_distance(enc.z, head.hyperplane), signed_distance(ae.encode(x_ce), head.hyperplane)
         crossed = (torch.sign(reached) != torch.sign(dist)).double()
@@ -531,6 +534,44 @@ def test_a_validity_target_gives_the_smallest_gain_at_which_that_share_of_ces_cr
     assert all(m > g for m, g in zip(mirror.gain, gained.gain, strict=True))
     with pytest.raises(ValueError, match="gain_validity"):
         calibrate_gain(ae, enc, head, normal, validity=1.0)
+
+
+class FoldingAutoencoder(SpreadAutoencoder):
+    """A SpreadAutoencoder whose renders fall back to the input once a move exceeds ``fold`` times the image's
+    reflection (a far move leaves the images' manifold and re-encodes where it started)."""
+
+    def __init__(self, rates: torch.Tensor, head: FittedHead, fold: float) -> None:
+        super().__init__(rates)
+        self.head, self.fold = head, fold
+
+    def decode(self, z: torch.Tensor, x_T: torch.Tensor, steps: int) -> torch.Tensor:
+        start = self.original_z[: z.shape[0]]
+        reflection = 2 * signed_distance(start, self.head.hyperplane).abs()  # (B,)
+        kept = (torch.linalg.vector_norm(z.double() - start, dim=1) <= self.fold * reflection).double()
+        return self._mean_image(start + (kept * self.rates[: z.shape[0]])[:, None] * (z.double() - start)) + x_T
+
+
+def test_the_gain_search_stops_where_far_moves_stop_crossing_and_says_the_share_was_not_reached() -> None:
+    from harness.method.counterfactual import calibrate_gain, encode_for_counterfactuals
+    from harness.method.directions import normal_direction
+
+    head = make_head()
+    train = make_images(10, seed=11)
+    rates = torch.linspace(0.1, 0.6, 10)
+    ae = FoldingAutoencoder(rates, head, fold=3.0)  # gains above 3 realise nothing
+    ae.original_z = ae.encode(train)
+    enc = encode_for_counterfactuals(ae, train, invert_steps=2, decode_steps=2, render="decode")
+    below = signed_distance(enc.z, head.hyperplane) < 0
+    normal = normal_direction(head.hyperplane)
+    gained, info = calibrate_gain(ae, enc, head, normal, validity=0.9)
+    for side, rows in enumerate((below, ~below)):
+        reachable = float(np.mean(rates[rows].numpy() * 3.0 >= 0.55))  # the best share, at gains up to 3
+        assert reachable < 0.9 and not info["reached"][side]
+        assert max(info["crossing_share"][side]) == pytest.approx(reachable)
+        assert gained.gain[side] <= 3.0  # the best share's gain, not the upper bound where nothing crosses
+        assert info["crossing_share"][side][info["grid"].index(gained.gain[side])] == pytest.approx(reachable)
+    with pytest.raises(ValueError, match="ratio"):
+        calibrate_gain(ae, enc, head, normal, validity=0.9, ratio=1.0)
 
 
 def test_a_direction_keeps_its_gain_in_the_heads_file_and_old_files_load_without_one() -> None:
