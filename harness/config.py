@@ -311,7 +311,8 @@ class CounterfactualConfig:
     calibrate_gain: bool = False
     gain_images: int = 64  # balanced training images the gain is measured on
     # null: the gain lands the re-encoded CE on the mirror image (-dist); q in (0, 1): the smallest gain at which
-    # a share q of the training CEs from each side crosses the boundary (smaller edits, closer to the input).
+    # a share q of the training CEs from each side crosses the boundary, searched on a grid of gains (smaller
+    # edits, closer to the input; a side that never reaches q gets the gain of its best share).
     gain_validity: float | None = None
     evaluate_directions: tuple[str, ...] = CE_DIRECTIONS
     move_sizes: tuple[float, ...] = (1.0, 2.0, 4.0)  # multiples of the reflection's move

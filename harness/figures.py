@@ -9,6 +9,7 @@ temporary file in the same folder, then ``os.replace``) and returns the final ``
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,8 @@ def save_strips(strips: Sequence[Any], path: str | Path, row_titles: Sequence[st
     fig, axes = plt.subplots(len(rows), ncol, figsize=(1.4 * ncol, 1.7 * len(rows)), squeeze=False)
     for r, (strip, row_title) in enumerate(zip(rows, row_titles, strict=True)):
         _strip_row(axes[r], strip, grade_labels, None if input_frames is None else input_frames[r], "input")
-        axes[r][0].set_ylabel(row_title, fontsize=9)
+        # wrapped: a long title set along the row's height would run into the rows above and below
+        axes[r][0].set_ylabel("\n".join(textwrap.wrap(row_title, 16)) or row_title, fontsize=8)
     return _save(fig, path)
 
 
