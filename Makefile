@@ -11,7 +11,7 @@ EXTRAS ?= test,dist,prepare
 # processes (tests, DataLoader workers, Ray trials) slow each other down by an order of magnitude.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo train test lint bench clean
+.PHONY: install demo pneumonia train test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,11 @@ DEMO_LAUNCH ?= launch/accelerate/cpu_2proc.yaml
 demo: install
 	$(VENV)/bin/accelerate launch --config_file $(DEMO_LAUNCH) harness/train_dae.py --config jobs/phantoms_demo.yaml --resume
 	$(PY) -m harness.pipeline --config jobs/phantoms_demo.yaml
+
+# Real chest X-rays (needs ../shared/data/pneumoniamnist.npz, or set data.raw_path in the job): the same two steps.
+pneumonia: install
+	$(VENV)/bin/accelerate launch --config_file $(DEMO_LAUNCH) harness/train_dae.py --config jobs/pneumoniamnist.yaml --resume
+	$(PY) -m harness.pipeline --config jobs/pneumoniamnist.yaml
 
 train: install
 	$(VENV)/bin/accelerate launch --config_file launch/accelerate/cpu_1proc.yaml harness/train_dae.py
