@@ -370,6 +370,7 @@ def _search_gain_for_validity(ae: Autoencoder, encoded: Encoded, head: FittedHea
             "crossing_share": [shares[0], shares[1]], "reached": [side in passed for side in (0, 1)]}
 
 
+@torch.no_grad()
 def calibrate_gain(ae: Autoencoder, encoded: Encoded, head: FittedHead, direction: Direction, *, rounds: int = 2,
                    bounds: tuple[float, float] = (0.25, 16.0), validity: float | None = None,
                    ratio: float = 2.0**0.5, refine: int = 2) -> tuple[Direction, dict[str, Any]]:
