@@ -332,6 +332,23 @@ def _crossing_share(fraction: np.ndarray, rows: np.ndarray) -> float:
     return float(np.mean(fraction[rows] >= CROSSING_FRACTION)) if rows.any() else float("nan")
 
 
+def _gain_onto_mirror(ae: Autoencoder, encoded: Encoded, head: FittedHead, direction: Direction, dist: np.ndarray,
+                      sides: dict[int, np.ndarray], bounds: tuple[float, float], rounds: int) -> dict[str, Any]:
+    """Per side, the gain that lands the median re-encoded CE on the mirror image: ``rounds`` times, divide the
+    gain by the median realised fraction (the upper bound where the moves are not realised at all)."""
+    gain, history = [1.0, 1.0], []
+    for _ in range(rounds):
+        fraction = _reencoded_fractions(ae, encoded, head, direction, (gain[0], gain[1]), dist)
+        gain_in, medians = list(gain), []
+        for side, rows in sides.items():
+            defined = fraction[rows & np.isfinite(fraction)]
+            median = float(np.median(defined)) if defined.size else float("nan")
+            medians.append(median)
+            gain[side] = bounds[1] if not median > 0 else float(np.clip(gain[side] / median, *bounds))
+        history.append({"gain_in": gain_in, "realised_median": medians})
+    return {"gain": gain, "rounds": history}
+
+
 def _search_gain_for_validity(ae: Autoencoder, encoded: Encoded, head: FittedHead, direction: Direction,
                               dist: np.ndarray, sides: dict[int, np.ndarray], validity: float,
                               bounds: tuple[float, float], ratio: float, refine: int) -> dict[str, Any]:
@@ -399,27 +416,16 @@ def calibrate_gain(ae: Autoencoder, encoded: Encoded, head: FittedHead, directio
     _check_gain_validity(validity)
     dist = _to_numpy(signed_distance(encoded.z.double(), head.hyperplane))  # (B,)
     sides = {0: dist < 0, 1: dist >= 0}
-    counts = [int(rows.sum()) for rows in sides.values()]
-    if validity is not None:
+    if validity is None:
+        found = _gain_onto_mirror(ae, encoded, head, direction, dist, sides, bounds, rounds)
+        target = "the mirror image (-dist)"
+    else:
         found = _search_gain_for_validity(ae, encoded, head, direction, dist, sides, validity, bounds, ratio, refine)
-        gain = found.pop("gain")
-        info = {"gain": gain, **found, "n_images": counts, "at_bound": [g in bounds for g in gain],
-                "target": f"{validity:.0%} of CEs crossing"}
-        return replace(direction, gain=(gain[0], gain[1]), info={**direction.info, "gain_target": info["target"]}), info
-    gain = [1.0, 1.0]
-    history = []
-    for _ in range(rounds):
-        fraction = _reencoded_fractions(ae, encoded, head, direction, (gain[0], gain[1]), dist)
-        gain_in, medians = list(gain), []
-        for side, rows in sides.items():
-            defined = fraction[rows & np.isfinite(fraction)]
-            median = float(np.median(defined)) if defined.size else float("nan")
-            medians.append(median)
-            gain[side] = bounds[1] if not median > 0 else float(np.clip(gain[side] / median, *bounds))
-        history.append({"gain_in": gain_in, "realised_median": medians})
-    info = {"gain": gain, "rounds": history, "n_images": counts, "at_bound": [g in bounds for g in gain],
-            "target": "the mirror image (-dist)"}
-    return replace(direction, gain=(gain[0], gain[1]), info={**direction.info, "gain_target": info["target"]}), info
+        target = f"{validity:.0%} of CEs crossing"
+    gain = found["gain"]
+    info = {**found, "n_images": [int(rows.sum()) for rows in sides.values()],
+            "at_bound": [g in bounds for g in gain], "target": target}
+    return replace(direction, gain=(gain[0], gain[1]), info={**direction.info, "gain_target": target}), info
 
 
 # ---------------------------------------------------------------------------------------------------------
