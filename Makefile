@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
 # Extras: test, sweep (Ray Tune), baseline (MONAI + Ray), deepspeed, prepare (medical formats), gpu (cuML); `dist`
 # is the old name for sweep + baseline + deepspeed.
-EXTRAS ?= test,dist,prepare
+EXTRAS ?= test,dist,prepare,server
 # Idle OpenMP threads sleep instead of spinning: on a small shared CPU spinning threads of concurrent
 # processes (tests, DataLoader workers, Ray trials) slow each other down by an order of magnitude.
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -49,6 +49,8 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/run.py --suite all --small --check benchmarks/baselines/cpu-small.json
+
+results: ; python3 benchmarks/results.py  # benchmarks/RESULTS.md from benchmarks/baselines/ and benchmarks/readings.md
 
 clean:
 	rm -rf runs .pytest_cache

@@ -39,10 +39,10 @@ from harness.method.autoencoder import DiffusionAutoencoder  # noqa: E402
 from harness.method.counterfactual import (  # noqa: E402
     LOCAL_THRESHOLD,
     RENDERS,
-    encode_for_counterfactuals,
+    CounterfactualEngine,
     render_counterfactuals,
 )
-from harness.method.directions import fit_direction, move_along, signed_distance  # noqa: E402
+from harness.method.directions import fit_direction  # noqa: E402
 from harness.method.heads import fit_head  # noqa: E402
 from harness.method.probes import change_alignment, truth_errors  # noqa: E402
 
@@ -91,19 +91,20 @@ def main(argv: list[str] | None = None) -> dict:
     delta = zt_tr - z_tr  # (N, D): the true latent moves
     mean_move = {c: delta[y_tr == c].mean(axis=0) for c in (0, 1)}
 
-    # Test phantoms: one inversion each, shared by every latent below.
+    # Test phantoms: one inversion each, shared by the project's CE (the engine's) and the oracle latents below.
     x, truth, y = phantom_pairs(args.n_test, size, seed=202)
-    encoded = encode_for_counterfactuals(ae, x, inv, dec, render=args.render, local_threshold=args.local_threshold)
+    engine = CounterfactualEngine(ae, head, None, pattern, inv, dec, args.render, args.local_threshold)
+    encoded = engine.encode(x)
     z = encoded.z.double().numpy()  # (B, D)
-    dist = signed_distance(z, head.hyperplane)
-    latents = {
-        "pattern 1x": move_along(z, head.hyperplane, pattern, -dist),
+    oracles = {
         "mean oracle": z + np.stack([mean_move[int(c)] for c in y]),
         "own oracle": ae.encode(truth).double().numpy(),
     }
     rows = {"input (unchanged)": {**_score(x, x, truth), "validity": 0.0}}
-    for name, z_ce in latents.items():
-        x_ce = render_counterfactuals(ae, encoded, torch.as_tensor(z_ce, dtype=torch.float32))
+    images = {"pattern 1x": engine.binary(encoded).x_ce}
+    images.update({name: render_counterfactuals(ae, encoded, torch.as_tensor(z_ce, dtype=torch.float32))
+                   for name, z_ce in oracles.items()})  # latents from the truth, rendered as the engine renders
+    for name, x_ce in images.items():
         rows[name] = {**_score(x, x_ce, truth), **_validity(ae, head, x_ce, y)}
     rebuilt = ae.reconstruct(truth, invert_steps=inv, decode_steps=dec)  # the truth through the DAE
     rows["truth through the DAE"] = {**_score(x, rebuilt, truth), **_validity(ae, head, rebuilt, y)}

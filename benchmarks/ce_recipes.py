@@ -12,7 +12,7 @@ budget in ``--out/<recipe>``, then measured on the phantoms, where the true coun
   each of ``--moves``: binary CE validity both ways, the realised fraction of the move, and the median per-CE
   error against the true counterfactual beside the unchanged input's; grade-targeted CEs to the extremes.
   A direction written ``name+gain`` (e.g. ``pattern+gain:local:500``) moves with its realisation gain, measured on
-  balanced training images with the same rendering and depth (``harness.method.counterfactual.calibrate_gain``).
+  balanced training images with the same rendering and depth (``harness.method.gain.calibrate_gain``).
 
 One JSON line per (recipe, budget) is appended to ``--results``; ``--table`` prints the markdown table of a
 results file (the one in ``benchmarks/RESULTS.md``).
@@ -36,15 +36,15 @@ from harness.checkpoint import checkpoint_name  # noqa: E402
 from harness.cli import run_main  # noqa: E402
 from harness.config import load_config  # noqa: E402
 from harness.encode import encode_to_table  # noqa: E402
-from harness.evaluate import (  # noqa: E402
+from harness.evaluation.evaluate import (  # noqa: E402
     detection_floors,
     evaluate_counterfactual_set,
     evaluate_heads,
     fit_directions,
 )
 from harness.method.autoencoder import DiffusionAutoencoder  # noqa: E402
-from harness.method.counterfactual import calibrate_gain, encode_for_counterfactuals  # noqa: E402
-from harness.method.heads import TaskSpec  # noqa: E402
+from harness.method.counterfactual import encode_for_counterfactuals  # noqa: E402
+from harness.method.gain import calibrate_gain  # noqa: E402
 from harness.method.latents import load_latents  # noqa: E402
 from harness.method.probes import random_xT_identity, z_usage  # noqa: E402
 from harness.pipeline import take_balanced  # noqa: E402
@@ -71,7 +71,7 @@ def _floors(config, cache: Path) -> dict:
     """Raw-pixel logistic and random-encoder SVM AUC for the fracture task (cached per shard folder)."""
     if cache.is_file():
         return json.loads(cache.read_text())
-    rows = detection_floors(config, [TaskSpec.from_config(config.heads.tasks[0])])
+    rows = detection_floors(config, [config.heads.tasks[0]])
     floors = {f"{r['floor']}/{r['kind']}": r["auc"] for r in rows}
     cache.write_text(json.dumps(floors))
     return floors
@@ -100,7 +100,7 @@ def measure(config, model_dir: Path, out: Path, ce_specs: list[tuple[str, str, s
                     image_size=config.data.image_size, channels=config.data.channels,
                     meta={"model_dir": str(model_dir)})
     table = load_latents(latents)
-    task = TaskSpec.from_config(config.heads.tasks[0])
+    task = config.heads.tasks[0]
     heads = evaluate_heads(table, [task], ("svm",), split="test")
     result = heads.results[(task.name, "svm")]
     row["auc_svm"] = heads.detection_rows[0]["auc"]

@@ -27,9 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from harness.config import load_config  # noqa: E402
 from harness.diffusion import counterfactual_nfe  # noqa: E402
-from harness.evaluate import evaluate_counterfactual_set, evaluate_heads, fit_directions  # noqa: E402
+from harness.evaluation.evaluate import evaluate_counterfactual_set, evaluate_heads, fit_directions  # noqa: E402
 from harness.method.autoencoder import DiffusionAutoencoder  # noqa: E402
-from harness.method.heads import TaskSpec  # noqa: E402
 from harness.method.latents import load_latents  # noqa: E402
 from harness.pipeline import take_balanced  # noqa: E402
 
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     moves = tuple(float(m) for m in args.moves.split(","))
     ae = DiffusionAutoencoder.load(args.model, batch_size=64)
     table = load_latents(args.latents)
-    task = TaskSpec.from_config(config.heads.tasks[0])
+    task = config.heads.tasks[0]
     result = evaluate_heads(table, [task], ("svm",), split="test").results[(task.name, "svm")]
     cf = config.counterfactual
     directions = fit_directions(result, table, ("pattern",), variance=cf.subspace_variance, k=cf.subspace_k)

@@ -40,9 +40,8 @@ def pneumonia_suite(ctx: SuiteContext) -> SuiteResult:
     from harness.data import eval_loader
     from harness.data.sources import ensure_shards
     from harness.encode import encode_to_table
-    from harness.evaluate import evaluate_heads, evaluate_reconstruction
+    from harness.evaluation.evaluate import evaluate_heads, evaluate_reconstruction
     from harness.method.autoencoder import DiffusionAutoencoder
-    from harness.method.heads import TaskSpec
     from harness.method.latents import load_latents
     from harness.train_dae import main as train_main
 
@@ -72,7 +71,7 @@ def pneumonia_suite(ctx: SuiteContext) -> SuiteResult:
     encode_to_table(ae, config.data.shard_dir, ["train", "test"], latents, batch_size=config.eval.batch_size,
                     image_size=config.data.image_size, channels=config.data.channels, progress=False)
     table = load_latents(latents)
-    task = TaskSpec.from_config(config.heads.tasks[0])
+    task = config.heads.tasks[0]
     heads = evaluate_heads(table, [task], ("svm", "logistic"), C=config.heads.C, backend="sklearn", split="test")
     batch = next(iter(eval_loader(config.data.shard_dir, budget["recon_images"], split="test",
                                   image_size=config.data.image_size, channels=config.data.channels)))

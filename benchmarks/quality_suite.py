@@ -43,9 +43,8 @@ def quality_suite(ctx: SuiteContext) -> SuiteResult:
     from harness.config import load_config
     from harness.data import eval_loader, write_phantom_shards
     from harness.encode import encode_to_table
-    from harness.evaluate import evaluate_counterfactual_set, evaluate_heads, evaluate_reconstruction
+    from harness.evaluation.evaluate import evaluate_counterfactual_set, evaluate_heads, evaluate_reconstruction
     from harness.method.autoencoder import DiffusionAutoencoder
-    from harness.method.heads import TaskSpec
     from harness.method.latents import load_latents
     from harness.train_dae import main as train_main
 
@@ -64,9 +63,9 @@ def quality_suite(ctx: SuiteContext) -> SuiteResult:
     encode_to_table(ae, shards, ["train", "test"], latents, batch_size=config.eval.batch_size,
                     image_size=config.data.image_size, channels=config.data.channels, progress=False)
     table = load_latents(latents)
-    task = TaskSpec.from_config(config.heads.tasks[0])  # fracture: grade >= 1, calibrated over grades 0..3
+    task = config.heads.tasks[0]  # fracture: grade >= 1, calibrated over grades 0..3
     heads = evaluate_heads(table, [task], ("svm",), C=config.heads.C, calibration=config.heads.calibration,
-                           degree=config.heads.degree, backend="sklearn", split="test")
+                           backend="sklearn", split="test")
     detection, grading = heads.detection_rows[0], heads.grading_rows[0]
     head_result = heads.results[(task.name, "svm")]
     result.rows += [{"kind": "detection", **detection}, {"kind": "grading", **grading}]

@@ -3,8 +3,9 @@
     if __name__ == "__main__":
         sys.exit(run_main(main))
 
-The errors below are raised for what a user handed in (a config key, a file, a checkpoint, a shard, a heads file)
-and their messages already name the key or file and what to do; anything else is a bug and keeps its traceback.
+Every error raised for what a user handed in (a config key, a file, a checkpoint, a shard, a heads file) derives
+from :class:`harness.errors.UserError` and its message already names the key or file and what to do; anything
+else is a bug and keeps its traceback. This module imports nothing but that base, so any layer's main can use it.
 ``--debug`` anywhere on the command line keeps the traceback for user errors too.
 """
 
@@ -14,23 +15,17 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from harness.checkpoint import CheckpointError
-from harness.config import ConfigError
-from harness.data.prepare.common import PrepareError
-from harness.data.shards import ShardError
-from harness.fingerprint import StaleArtifactError
-from harness.method.directions import DirectionError
-from harness.method.heads import HeadFitError
+from harness.errors import UserError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, DirectionError, ShardError,
-                                                PrepareError, StaleArtifactError, HeadFitError, FileNotFoundError,
-                                                FileExistsError, IsADirectoryError)
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, FileExistsError, IsADirectoryError)
 EXIT_USER_ERROR = 2
 
 
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
-    return text if text.startswith("error: ") else f"error: {text}"
+    while text.startswith("error: "):  # a message that already says so, even twice over, gets one prefix
+        text = text[len("error: "):]
+    return f"error: {text}"
 
 
 def run_main(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> int:

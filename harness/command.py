@@ -139,7 +139,10 @@ def dispatch(argv: list[str]) -> Any:
             return 0
         return _error(f"{PROG} {name}: {verb.summary}")
     step_argv = verb.adapt(rest) if verb.adapt else rest
-    with _program_name(f"{PROG} {name}"):
+    # When the verb is also the step's own subcommand (`dae-cf promote` runs the registry's `promote`), argparse
+    # adds that name after the program's: name the program `dae-cf` so that usage reads `dae-cf promote`, once.
+    inserted_as_subcommand = step_argv.count(name) > rest.count(name)
+    with _program_name(PROG if inserted_as_subcommand else f"{PROG} {name}"):
         return _load(verb.target)(step_argv)
 
 

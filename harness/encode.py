@@ -1,17 +1,21 @@
 """Encode shards with a trained DAE into a latents table (id, split, labels, z_sem, optional x_T).
 
     accelerate launch -m harness.encode --model runs/dae-tiny/final --shards runs/data/phantoms-32 \\
-        --splits train test --out runs/eval/latents.parquet [--x-T] [--invert-steps 250]
+        --splits train test --out runs/eval/latents.parquet [--x-T] [--invert-steps 250] [--overwrite]
 
 Each process encodes its own share of every split (the evaluation loader gives every sample to exactly one
 rank) and writes it in chunks under ``<out>.parts/``; a rerun skips the chunks already written, so a killed
-job resumes. The main process then merges the chunks into one table, written atomically. Encoding uses no
-augmentation: latents describe the images as they are.
+job resumes. The chunks belong to one encoding: ``<out>.parts/fingerprint.json`` records the weights, the data
+and the settings that made them, and a rerun with anything else discards them (with a note) instead of mixing
+them in. The main process then merges the chunks into one table, written atomically. Encoding uses no
+augmentation: latents describe the images as they are. An existing ``--out`` is replaced only with
+``--overwrite``; every argument is checked before the model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -20,11 +24,53 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from harness.cli import run_main
+from harness.config import ConfigError
 from harness.data import eval_loader
 from harness.data.sources import check_shard_geometry
-from harness.fingerprint import manifest_hash, weights_sha256
+from harness.fileio import refuse_existing, write_json_atomic
+from harness.fingerprint import differences, manifest_hash, weights_sha256
 from harness.method.autoencoder import DiffusionAutoencoder
 from harness.method.latents import LatentsTable, load_latents, save_latents
+from harness.ops.tracking import local_model_dir
+
+LATENTS_SUFFIXES = (".parquet", ".npz")  # what harness.method.latents.save_latents writes
+PARTS_FINGERPRINT = "fingerprint.json"
+
+
+def check_latents_path(path: str | Path) -> Path:
+    """``path`` as a Path when its suffix names a latents format; a ConfigError (one line) otherwise."""
+    path = Path(path)
+    if path.suffix.lower() not in LATENTS_SUFFIXES:
+        raise ConfigError(f"error: --out {path}: a latents table ends in {' or '.join(LATENTS_SUFFIXES)}, not "
+                          f"{path.suffix or 'no suffix'!r}; choose e.g. {path.with_suffix('.parquet')}")
+    return path
+
+
+def parts_dir_for(out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".parts")
+
+
+def claim_parts_dir(parts_dir: Path, fingerprint: dict) -> bool:
+    """Keep ``parts_dir`` only when its chunks were made by ``fingerprint``; otherwise discard it (with a note).
+
+    Main process only, before any rank writes. Returns True when chunks were discarded. A folder without a
+    fingerprint is of unknown origin (an interrupted rerun of an older version) and is discarded too.
+    """
+    if not parts_dir.exists():
+        return False
+    record = parts_dir / PARTS_FINGERPRINT
+    try:
+        stored = json.loads(record.read_text()) if record.is_file() else None
+    except json.JSONDecodeError:
+        stored = None
+    if stored == fingerprint:
+        return False
+    why = "; ".join(differences(stored, fingerprint)[:4]) if isinstance(stored, dict) else "no fingerprint"
+    print(f"note: discarding the chunks in {parts_dir}: they were made by another encoding ({why})",
+          file=sys.stderr)
+    shutil.rmtree(parts_dir)
+    return True
 
 
 def _chunk_path(parts_dir: Path, split: str, rank: int, index: int) -> Path:
@@ -106,22 +152,48 @@ def merge_chunks(parts_dir: str | Path, splits: list[str], meta: dict | None = N
 def encode_to_table(ae: DiffusionAutoencoder, shard_dir: str | Path, splits: list[str], out_path: str | Path, *,
                     rank: int = 0, world_size: int = 1, barrier=lambda: None, meta: dict | None = None,
                     **kwargs) -> Path | None:
-    """Encode ``splits`` over all ranks and write ``out_path`` (main rank). Returns the path on rank 0."""
-    out_path = Path(out_path)
-    parts_dir = out_path.with_name(out_path.name + ".parts")
+    """Encode ``splits`` over all ranks and write ``out_path`` (main rank). Returns the path on rank 0.
+
+    Resumes from the chunks of an interrupted run of the same encoding (same weights, data, settings and number
+    of processes); chunks of any other encoding are discarded first.
+    """
+    out_path = check_latents_path(out_path)
+    parts_dir = parts_dir_for(out_path)
+    # What made the table: the weights, the data and the encoding settings (harness.fingerprint).
+    made_by = {"weights_sha256": weights_sha256(ae.dae), "data_manifest_sha256": manifest_hash(shard_dir),
+               "shard_dir": str(shard_dir), "splits": list(splits), "precision": ae.precision,
+               **{k: v for k, v in kwargs.items() if k in ("with_x_T", "invert_steps", "image_size", "channels")}}
+    # The chunks also depend on how the samples were cut into them: batch size, chunk length, process count.
+    chunk_fingerprint = {**made_by, "batch_size": kwargs.get("batch_size", 64),
+                         "batches_per_chunk": kwargs.get("batches_per_chunk", 8), "world_size": world_size}
+    if rank == 0:
+        claim_parts_dir(parts_dir, chunk_fingerprint)
+    barrier()
+    if not (parts_dir / PARTS_FINGERPRINT).is_file():  # every rank writes the same bytes; the rename is atomic
+        write_json_atomic(parts_dir / PARTS_FINGERPRINT, chunk_fingerprint)
     for split in splits:
         encode_split(ae, shard_dir, split, parts_dir, rank=rank, world_size=world_size, **kwargs)
     barrier()
     if rank != 0:
         return None
-    # What made the table: the weights, the data and the encoding settings (harness.fingerprint).
-    made_by = {"weights_sha256": weights_sha256(ae.dae), "data_manifest_sha256": manifest_hash(shard_dir),
-               "shard_dir": str(shard_dir), "splits": list(splits), "precision": ae.precision,
-               **{k: v for k, v in kwargs.items() if k in ("with_x_T", "invert_steps", "image_size", "channels")}}
     table = merge_chunks(parts_dir, splits, {**(meta or {}), "fingerprint": made_by})
     save_latents(table, out_path)
     shutil.rmtree(parts_dir, ignore_errors=True)
     return out_path
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every argument a user can get wrong, checked before the model is loaded (one ``error:`` line each)."""
+    if args.batch_size < 1:
+        raise ConfigError(f"error: --batch-size {args.batch_size}: must be a whole number of at least 1")
+    if args.invert_steps is not None and args.invert_steps < 1:
+        raise ConfigError(f"error: --invert-steps {args.invert_steps}: must be at least 1 (or left out for the "
+                          "model's own)")
+    out = check_latents_path(args.out)
+    refuse_existing(out, args.overwrite, what="the latents table")
+    if not (Path(args.shards) / "manifest.json").is_file():
+        raise FileNotFoundError(f"error: --shards {args.shards}: no manifest.json there; pass a folder written "
+                                "by `dae-cf prepare`")
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -131,15 +203,18 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--splits", nargs="+", default=["train", "val", "test"])
     parser.add_argument("--out", required=True, help="latents table (.parquet or .npz)")
     parser.add_argument("--x-T", dest="with_x_T", action="store_true", help="also store x_T by DDIM inversion")
-    parser.add_argument("--invert-steps", type=int, default=None)
+    parser.add_argument("--invert-steps", type=int, default=None,
+                        help="DDIM steps of the inversion to x_T (default: the model's config)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
+    check_arguments(args)
 
     import torch
     from accelerate import PartialState  # entry point only: ranks come from the launcher
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    ae = DiffusionAutoencoder.load(args.model, device=state.device, batch_size=args.batch_size)
+    ae = DiffusionAutoencoder.load(local_model_dir(args.model), device=state.device, batch_size=args.batch_size)
     # Images the model was not trained on (another size, grey for colour) are refused, not converted silently.
     check_shard_geometry(args.shards, ae.dae.spec.image_size, ae.dae.in_channels,
                          subject=f"the model {args.model} takes {{key}} {{value}}",

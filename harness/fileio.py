@@ -99,3 +99,16 @@ def file_kind_problem(path: str | os.PathLike) -> str | None:
         return f"an empty file, not a {path.suffix} file"
     text = all(32 <= b < 127 or b in (9, 10, 13) for b in head)
     return f"{'a text' if text else 'a binary'} file starting {head!r}, not a {path.suffix} file"
+
+
+def refuse_existing(path: str | os.PathLike, overwrite: bool, what: str = "output",
+                    flag: str = "--overwrite") -> Path:
+    """The one output rule of every verb: an existing ``path`` is replaced only with ``overwrite``.
+
+    Call it before any work, so that a refused run costs nothing and leaves nothing behind. Raises
+    ``FileExistsError`` (a user error: one ``error:`` line, exit 2) naming the path and both ways out.
+    """
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{what} {path} already exists: pass {flag} to replace it, or choose another path")
+    return path

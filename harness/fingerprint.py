@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import ConfigError, RunConfig, load_config, to_dict
+from harness.errors import UserError
 from harness.fileio import canonical_sha256
 
 # Train-section fields that do not change what a training run computes: where it writes, how often it logs,
@@ -28,7 +29,7 @@ _RUN_NEUTRAL_DIFFUSION = {"invert_steps", "decode_steps", "clip_x0", "invert_to"
 _RUN_NEUTRAL_DATA = {"num_workers", "on_error", "shard_dir", "raw_path"}
 
 
-class StaleArtifactError(RuntimeError):
+class StaleArtifactError(UserError, RuntimeError):
     """A folder holds an artifact made from other settings or inputs; the message names the fields."""
 
 

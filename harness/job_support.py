@@ -1,9 +1,10 @@
-"""Small pieces shared by the Ray Tune jobs (head sweeps, DenseNet baselines): strict YAML sections, trial
+"""Small pieces shared by the Ray Tune jobs (head sweeps, DenseNet baselines): loading a job file, trial
 resources, timing, hashing and atomic JSON writes, and starting or joining a Ray cluster.
 
-Job files are parsed with the strictness of ``harness.config``: a YAML section becomes a frozen dataclass, an
-unknown key or an ill-typed value is a :class:`~harness.config.ConfigError` naming the key. Ray is imported only
-inside :func:`init_ray` and :func:`ray_run_config`, so importing this module stays cheap.
+Job files are read by the one loader of ``harness.config`` (:func:`harness.config.load_yaml`): a job type is a
+frozen pydantic dataclass, an unknown key or an ill-typed value is a :class:`~harness.config.ConfigError` naming
+every bad key. Ray is imported only inside :func:`init_ray` and :func:`ray_run_config`, so importing this module
+stays cheap.
 """
 
 from __future__ import annotations
@@ -14,37 +15,19 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import yaml
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass
 
-from harness.config import ConfigError, build_dataclass, to_dict
+from harness.config import load_yaml, to_dict
+from harness.config.errors import require
+from harness.config.fields import SECTION, Float, Name
 from harness.fileio import sha256_file
 from harness.fileio import write_json_atomic as fileio_write_json_atomic
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Strict YAML -> dataclass.
-# ---------------------------------------------------------------------------------------------------------
-
-
-def load_job_yaml(path: str | os.PathLike, cls: type) -> Any:
-    """Read a job YAML file into dataclass ``cls``; errors name the file and the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"job file not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
-    try:
-        return build_dataclass(cls, tree or {}, "")
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
 
 
 def job_to_dict(spec: Any) -> dict[str, Any]:
@@ -57,31 +40,31 @@ def job_to_dict(spec: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class Resources:
     """What one trial asks Ray for: CPU cores and a GPU share (0.25 = four trials share one device)."""
 
-    cpu: float = 1.0
-    gpu: float = 0.0
+    cpu: Annotated[Float, Field(gt=0)] = 1.0
+    gpu: Annotated[Float, Field(ge=0)] = 0.0
 
-    def __post_init__(self) -> None:
-        if self.cpu <= 0:
-            raise ConfigError(f"resources.cpu: must be > 0, got {self.cpu}")
-        if self.gpu < 0 or (self.gpu > 1 and not float(self.gpu).is_integer()):
-            raise ConfigError(f"resources.gpu: a fraction in [0, 1] or a whole number of devices, got {self.gpu}")
+    @model_validator(mode="after")
+    def _check(self) -> Resources:
+        require([] if self.gpu <= 1 or float(self.gpu).is_integer() else
+                [("gpu", f"a fraction in [0, 1] or a whole number of devices, got {self.gpu}")])
+        return self
 
     def as_ray(self) -> dict[str, float]:
         """The dict ``tune.with_resources`` takes."""
         return {"cpu": self.cpu, "gpu": self.gpu}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class Splits:
     """Split names: fit on ``train``, select on ``val``, report ``test`` once."""
 
-    train: str = "train"
-    val: str = "val"
-    test: str = "test"
+    train: Name = "train"
+    val: Name = "val"
+    test: Name = "test"
 
 
 class Stopwatch:
@@ -108,8 +91,8 @@ write_json_atomic = fileio_write_json_atomic
 
 
 def load_job(path: str | os.PathLike, cls: type, tracking_uri: str | None = None) -> Any:
-    """A job file as dataclass ``cls`` (:func:`load_job_yaml`), its MLflow store replaced by ``tracking_uri``."""
-    job = load_job_yaml(path, cls)
+    """A job file as ``cls`` (:func:`harness.config.load_yaml`), its MLflow store replaced by ``tracking_uri``."""
+    job = load_yaml(path, cls, what="job file")
     if tracking_uri:
         job = dataclasses.replace(job, track=dataclasses.replace(job.track, tracking_uri=tracking_uri))
     return job

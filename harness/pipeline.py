@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from harness.cli import run_main
-from harness.config import RunConfig, dump_yaml, load_config
+from harness.config import RunConfig, dump_yaml, load_config, load_yaml
 from harness.data import eval_loader
 from harness.encode import encode_to_table
-from harness.evaluate import (
+from harness.evaluation.evaluate import (
     calibrate_direction_gain,
     detection_floors,
     evaluate_counterfactual_set,
@@ -37,17 +37,15 @@ from harness.evaluate import (
     save_heads,
     write_heads,
 )
-from harness.figures import save_image_grid, save_latent_map
-from harness.job_support import load_job_yaml
+from harness.evaluation.figures import save_image_grid, save_latent_map
 from harness.method.autoencoder import DiffusionAutoencoder
-from harness.method.floors import beats_floor
-from harness.method.heads import TaskSpec
+from harness.evaluation.floors import beats_floor
 from harness.method.latents import load_latents
 from harness.method.metrics import FIDMetric, LPIPSMetric, MissingWeightsError
 from harness.ops.baseline import BaselineJob
 from harness.ops.baseline_job import run_baselines
 from harness.ops.tracking import Tracker
-from harness.report import Report, check_report
+from harness.evaluation.report import Report, check_report
 from harness.train_dae import main as train_main
 
 
@@ -79,7 +77,7 @@ def take_balanced(shard_dir: str, split: str, n: int, config: RunConfig, column:
 
 def run_baseline(config: RunConfig, out_dir: Path) -> list[dict]:
     """Train the DenseNet121 baseline job on the same shards and splits; its test rows (Table 3 columns)."""
-    job = load_job_yaml(config.eval.baseline_job, BaselineJob)
+    job = load_yaml(config.eval.baseline_job, BaselineJob, what="baseline job file")
     baseline_out = out_dir / "baseline"
     # A call, not a subprocess: the same work as `dae-cf baseline --shards ... --config ... --out ...`.
     run_baselines(config.data.shard_dir, job, baseline_out, num_cpus=config.eval.baseline_cpus or None)
@@ -173,7 +171,7 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
 
     # Heads: every kind for every task, fitted on train, scored on test.
     clock.next("heads")
-    tasks = [TaskSpec.from_config(t) for t in config.heads.tasks]
+    tasks = list(config.heads.tasks)
     heads_started = time.perf_counter()
     heads = evaluate_heads(table, tasks, config.heads.kinds, options=config.heads.options(),
                            backend=config.heads.backend, split="test")
@@ -238,8 +236,8 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
                          "from scratch on the same shards (AUC from scores; wall_s: fit time of one head, or the "
                          "whole baseline search)", section="Heads")
     if heads.grading_rows:
-        report.add_table("grading", heads.grading_rows, f"Grading by calibrated distance ({config.heads.calibration},"
-                         f" degree {config.heads.degree}; paper Table 4 form)", section="Heads")
+        report.add_table("grading", heads.grading_rows, f"Grading by calibrated distance ({config.heads.calibration};"
+                         " paper Table 4 form)", section="Heads")
     if floor_table:
         report.add_table("floors", floor_table, "Floors on the test split: the same heads on raw pixels (logistic "
                          "regression) and on a randomly initialised encoder of the same architecture",

@@ -11,8 +11,7 @@ import pytest
 import torch
 import yaml
 
-from harness.config import ConfigError
-from harness.job_support import build_dataclass, load_job_yaml
+from harness.config import ConfigError, load_yaml, validate
 from harness.ops import baseline_job, compare_job
 from harness.ops.baseline import (
     BaselineJob,
@@ -26,7 +25,7 @@ from harness.ops.baseline import (
     score,
 )
 from harness.ops.compare import load_summary, method_row, write_comparison
-from harness.report import check_report
+from harness.evaluation.report import check_report
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]}  # tests only
@@ -67,16 +66,16 @@ def job_dict(tmp_path: Path, **changes) -> dict:
 
 
 def test_job_file_is_strict(tmp_path):
-    job = build_dataclass(BaselineJob, job_dict(tmp_path), "")
+    job = validate(BaselineJob, job_dict(tmp_path))
     assert job.tasks[0].run_objectives == ("detection", "grading") and job.model.name.startswith("DenseNet(")
-    assert load_job_yaml(ROOT / "jobs" / "baseline_phantoms.yaml", BaselineJob).model.name == "DenseNet121"
+    assert load_yaml(ROOT / "jobs" / "baseline_phantoms.yaml", BaselineJob).model.name == "DenseNet121"
     for changes, message in (({"search": {"lrs": [1e-3]}}, r"unknown key\(s\) \['lrs'\]"),
                              ({"augment": {"rotate": 10}}, r"unknown key\(s\) \[.rotate.\] in augment"),
                              ({"select_grading": "auc"}, "select_grading"),
                              ({"tasks": [{"name": "a", "column": "grade", "positives": [1],
                                           "objectives": ["grading"]}]}, "needs a grade_range")):
         with pytest.raises(ConfigError, match=message):
-            build_dataclass(BaselineJob, job_dict(tmp_path, **changes), "")
+            validate(BaselineJob, job_dict(tmp_path, **changes))
 
 
 def test_scoring_early_stopping_and_label_counts():
@@ -136,7 +135,7 @@ def test_baseline_tunes_selects_on_val_and_tests_once(shards, tmp_path, local_ra
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 4  # 2 learning rates x 1 epoch budget x 2 objectives
-    job = load_job_yaml(config, BaselineJob)
+    job = load_yaml(config, BaselineJob)
     data = DataShape(str(shards), 32, 1, 48, 1.0)
     for objective, key in (("detection", "auc"), ("grading", "macro_f1")):
         runs = [r for r in children if r.data.tags["objective"] == objective]

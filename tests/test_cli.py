@@ -60,3 +60,44 @@ def test_other_entry_points_end_a_missing_file_with_one_line(entry, tmp_path):
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith(
         ("error: ", "usage:", f"{Path(entry[-1]).name}: error:", "run.py: error:")), result.stderr
+
+
+def test_prepare_over_other_shards_says_error_once(tmp_path):
+    # The refusal's message already starts with "error: "; the verb used to print a second one in front of it.
+    from PIL import Image
+
+    for name in ("a.png", "b.png"):
+        Image.new("L", (20, 20), 128).save(tmp_path / name)
+    (tmp_path / "table.csv").write_text("path,label\na.png,0\nb.png,1\n")
+    common = ["-m", "harness.command", "prepare", "images", str(tmp_path), "--table", str(tmp_path / "table.csv"),
+              "--out", str(tmp_path / "shards"), "--workers", "0", "--no-progress",
+              "--split-fractions", "train=1.0"]
+    assert run([*common, "--size", "16"], cwd=REPO).returncode == 0
+    result = run([*common, "--size", "8"], cwd=REPO)
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "error: error:" not in line and "config.size: 16 -> 8" in line, line
+
+
+def test_a_failed_training_start_leaves_no_out_dir(tmp_path, capsys):
+    from harness.cli import run_main
+    from harness.train_dae import main as train_main
+
+    out = tmp_path / "run"
+    status = run_main(train_main, ["--data.source=shards", f"--data.shard_dir={tmp_path / 'no-shards'}",
+                                   f"--train.out_dir={out}", "--track.enabled=false"])
+    assert status == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: ") and "manifest.json not found" in line and "\n" not in line
+    assert not out.exists(), f"the failed start left {sorted(p.name for p in out.rglob('*'))}"
+
+
+def test_a_message_that_already_says_error_gets_one_prefix(capsys):
+    from harness.cli import run_main
+    from harness.errors import UserError
+
+    def fails(argv):
+        raise UserError("error: error: out/ holds other shards: pass --overwrite")
+
+    assert run_main(fails, []) == 2
+    assert capsys.readouterr().err == "error: out/ holds other shards: pass --overwrite\n"

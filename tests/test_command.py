@@ -16,7 +16,7 @@ EXPECTED_VERBS = ["prepare", "train", "encode", "heads", "sweep", "baseline", "c
 
 # verb -> (the start of its usage line, options only that step's parser has)
 STEP_HELP = {
-    "prepare": ("usage: python -m harness.data.prepare", ["medmnist", "mimic-cxr"]),
+    "prepare": ("usage: dae-cf prepare [-h]", ["medmnist", "mimic-cxr"]),  # the verb typed, not the module
     "train": ("usage: dae-cf train", ["--resume", "--overwrite"]),
     "encode": ("usage: dae-cf encode", ["--shards", "--x-T", "--invert-steps"]),
     "heads": ("usage: dae-cf heads", ["--latents", "--split"]),
@@ -24,7 +24,7 @@ STEP_HELP = {
     "baseline": ("usage: dae-cf baseline", ["--shards", "--task", "--num-cpus"]),
     "compare": ("usage: dae-cf compare", ["--heads", "--baseline"]),
     "serve": ("usage: dae-cf serve build", ["--heads", "--task", "--register"]),
-    "promote": ("usage: dae-cf promote promote", ["--name", "--version"]),
+    "promote": ("usage: dae-cf promote [-h]", ["--name", "--version"]),  # the verb named once
     "pipeline": ("usage: dae-cf pipeline", ["--config"]),
 }
 
@@ -52,6 +52,23 @@ def test_each_verb_shows_its_steps_own_help(verb, capsys):
     for option in options:
         assert option in out, (verb, option)
     assert sys.argv[0] == argv0  # the program name lent to argparse is given back
+
+
+@pytest.mark.parametrize("argv, usage", [
+    (["promote", "tag", "--help"], "usage: dae-cf promote tag [-h]"),
+    (["promote", "--name", "promote", "--help"], "usage: dae-cf promote [-h]"),  # a value named like the verb
+    (["prepare", "medmnist", "--help"], "usage: dae-cf prepare medmnist [-h]"),
+])
+def test_subcommand_usage_names_the_command_typed(argv, usage, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert capsys.readouterr().out.startswith(usage)
+
+
+def test_prepare_run_as_a_module_names_the_module(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "harness.data.prepare", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m harness.data.prepare [-h]")
 
 
 def test_report_says_where_the_report_comes_from(capsys):

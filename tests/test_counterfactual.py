@@ -1,9 +1,7 @@
 """Counterfactual latents and images, checked with an analytic autoencoder that runs in milliseconds.
 
-The fake autoencoder projects the flattened image on D orthonormal directions P: ``z = P x``,
-``x_T = x - P^T z`` (the part of the image z does not see) and ``decode(z, x_T) = P^T z + x_T``. Decoding is then
-exact (``encode(decode(z', x_T)) == z'``), so any failure of validity is the counterfactual code's, and a
-variant that ignores z shows that the validity check can fail.
+The autoencoder (``tests/helpers/analytic.py``) decodes exactly (``encode(decode(z', x_T)) == z'``), so any failure
+of validity is the counterfactual code's, and a variant that ignores z shows that the validity check can fail.
 """
 
 from __future__ import annotations
@@ -13,67 +11,29 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.analytic import (
+    IMAGE_SHAPE,
+    Z_DIM,
+    LinearAutoencoder,
+    make_calibration,
+    make_head,
+    make_images,
+)
 
 from harness.method.counterfactual import (
     CounterfactualBatch,
+    CounterfactualEngine,
     binary_counterfactuals,
     default_grades,
-    evaluate_counterfactuals,
     grade_counterfactuals,
     move_to_distance,
     progression_latents,
-    progression_strip,
     reflect,
     signed_distance,
     to_grade,
 )
-from harness.method.heads import Calibration, FittedHead, Hyperplane, fit_calibration, fit_head
-
-IMAGE_SHAPE = (1, 8, 8)
-Z_DIM = 6
-
-
-class LinearAutoencoder:
-    """z = P x; x_T = x - P^T P x; decode = P^T z + x_T. Counts decode calls and their batch sizes."""
-
-    def __init__(self, seed: int = 0, ignore_z: bool = False) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        pixels = int(np.prod(IMAGE_SHAPE))
-        q, _ = torch.linalg.qr(torch.randn(pixels, Z_DIM, generator=generator, dtype=torch.float64))
-        self.projection = q.T.contiguous()  # (D, C*H*W), orthonormal rows
-        self.ignore_z = ignore_z
-        self.decode_batch_sizes: list[int] = []
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1).double() @ self.projection.T  # (B, D)
-
-    def _mean_image(self, z: torch.Tensor) -> torch.Tensor:
-        return (z.double() @ self.projection).reshape(z.shape[0], *IMAGE_SHAPE)  # (B, C, H, W)
-
-    def invert(self, x: torch.Tensor, z: torch.Tensor, steps: int) -> torch.Tensor:
-        return x.double() - self._mean_image(z)
-
-    def decode(self, z: torch.Tensor, x_T: torch.Tensor, steps: int) -> torch.Tensor:
-        self.decode_batch_sizes.append(int(z.shape[0]))
-        if self.ignore_z:  # a broken decoder: returns the input whatever the latent says
-            return x_T + self._mean_image(self.original_z)
-        return self._mean_image(z) + x_T
-
-
-def make_head(seed: int = 1) -> FittedHead:
-    rng = np.random.default_rng(seed)
-    hyperplane = Hyperplane(normal=rng.normal(size=Z_DIM) * 3.0, bias=0.2)
-    return FittedHead(kind="logistic", hyperplane=hyperplane, C=1.0, backend="sklearn")
-
-
-def make_calibration() -> Calibration:
-    # grade = 0.8 * dist + 1.5 on grades 0..3, so distance_for_grade(g) = (g - 1.5) / 0.8
-    return Calibration(mode="lstsq", coefficients=(0.8, 1.5), grade_min=0, grade_max=3)
-
-
-def make_images(n: int = 6, seed: int = 2) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, *IMAGE_SHAPE, generator=generator, dtype=torch.float64) * 2 - 1)  # (B, C, H, W)
+from harness.method.counterfactual_quality import evaluate_counterfactuals
+from harness.method.heads import FittedHead, Hyperplane, fit_calibration, fit_head
 
 
 def orthogonal_part(delta: np.ndarray, hyperplane: Hyperplane) -> np.ndarray:
@@ -220,7 +180,8 @@ def test_lpips_metric_object_is_used_when_given() -> None:
 def test_progression_strip_has_one_frame_per_grade_decoded_in_one_batch() -> None:
     ae, head, calibration = LinearAutoencoder(), make_head(), make_calibration()
     x = make_images(1)
-    strip = progression_strip(ae, x[0], head, calibration, invert_steps=3, decode_steps=2)  # (C, H, W) input
+    engine = CounterfactualEngine(ae, head, calibration, invert_steps=3, decode_steps=2)
+    strip = engine.progression(x[0])  # (C, H, W) input
     grades = default_grades(calibration)
     assert strip.shape == (len(grades), *IMAGE_SHAPE)
     assert ae.decode_batch_sizes == [len(grades)]
@@ -231,10 +192,10 @@ def test_progression_strip_has_one_frame_per_grade_decoded_in_one_batch() -> Non
     deltas = (strip - strip[0]).flatten(1)  # (G, C*H*W)
     residual = deltas - torch.outer(deltas @ direction, direction)
     assert residual.abs().max().item() < 1e-10
-    custom = progression_strip(ae, x, head, calibration, grades=[0, 3], invert_steps=3, decode_steps=2)
+    custom = engine.progression(x, grades=[0, 3])
     assert custom.shape == (2, *IMAGE_SHAPE)
     with pytest.raises(ValueError, match="one image"):
-        progression_strip(ae, make_images(2), head, calibration)
+        engine.progression(make_images(2))
 
 
 def test_fitted_head_and_calibration_drive_valid_grade_counterfactuals() -> None:
@@ -252,7 +213,7 @@ def test_fitted_head_and_calibration_drive_valid_grade_counterfactuals() -> None
         batch = grade_counterfactuals(ae, x[:8], head, calibration, target_grade=target, invert_steps=3,
                                       decode_steps=2)
         assert evaluate_counterfactuals(ae, batch, head, calibration=calibration)["validity"] == 1.0
-    strip = progression_strip(ae, x[0], head, calibration, invert_steps=3, decode_steps=2)
+    strip = CounterfactualEngine(ae, head, calibration, invert_steps=3, decode_steps=2).progression(x[0])
     np.testing.assert_array_equal(calibration.grade(head.decision(ae.encode(strip).numpy())), [0, 0, 1, 2, 3, 3])
 
 
@@ -325,10 +286,9 @@ def test_direction_mistakes_name_the_field() -> None:
 
 
 def test_config_rejects_unknown_direction_and_matches_the_registries() -> None:
-    from harness.config import CE_DIRECTIONS, CE_RENDERS, ConfigError, CounterfactualConfig, load_config
-    from harness.method import counterfactual, directions
+    from harness.config import ConfigError, CounterfactualConfig, load_config
+    from harness.method import counterfactual
 
-    assert CE_DIRECTIONS == directions.DIRECTIONS and CE_RENDERS == counterfactual.RENDERS
     assert CounterfactualConfig.local_threshold == counterfactual.LOCAL_THRESHOLD
     with pytest.raises(ConfigError, match="counterfactual.direction"):
         load_config(None, ["--counterfactual.direction=sideways"])
@@ -343,12 +303,13 @@ def test_config_rejects_unknown_direction_and_matches_the_registries() -> None:
 
 
 def test_heads_file_stores_the_direction_and_old_files_load_as_normal() -> None:
+    from harness.config import Task
     from harness.method.directions import DirectionError, fit_direction
-    from harness.method.heads import TaskResult, TaskSpec
+    from harness.method.heads import TaskResult
 
     z_train, y = low_rank_latents()
     head = make_head()
-    task = TaskSpec("fracture", "grade", (1, 2, 3), None, (0, 3))
+    task = Task("fracture", "grade", (1, 2, 3), None, (0, 3))
     direction = fit_direction("pattern", z_train, y, head.hyperplane)
     stored = TaskResult(task, head, make_calibration(), direction=direction).to_dict()
     loaded = TaskResult.from_dict(stored)
@@ -454,8 +415,9 @@ class DampedAutoencoder(LinearAutoencoder):
 
 
 def test_calibrated_gain_makes_the_reencoded_ce_land_where_the_reflection_points() -> None:
-    from harness.method.counterfactual import calibrate_gain, encode_for_counterfactuals, render_counterfactuals
+    from harness.method.counterfactual import encode_for_counterfactuals, render_counterfactuals
     from harness.method.directions import normal_direction
+    from harness.method.gain import calibrate_gain
 
     head = make_head()
     ae = DampedAutoencoder(realise=0.25, head=head, slack=0.25)  # realises 1/2 from below, 1/4 from above
@@ -497,13 +459,9 @@ class SpreadAutoencoder(LinearAutoencoder):
 
 
 def test_a_validity_target_gives_the_smallest_gain_at_which_that_share_of_ces_crosses() -> None:
-    from harness.method.counterfactual import (
-        CROSSING_FRACTION,
-        calibrate_gain,
-        encode_for_counterfactuals,
-        render_counterfactuals,
-    )
+    from harness.method.counterfactual import encode_for_counterfactuals, render_counterfactuals
     from harness.method.directions import normal_direction
+    from harness.method.gain import CROSSING_FRACTION, calibrate_gain
 
     head = make_head()
     train = make_images(10, seed=11)
@@ -552,8 +510,9 @@ class FoldingAutoencoder(SpreadAutoencoder):
 
 
 def test_the_gain_search_stops_where_far_moves_stop_crossing_and_says_the_share_was_not_reached() -> None:
-    from harness.method.counterfactual import calibrate_gain, encode_for_counterfactuals
+    from harness.method.counterfactual import encode_for_counterfactuals
     from harness.method.directions import normal_direction
+    from harness.method.gain import calibrate_gain
 
     head = make_head()
     train = make_images(10, seed=11)
@@ -590,7 +549,7 @@ def test_truth_error_on_a_phantom_pair_with_a_known_answer() -> None:
     """A phantom re-rendered at grade 3 is the true CE of its grade-0 self: returning the truth scores 0 and is
     closer than the input; returning the input scores exactly the input's error."""
     from harness.data.phantoms import sample_params
-    from harness.evaluate import phantom_truth
+    from harness.evaluation.evaluate import phantom_truth
     from harness.method.probes import truth_errors
 
     params = [sample_params(np.random.default_rng(s)).to_dict() for s in range(3)]
@@ -626,10 +585,10 @@ class ProbeAutoencoder(LinearAutoencoder):
 
 
 def test_training_probe_sees_a_decoder_that_follows_z_and_one_that_ignores_it() -> None:
-    from harness.method.heads import TaskSpec
-    from harness.training_probe import training_probe
+    from harness.config import Task
+    from harness.evaluation.training_probe import training_probe
 
-    task = TaskSpec("bright", "label", (1,), None, None)
+    task = Task("bright", "label", (1,), None, None)
     x = make_images(24, seed=7)
     labels = (x.mean(dim=(1, 2, 3)) > x.mean()).double().numpy()
     figures = {ignore_z: training_probe(ProbeAutoencoder(ignore_z), x, labels, task, direction="normal",
@@ -639,3 +598,21 @@ def test_training_probe_sees_a_decoder_that_follows_z_and_one_that_ignores_it() 
     assert figures[False]["ce_realised"] > 0.99 and abs(figures[True]["ce_realised"]) < 1e-9
     assert figures[False]["z_usage_t500"] == 0.0
     assert figures[False]["auc"] > 0.9
+
+
+def test_the_centre_share_of_a_change_is_bounded_where_a_centre_border_ratio_explodes() -> None:
+    """The report's measure of where a CE changed the image: a share of the change's energy in [0, 1]."""
+    from harness.evaluation.evaluate import centre_share
+
+    x = torch.zeros(4, 1, 10, 10)
+    x_ce = x.clone()
+    x_ce[0, :, 4:6, 4:6] = 0.5  # all inside the centre (border 0.2 -> rows and columns 2..7)
+    x_ce[1, :, 4:6, 4:6] = 0.5
+    x_ce[1, :, 0, 0] = 1e-4  # ... and a trace on the border (a mean centre/border ratio of 3.6e4)
+    x_ce[2] = 0.3  # the same change everywhere: the centre's share of the pixels
+    share, uniform = centre_share(x, x_ce)  # image 3 does not change at all
+    assert uniform == pytest.approx(36 / 100)
+    assert share[0].item() == 1.0 and 0.99 < share[1].item() < 1.0
+    assert share[2].item() == pytest.approx(uniform)
+    assert torch.isnan(share[3])
+    assert bool(((share[:3] >= 0) & (share[:3] <= 1)).all())

@@ -67,7 +67,8 @@ def test_labels_outside_a_given_task_are_refused_and_nothing_is_written(tmp_path
                    f"'fracture' (values: 4 x{count}); widen grade_range or drop those rows")
     assert not out.exists()
     code = run_main(main, ["--latents", str(latents), "--out", str(out), "--heads.protocol=sklearn"])
-    assert code == 2 and "heads.protocol: one of ['project', 'paper'], got 'sklearn'" in capsys.readouterr().err
+    assert code == 2 and "heads.protocol: must be one of 'project' or 'paper', got 'sklearn'" in \
+        capsys.readouterr().err
     assert not out.exists()
 
 
@@ -96,3 +97,44 @@ def test_a_task_that_leaves_one_class_empty_ends_with_one_line(tmp_path, capsys)
     line = capsys.readouterr().err.strip()
     assert status == 2 and line.splitlines() == [line] and "task 'x'" in line and "0 positive / 30 negative" in line
     assert not (tmp_path / "heads").exists()
+
+
+def test_a_split_the_latents_lack_is_refused_before_any_head_is_fitted(tmp_path, capsys, monkeypatch):
+    rng = np.random.default_rng(0)
+    splits = np.array(["train"] * 30 + ["test"] * 10)
+    latents = save_latents(LatentsTable(ids=[f"i{i}" for i in range(40)], splits=splits, z_sem=rng.normal(size=(40, 6)),
+                                        labels={"grade": np.arange(40) % 2}), tmp_path / "z.npz")
+    out = tmp_path / "out"
+
+    def no_fitting(*args, **kwargs):
+        raise AssertionError("a head was fitted before the split was checked")
+
+    monkeypatch.setattr(fit_heads_job, "evaluate_heads", no_fitting)
+    code = run_main(fit_heads_job.main, ["--latents", str(latents), "--out", str(out), "--split", "val"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.splitlines() == [err]
+    assert err.startswith(f"error: {latents}: --split val: the latents have no 'val' rows")
+    assert "['test', 'train']" in err
+    assert not out.exists()
+
+
+def test_an_out_folder_holding_heads_is_refused_without_overwrite(tmp_path, capsys, monkeypatch):
+    latents = graded_0_to_4(tmp_path / "z.npz")
+    out = tmp_path / "out"
+    args = ["--latents", str(latents), "--out", str(out), "--heads.kinds=[svm]"]
+    assert run_main(fit_heads_job.main, args) == 0
+    first = (out / "heads.json").read_bytes()
+    capsys.readouterr()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the latents were read before the output folder was checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fit_heads_job, "load_latents", no_work)
+        code = run_main(fit_heads_job.main, [*args, "--heads.C=0.01"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.splitlines() == [err] and "already holds heads.json, index.html" in err \
+        and "--overwrite" in err
+    assert (out / "heads.json").read_bytes() == first  # untouched
+    assert run_main(fit_heads_job.main, [*args, "--heads.C=0.01", "--overwrite"]) == 0
+    assert json.loads((out / "heads.json").read_text())["grade/svm"]["head"]["C"] == 0.01

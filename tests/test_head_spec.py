@@ -13,13 +13,12 @@ from sklearn.metrics import cohen_kappa_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
-from harness.config import ConfigError, HeadsConfig, load_config
+from harness.config import UNCAPPED_ITER, ConfigError, HeadOptions, HeadsConfig, RunConfig, Task, load_config, validate
 from harness.method.grading import grading_report
-from harness.method.head_spec import UNCAPPED_ITER, HeadOptions
-from harness.method.heads import FittedHead, TaskResult, TaskSpec, evaluate_task, fit_head, fit_task
+from harness.method.heads import FittedHead, TaskResult, evaluate_task, fit_head, fit_task
 from tests.helpers.latents import graded_table
 
-TASK = TaskSpec("fracture", "grade", (1, 2, 3), None, (0, 3))
+TASK = Task("fracture", "grade", (1, 2, 3), None, (0, 3))
 
 # (protocol, head kind, svm solver or None): every head kind under both protocols, the SVM with both solvers
 # (the paper's preset fixes the solver, so its LinearSVC case does not exist).
@@ -54,7 +53,7 @@ def reference(kind: str, options: HeadOptions, z: np.ndarray, y: np.ndarray) -> 
 def test_heads_match_scikit_learn_called_directly(protocol, kind, solver):
     table = graded_table()
     given = {"svm_solver": solver} if solver and protocol == "project" else {}
-    options = HeadOptions.resolve(protocol, given)
+    options = HeadOptions(protocol=protocol, **given)
     train = table.select("train")
     mask, y = TASK.binary_targets(train.labels["grade"])
     z = train.z_sem[mask].astype(np.float64)
@@ -72,7 +71,7 @@ def test_heads_match_scikit_learn_called_directly(protocol, kind, solver):
 def test_protocols_differ_and_paper_reports_auc_from_predictions():
     table = graded_table()
     project = fit_task(table, TASK, kind="svm", backend="sklearn", options=HeadOptions())
-    paper = fit_task(table, TASK, kind="svm", backend="sklearn", options=HeadOptions.resolve("paper"))
+    paper = fit_task(table, TASK, kind="svm", backend="sklearn", options=HeadOptions(protocol="paper"))
     assert not np.allclose(project.head.hyperplane.unit_normal, paper.head.hyperplane.unit_normal, atol=1e-3)
     row = evaluate_task(paper, table, "test")
     test = table.select("test")
@@ -130,28 +129,36 @@ def test_convergence_warning_names_task_and_head():
         fit_task(table, TASK, kind="logistic", backend="sklearn", options=HeadOptions(max_iter=1))
 
 
+def heads_section(**values) -> HeadsConfig:
+    """A run file's heads section through the loader (errors as the user sees them)."""
+    return validate(RunConfig, {"heads": values}).heads
+
+
 def test_heads_section_protocols_and_refusals(tmp_path):
     assert HeadsConfig().options() == HeadOptions()  # the project's defaults are today's behaviour
-    paper = HeadsConfig(protocol="paper", C=0.1)
+    paper = heads_section(protocol="paper", C=0.1)
     assert (paper.standardize, paper.class_weight, paper.svm_solver, paper.max_iter) == (False, None, "svc_linear", -1)
     assert paper.options().C == 0.1
-    assert HeadsConfig(protocol="paper", standardize=False, class_weight="none").protocol == "paper"  # agreeing keys
+    assert heads_section(protocol="paper", standardize=False, class_weight="none").protocol == "paper"  # agreeing
     with pytest.raises(ConfigError, match=r"heads\.standardize: True contradicts protocol 'paper'"):
-        HeadsConfig(protocol="paper", standardize=True)
+        heads_section(protocol="paper", standardize=True)
     with pytest.raises(ConfigError, match=r"heads\.calibration: 'extremes' contradicts"):
-        HeadsConfig(protocol="paper", calibration="extremes")
-    with pytest.raises(ConfigError, match=r"heads\.protocol: one of \['project', 'paper'\], got 'papr'"):
-        HeadsConfig(protocol="papr")
-    with pytest.raises(ConfigError, match=r"heads\.kinds: unknown head kind\(s\) \['svn'\]"):
-        HeadsConfig(kinds=("svn",))
+        heads_section(protocol="paper", calibration="extremes")
+    with pytest.raises(ConfigError, match=r"heads\.protocol: must be one of 'project' or 'paper', got 'papr'"):
+        heads_section(protocol="papr")
+    with pytest.raises(ConfigError, match=r"heads\.kinds\[0\]: must be one of 'svm', 'logistic' or 'linear', "
+                                          r"got 'svn'"):
+        heads_section(kinds=("svn",))
     with pytest.raises(ConfigError, match=r"heads\.svm_solver"):
-        HeadsConfig(svm_solver="libsvm")
+        heads_section(svm_solver="libsvm")
     with pytest.raises(ConfigError, match=r"heads\.class_weight"):
-        HeadsConfig(class_weight={2: 1.0})
-    explicit = HeadsConfig(standardize=False, class_weight=None, svm_solver="svc_linear", max_iter=100, C=2.0,
-                           calibration="poly", degree=2)
+        heads_section(class_weight={2: 1.0})
+    with pytest.raises(ConfigError, match=r"heads\.max_iter: an integer >= 1, or -1 for no cap, got 0"):
+        heads_section(max_iter=0)
+    explicit = heads_section(standardize=False, class_weight=None, svm_solver="svc_linear", max_iter=100, C=2.0,
+                             calibration="poly2")
     assert explicit.options() == HeadOptions(C=2.0, standardize=False, class_weight=None, svm_solver="svc_linear",
-                                             max_iter=100, calibration="poly", degree=2)
+                                             max_iter=100, calibration="poly2")
     job = tmp_path / "job.yaml"
     job.write_text("heads:\n  protocol: paper\n  class_weight: {0: 1, 1: 3}\n")
     with pytest.raises(ConfigError, match="class_weight"):
@@ -160,4 +167,31 @@ def test_heads_section_protocols_and_refusals(tmp_path):
     loaded = load_config(job).heads
     assert loaded.class_weight == {0: 1.0, 1: 3.0} and loaded.svm_solver == "svc_linear"
     again = load_config(None, ["--heads.protocol=paper"]).heads  # a resolved config reloads unchanged
-    assert again.options() == HeadOptions.resolve("paper")
+    assert again.options() == HeadOptions(protocol="paper")
+
+
+@pytest.mark.parametrize(("name", "parsed"), [("extremes", ("extremes", 1)), ("lstsq", ("lstsq", 1)),
+                                              ("poly1", ("poly", 1)), ("poly3", ("poly", 3))])
+def test_one_calibration_vocabulary(name, parsed):
+    from harness.config import parse_calibration
+
+    assert parse_calibration(name) == parsed
+    assert heads_section(calibration=name).calibration == name  # the job's heads section takes the same names
+    from harness.ops.sweep import SearchSpace
+
+    assert validate(SearchSpace, {"calibration": [name]}).calibration == (name,)  # ... and the sweep's grid
+
+
+@pytest.mark.parametrize("bad", ["poly", "poly0", "poly10", "cubic", "Poly2", 2])
+def test_calibration_names_outside_the_vocabulary_are_refused(bad):
+    with pytest.raises(ConfigError, match=r"heads\.calibration"):
+        heads_section(calibration=bad)
+
+
+def test_config_files_written_before_the_one_vocabulary_still_load():
+    """config.yaml files next to older checkpoints carry ``calibration`` + ``degree``: read as one name."""
+    assert heads_section(calibration="poly", degree=2).calibration == "poly2"
+    assert heads_section(calibration="lstsq", degree=1).calibration == "lstsq"
+    with pytest.raises(ConfigError, match=r"heads\.calibration"):
+        heads_section(calibration="lstsq", degree=3)
+    assert HeadOptions.from_dict({"calibration": "poly", "degree": 3, "C": 2.0}).calibration == "poly3"

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
+from harness.config import ConfigError, Task
 from harness.method.heads import (
     Calibration,
     FittedHead,
     Hyperplane,
     TaskResult,
-    TaskSpec,
     evaluate_task,
     fit_calibration,
     fit_head,
@@ -116,22 +116,37 @@ def test_bad_training_data_is_rejected_with_counts():
 
 
 def test_task_rule_excludes_grade_one():
-    task = TaskSpec("fracture", "grade", positives=(2, 3), negatives=(0,))
+    task = Task("fracture", "grade", positives=(2, 3), negatives=(0,))
     grades = np.array([0, 1, 2, 3, np.nan, 0])
     mask, y = task.binary_targets(grades)
     np.testing.assert_array_equal(mask, [True, False, True, True, False, True])
     np.testing.assert_array_equal(y, [0, 1, 1, 0])
-    all_others = TaskSpec("any", "grade", positives=(1, 2, 3))
+    all_others = Task("any", "grade", positives=(1, 2, 3))
     mask, y = all_others.binary_targets(grades)
     np.testing.assert_array_equal(y, [0, 1, 1, 1, 0])
-    assert TaskSpec.from_dict(task.to_dict()) == task
+    assert Task.from_dict(task.to_dict()) == task
 
 
-def test_task_from_run_config():
-    from harness.config import TaskConfig
+def test_a_task_record_written_by_older_code_loads():
+    """heads.json task records from before the one Task type wrote ``negatives: null`` for "all others"."""
+    old = {"name": "fracture", "column": "grade", "positives": [1, 2, 3], "negatives": None, "grade_range": [0, 3]}
+    task = Task.from_dict(old)
+    assert task == Task("fracture", "grade", (1, 2, 3), (), (0, 3)) and task.class_names is None
+    np.testing.assert_array_equal(task.binary_targets(np.array([0, 1, 3]))[1], [0, 1, 1])  # all others negative
 
-    spec = TaskSpec.from_config(TaskConfig(name="severe", column="grade", positives=(2, 3), negatives=()))
-    assert spec.negatives is None and spec.positives == (2, 3) and spec.grade_range == (0, 3)
+
+@pytest.mark.parametrize(("record", "key"), [
+    ({"positives": []}, "positives"),
+    ({"positives": [1], "negatives": [1]}, "negatives"),
+    ({"grade_range": [3, 0]}, "grade_range"),
+    ({"grade_range": [0, 1, 2]}, "grade_range"),
+    ({"name": ""}, "name"),
+    ({"colour": "red"}, "colour"),
+])
+def test_a_bad_task_record_is_refused_naming_the_key(record, key):
+    base = {"name": "t", "column": "grade", "positives": [1]}
+    with pytest.raises(ConfigError, match=rf"heads.json: t/svm.task: .*{key}"):
+        Task.from_dict({**base, **record}, "heads.json: t/svm.task")
 
 
 def test_calibration_modes_recover_known_relations():
@@ -145,7 +160,7 @@ def test_calibration_modes_recover_known_relations():
         np.testing.assert_array_equal(cal.grade(dist), grades.astype(int))
     # a quadratic relation, sampled on a monotonic stretch
     d = np.linspace(0.0, 2.0, 80)
-    cal = fit_calibration(d, 0.5 * d**2 + 0.25 * d, mode="poly", degree=2)
+    cal = fit_calibration(d, 0.5 * d**2 + 0.25 * d, mode="poly2")
     np.testing.assert_allclose(cal.coefficients, [0.5, 0.25, 0.0], atol=1e-9)
     # grades_used restricts the rows: the extremes line through grades 1 and 2 only
     cal = fit_calibration(dist, grades, mode="extremes", grades_used=(1, 2))
@@ -154,13 +169,16 @@ def test_calibration_modes_recover_known_relations():
     assert Calibration.from_dict(cal.to_dict()) == cal
     with pytest.raises(ValueError, match="two distinct grades"):
         fit_calibration(dist[:50], grades[:50])
-    with pytest.raises(ValueError, match="'poly' any degree"):
-        fit_calibration(dist, grades, mode="lstsq", degree=3)
+    with pytest.raises(ValueError, match="expected extremes, lstsq or poly<degree>"):
+        fit_calibration(dist, grades, mode="poly")
+    # records written before the one vocabulary name a polynomial "poly": read back with its degree
+    old = {**cal.to_dict(), "mode": "poly", "coefficients": [0.5, 0.25, 0.0]}
+    assert Calibration.from_dict(old).mode == "poly2"
 
 
 @pytest.mark.parametrize("coefficients", [(2.0, 1.0), (0.3, -0.2, 1.5, 1.0)])
 def test_inverse_calibration_round_trips(coefficients):
-    cal = Calibration("poly", coefficients, 0, 3, distance_range=(-1.0, 1.5))
+    cal = Calibration(f"poly{len(coefficients) - 1}", coefficients, 0, 3, distance_range=(-1.0, 1.5))
     targets = np.array([-1.0, 0.0, 1.0, 2.0, 3.0, 4.0])
     dist = cal.distance_for_grade(targets)
     assert dist.shape == targets.shape and np.all(np.diff(dist) > 0)
@@ -171,14 +189,14 @@ def test_inverse_calibration_round_trips(coefficients):
 
 def test_non_monotonic_polynomial_is_refused():
     # a cubic with turning points at +-1 whose values (+-2 + 1.5) fall inside the grade span -1..4
-    wiggly = Calibration("poly", (1.0, 0.0, -3.0, 1.5), 0, 3, distance_range=(-2.0, 2.0))
+    wiggly = Calibration("poly3", (1.0, 0.0, -3.0, 1.5), 0, 3, distance_range=(-2.0, 2.0))
     with pytest.raises(ValueError, match="not strictly monotonic"):
         wiggly.distance_for_grade(2.0)
-    parabola = Calibration("poly", (1.0, 0.0, 0.0), 0, 3, distance_range=(0.0, 2.0))
+    parabola = Calibration("poly2", (1.0, 0.0, 0.0), 0, 3, distance_range=(0.0, 2.0))
     with pytest.raises(ValueError, match="not strictly monotonic"):
         parabola.distance_for_grade(1.0)
     # x**3 is strictly monotonic despite its flat point: accepted
-    assert Calibration("poly", (1.0, 0.0, 0.0, 1.5), 0, 3).distance_for_grade(2.5) == pytest.approx(1.0)
+    assert Calibration("poly3", (1.0, 0.0, 0.0, 1.5), 0, 3).distance_for_grade(2.5) == pytest.approx(1.0)
 
 
 def graded_table(n_train: int = 240, n_test: int = 120, d: int = 16, seed: int = 0) -> LatentsTable:
@@ -195,8 +213,8 @@ def graded_table(n_train: int = 240, n_test: int = 120, d: int = 16, seed: int =
 
 def test_fit_and_evaluate_task_end_to_end():
     table = graded_table()
-    task = TaskSpec("fracture", "grade", positives=(2, 3), negatives=(0,), grade_range=(0, 3))
-    result = fit_task(table, task, kind="svm", calibration_mode="lstsq", backend="sklearn")
+    task = Task("fracture", "grade", positives=(2, 3), negatives=(0,), grade_range=(0, 3))
+    result = fit_task(table, task, kind="svm", calibration="lstsq", backend="sklearn")
     assert result.head.task == task and result.calibration is not None
     metrics = evaluate_task(result, table, "test")
     assert metrics["auc"] > 0.95 and metrics["grade_macro_f1"] > 0.7 and metrics["grade_mae"] < 0.4
@@ -205,9 +223,9 @@ def test_fit_and_evaluate_task_end_to_end():
     clone = TaskResult.from_dict(json.loads(json.dumps(result.to_dict())))  # JSON-able, loses nothing
     assert evaluate_task(clone, table, "test")["auc"] == metrics["auc"]
     with pytest.raises(ValueError, match="'stage'.*grade"):
-        fit_task(table, TaskSpec("x", "stage", positives=(1,)), backend="sklearn")
+        fit_task(table, Task("x", "stage", positives=(1,)), backend="sklearn")
     with pytest.raises(ValueError, match="task 'rare'.*both classes"):
-        fit_task(table, TaskSpec("rare", "grade", positives=(7,)), backend="sklearn")
+        fit_task(table, Task("rare", "grade", positives=(7,)), backend="sklearn")
 
 
 def test_a_task_carries_its_class_names_from_the_job_file_to_heads_json():
@@ -215,8 +233,25 @@ def test_a_task_carries_its_class_names_from_the_job_file_to_heads_json():
 
     config = load_config(None, ["--heads.tasks=[{name: pn, column: label, positives: [1], grade_range: null, "
                                 "class_names: [normal, pneumonia]}]"])
-    spec = TaskSpec.from_config(config.heads.tasks[0])
-    assert spec.class_names == ("normal", "pneumonia")
-    assert TaskSpec.from_dict(spec.to_dict()) == spec  # recorded in heads.json and read back
-    old = {k: v for k, v in spec.to_dict().items() if k != "class_names"}  # a heads.json from before the field
-    assert TaskSpec.from_dict(old).class_names is None
+    task = config.heads.tasks[0]
+    assert task.class_names == ("normal", "pneumonia")
+    assert Task.from_dict(task.to_dict()) == task  # recorded in heads.json and read back
+    old = {k: v for k, v in task.to_dict().items() if k != "class_names"}  # a heads.json from before the field
+    assert Task.from_dict(old).class_names is None
+
+
+def test_a_heads_file_written_by_older_code_loads_with_the_same_numbers():
+    """tests/fixtures/heads_v1.json: ``negatives: null``, calibration ``poly`` + coefficients, no direction."""
+    from pathlib import Path
+
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    stored = json.loads((fixtures / "heads_v1.json").read_text())["fracture/logistic"]
+    probe = json.loads((fixtures / "heads_v1_probe.json").read_text())
+    result = TaskResult.from_dict(stored, where="heads_v1.json: fracture/logistic")
+    assert result.task == Task("fracture", "grade", (1, 2, 3), (), (0, 3))
+    assert result.calibration.mode == "poly2" and result.direction_name == "normal"
+    distance = result.head.decision(np.asarray(probe["z"]))
+    np.testing.assert_allclose(distance, probe["distance"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(result.calibration.grade_continuous(distance), probe["grade"], rtol=0, atol=1e-12)
+    again = TaskResult.from_dict(json.loads(json.dumps(result.to_dict())))  # written back today, read again
+    assert again.task == result.task and again.calibration == result.calibration

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from harness.config import ConfigError
+from harness.config import ConfigError, Task
 from harness.method.head_tasks import check_task_labels, infer_tasks, numeric_labels
-from harness.method.heads import TaskSpec
 from harness.method.latents import LatentsError, load_latents, save_latents
 from tests.helpers.latents import graded_table
 
@@ -117,7 +116,7 @@ def test_bad_input_names_file_column_and_count(tmp_path):
     table.labels["grade"][:3] = 4
     with pytest.raises(LatentsError, match=r"x\.npz: label column 'grade' has 3 rows outside the "
                                            r"grade_range \[0, 3\] of task 'fracture' \(values: 4 x3\)"):
-        check_task_labels(table, [TaskSpec("fracture", "grade", (1, 2, 3), None, (0, 3))], "x.npz")
+        check_task_labels(table, [Task("fracture", "grade", (1, 2, 3), None, (0, 3))], "x.npz")
     assert issubclass(LatentsError, ConfigError)  # entry points end it with one line and exit status 2
 
 
@@ -126,7 +125,7 @@ def test_inferred_graded_task_spans_the_observed_range(tmp_path):
     table.labels["grade"][:2] = 4
     save_latents(table, tmp_path / "z.parquet")
     tasks, notes = infer_tasks(load_latents(tmp_path / "z.parquet"))
-    assert [(t.positives, t.negatives, t.grade_range) for t in tasks] == [((1, 2, 3, 4), None, (0, 4))]
+    assert [(t.positives, t.negatives, t.grade_range) for t in tasks] == [((1, 2, 3, 4), (), (0, 4))]
     assert notes == ["label 'grade': grades [0, 1, 2, 3, 4] -> task 'grade': detection grade >= 1 vs 0, "
                      "grading over 0..4"]
 

@@ -17,7 +17,7 @@ from harness.fingerprint import manifest_hash, weights_sha256
 from harness.method.autoencoder import DiffusionAutoencoder
 from harness.method.latents import load_latents
 from harness.models import build_dae
-from harness.report import check_report
+from harness.evaluation.report import check_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,6 +103,8 @@ def test_main_pipeline_tiny_budget_writes_complete_report(shards, tmp_path):
     for direction in ("pattern+gain", "normal", "pattern", "normal_subspace", "mean_diff"):  # every one x move size
         assert {(direction, "1x"), (direction, "2x"), (direction, "4x"), (direction, "-")} <= measured
     assert all(r["closer_than_input"] != "" for r in ce_rows)  # phantoms: every CE row is scored against the truth
+    shares = [float(r["centre_share"]) for r in ce_rows if r["centre_share"] not in ("", "nan")]
+    assert shares and all(0.0 <= share <= 1.0 for share in shares)  # bounded, whatever the border does
     with open(tables / "floors.csv") as handle:
         floors = {(r["floor"], r["kind"]) for r in csv.DictReader(handle)}
     assert ("raw pixels", "logistic") in floors and ("random encoder", "svm") in floors

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from harness.config import load_config
+from harness.config import Task, load_config
 from harness.data import read_manifest
 from harness.data.sources import ensure_shards
 from harness.diffusion import alphas_cumprod, linear_betas
 from harness.encode import encode_to_table
 from harness.method.autoencoder import DiffusionAutoencoder
 from harness.method.counterfactual import binary_counterfactuals
-from harness.method.heads import TaskSpec, fit_task
+from harness.method.heads import fit_task
 from harness.method.latents import load_latents
 from harness.models import build_dae
 
@@ -81,8 +81,8 @@ def test_real_chest_xrays_from_npz_to_counterfactual(small_npz, tmp_path):
     assert table.z_sem.shape == (48, 512) and table.split_counts() == {"test": 16, "train": 32}
     assert sorted(np.unique(table.labels["pneumonia"]).tolist()) == [0, 1]
 
-    task = TaskSpec("pneumonia", "pneumonia", positives=(1,))
-    result = fit_task(table, task, kind="svm", calibration_mode="lstsq")
+    task = Task("pneumonia", "pneumonia", positives=(1,))
+    result = fit_task(table, task, kind="svm", calibration="lstsq")
     assert result.head.n_pos == 16 and result.head.n_neg == 16  # fitted on the train split's rows only
 
     from harness.data import eval_loader

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from harness.config import Task
 from harness.diffusion import alphas_cumprod, linear_betas
-from harness.method.floors import (
+from harness.evaluation.floors import (
     PIXEL_FLOOR,
     RANDOM_FLOOR,
     beats_floor,
@@ -18,7 +19,6 @@ from harness.method.floors import (
     pixel_latents,
     random_encoder_latents,
 )
-from harness.method.heads import TaskSpec
 from harness.method.probes import (
     change_alignment,
     random_xT_identity,
@@ -191,7 +191,7 @@ def images_by_split():
     return out
 
 
-TASKS = [TaskSpec("bright", "bright", (1,)), TaskSpec("noise", "noise", (1,))]
+TASKS = [Task("bright", "bright", (1,)), Task("noise", "noise", (1,))]
 
 
 def test_pixel_and_random_encoder_tables(images_by_split):

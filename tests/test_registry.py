@@ -34,7 +34,7 @@ from harness.method.autoencoder import DiffusionAutoencoder
 from harness.model_spec import write_model_spec
 from harness.ops import registry, serving
 from harness.ops.registry import compare_to_champion, config_hash, manifest_hash, metric_direction, version_tags
-from harness.ops.tracking import Tracker
+from harness.ops.tracking import Tracker, local_model_dir
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +200,7 @@ def test_trained_models_are_registered_and_found_through_the_server(exported, se
     assert client.get_model_version_by_alias(name, "candidate").version == "2"
 
     # The registered files are the exported ones, served through the server's artifact proxy.
-    ae = DiffusionAutoencoder.load(f"models:/{name}/1", device="cpu")
+    ae = DiffusionAutoencoder.load(local_model_dir(f"models:/{name}/1"), device="cpu")
     expected = load_state_dict(exported["model_dir"] / "ema.safetensors")
     loaded = ae.dae.state_dict()
     assert all(torch.equal(loaded[key], value) for key, value in expected.items())

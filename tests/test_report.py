@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from harness import figures
-from harness.report import Report, check_report, format_value, markdown_to_html
+from harness.evaluation import figures
+from harness.evaluation.report import Report, check_report, format_value, markdown_to_html
 
 CHROMIUM = Path("/usr/bin/chromium")
 

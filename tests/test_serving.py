@@ -32,9 +32,11 @@ from helpers.serving import (
 )
 from PIL import Image
 
+from harness.cli import run_main
+from harness.config import ConfigError
 from harness.method.autoencoder import DiffusionAutoencoder
 from harness.method.counterfactual import move_to_distance, reflect
-from harness.ops import serving
+from harness.ops import explainer, serving
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
@@ -96,11 +98,11 @@ def reference(built) -> dict:
 
 def test_build_names_unknown_heads_and_mismatched_latents(built, tmp_path):
     heads = built["root"] / "heads.json"
-    with pytest.raises(KeyError, match="fracture/svm"):
+    with pytest.raises(ConfigError, match="fracture/svm"):
         serving.build_explainer(built["model_dir"], heads, "fracture", "logistic", tmp_path / "a")
     small = tmp_path / "heads16.json"
     write_heads(small, built["model_dir"], built["images"], dim=16)
-    with pytest.raises(ValueError, match="z_dim 512"):
+    with pytest.raises(ConfigError, match="z_dim 512"):
         serving.build_explainer(built["model_dir"], small, "fracture", "svm", tmp_path / "b")
     with pytest.raises(FileExistsError):
         serving.build_explainer(built["model_dir"], built["root"] / "heads.json", "fracture", "svm", built["out"])
@@ -117,15 +119,15 @@ def test_build_names_unknown_heads_and_mismatched_latents(built, tmp_path):
 
 def test_png_and_array_inputs_decode_to_the_same_image():
     image = phantom_images(1)[0]
-    from_png = serving.decode_image(png_b64(image), "row 0", 32, 1)
-    from_array = serving.decode_image((image / 255.0).tolist(), "row 0", 32, 1)
+    from_png = explainer.decode_image(png_b64(image), "row 0", 32, 1)
+    from_array = explainer.decode_image((image / 255.0).tolist(), "row 0", 32, 1)
     assert from_png.shape == (1, 32, 32) and np.allclose(from_png, from_array, atol=1e-6)
     sixteen = Image.fromarray(image.astype(np.uint16) * 257)  # 16-bit gray scales to the same [0, 1]
     buffer = io.BytesIO()
     sixteen.save(buffer, format="PNG")
-    decoded = serving.decode_image(base64.b64encode(buffer.getvalue()).decode(), "row 0", 32, 1)
+    decoded = explainer.decode_image(base64.b64encode(buffer.getvalue()).decode(), "row 0", 32, 1)
     assert np.allclose(decoded, from_png, atol=1e-6)
-    rgb = serving.decode_image(png_b64(np.stack([image] * 3, -1)), "row 0", 32, 3)
+    rgb = explainer.decode_image(png_b64(np.stack([image] * 3, -1)), "row 0", 32, 3)
     assert rgb.shape == (3, 32, 32)
 
 
@@ -139,27 +141,27 @@ def test_png_and_array_inputs_decode_to_the_same_image():
     (17, 1, "base64-encoded PNG string or a nested array"),
     ([[0.5] * 32] * 31, 1, "31x32 pixels"),
     ([[[0.5] * 32] * 32] * 3, 1, "3 channel(s), the model takes 1"),
-    ([[2.0] * 32] * 32, 1, "must be finite and lie in [0, 1]"),
+    ([[2.0] * 32] * 32, 1, "must lie in [0, 1] (found 2..2)"),
     ([[0.5, 0.5], [0.5]], 1, "not a rectangular array"),
 ])
 def test_malformed_images_are_refused_with_the_reason(value, channels, message):
-    with pytest.raises(serving.InvalidRequest, match="row 4") as error:
-        serving.decode_image(value, "row 4", 32, channels)
+    with pytest.raises(explainer.InvalidRequest, match="row 4") as error:
+        explainer.decode_image(value, "row 4", 32, channels)
     assert message in str(error.value)
 
 
 def test_target_grades_are_checked_against_the_calibration():
-    assert serving.check_grade(2.0, "row 0", (0, 3)) == 2
+    assert explainer.check_grade(2.0, "row 0", (0, 3)) == 2
     for value, message in [(4, "out of range"), (-1, "out of range"), (1.5, "not an integer"), ("2", "number"),
                            (True, "number"), (float("inf"), "not an integer")]:
-        with pytest.raises(serving.InvalidRequest, match=message):
-            serving.check_grade(value, "row 0", (0, 3))
-    with pytest.raises(serving.InvalidRequest, match="no grade calibration"):
-        serving.check_grade(1, "row 0", None)
-    with pytest.raises(serving.InvalidRequest, match="input columns"):
+        with pytest.raises(explainer.InvalidRequest, match=message):
+            explainer.check_grade(value, "row 0", (0, 3))
+    with pytest.raises(explainer.InvalidRequest, match="no grade calibration"):
+        explainer.check_grade(1, "row 0", None)
+    with pytest.raises(explainer.InvalidRequest, match="input columns"):
         import pandas as pd
 
-        serving.request_rows(pd.DataFrame({"image": ["x"], "grade": [1]}))
+        explainer.request_rows(pd.DataFrame({"image": ["x"], "grade": [1]}))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -245,3 +247,122 @@ def test_concurrent_requests_all_succeed(built, server):
         results = list(pool.map(send, range(20)))
     assert [status for status, _ in results] == [200] * 20
     assert np.ptp([distance for _, distance in results]) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 26, items 7, 9 and 10: mistakes refused when the explainer is built, MLflow's input forms, no echo.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--task": "spine"}, "has no head 'spine/svm'; available: ['fracture/svm']"),
+    ({"--kind": "forest"}, "has no head 'fracture/forest'"),
+    ({"heads": "not json {"}, "not a JSON file"),
+    ({"heads": "[1, 2]"}, "expected an object of \"task/kind\" heads, got a JSON list"),
+    ({"heads": '{"fracture/svm": {"task": {"name": "fracture"}}}'}, "entry 'fracture/svm' is not a fitted head"),
+    ({"--invert-steps": "-1"}, "--invert-steps -1: the number of DDIM inversion steps must be a positive integer"),
+    ({"--invert-steps": "0"}, "--invert-steps 0: the number of DDIM inversion steps must be a positive integer"),
+    ({"--decode-steps": "0"}, "--decode-steps 0"),
+    ({"--max-images": "0"}, "--max-images 0: must be a positive integer"),
+])
+def test_a_bad_build_setting_is_one_error_line_and_exit_2_before_anything_is_built(built, tmp_path, capsys, change,
+                                                                                   message):
+    heads = built["root"] / "heads.json"
+    if "heads" in change:
+        heads = tmp_path / "heads.json"
+        heads.write_text(change.pop("heads"))
+    options = {"--model": str(built["model_dir"]), "--heads": str(heads), "--task": "fracture", "--kind": "svm",
+               "--out": str(tmp_path / "served"), **change}
+    status = run_main(serving.main, ["build", *(item for pair in options.items() for item in pair)])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not (tmp_path / "served").exists()
+
+
+@pytest.mark.parametrize("value, name", [(float("nan"), "NaN"), (float("inf"), "inf"), (-float("inf"), "-inf")])
+def test_a_non_finite_pixel_is_named_with_its_place(value, name):
+    image = np.full((32, 32), 0.5)
+    image[3, 5] = value
+    image[7, 1] = value
+    with pytest.raises(explainer.InvalidRequest) as error:
+        explainer.decode_image(image.tolist(), "row 2", 32, 1)
+    assert f"row 2: image array values must be finite: found {name} at channel 0, pixel row 3, column 5 " \
+           "(2 non-finite value(s))" in str(error.value)
+
+
+def test_mlflows_inputs_forms_are_answered_like_records(built, server, reference):
+    images = built["images"]
+    pngs = [png_b64(image) for image in images[:2]]
+    forms = [{"inputs": {"image": pngs}}, {"inputs": pngs},
+             {"inputs": {"image": [(image / 255.0).tolist() for image in images[:2]]}},
+             {"instances": [{"image": png} for png in pngs]}]
+    for body in forms:
+        answer = requests.post(server, json=body, timeout=60)
+        assert answer.status_code == 200, (body.keys(), answer.text[:300])
+        rows = answer.json()["predictions"]
+        assert np.allclose([row["distance"] for row in rows], reference["dist"][:2], atol=1e-4)
+        for i, row in enumerate(rows):
+            assert np.abs(png_pixels(row["ce_binary_png"]) - reference["ce_binary"][i]).max() <= 2
+    answer = requests.post(server, json={"inputs": {"image": pngs[1:], "target_grade": [3]}}, timeout=60)
+    assert answer.status_code == 200, answer.text[:300]
+    (row,) = answer.json()["predictions"]
+    assert row["target_grade"] == 3 and np.abs(png_pixels(row["ce_grade_png"]) - reference["ce_grade"][3][1]).max() <= 2
+
+
+def test_error_bodies_never_echo_the_request(built, server):
+    png = png_b64(built["images"][0])
+    marker = png[:40]  # what MLflow's own message quoted: the start of the request's image column
+    array = np.full((32, 32), 0.123456789)
+    bad_requests = [
+        {"dataframe_records": [{"image": png, "target_grade": 7}]},
+        {"dataframe_records": [{"image": png, "picture": png}]},
+        {"dataframe_records": [{"image": png}], "params": {"target_grade": 1.5}},
+        {"inputs": {"image": [png], "target_grade": [9]}},
+        {"dataframe_records": [{"image": array.tolist(), "target_grade": 8}]},
+    ]
+    for body in bad_requests:
+        answer = requests.post(server, json=body, timeout=60)
+        assert answer.status_code == 400, answer.text[:300]
+        assert marker not in answer.text and "0.123456" not in answer.text, answer.text[:300]
+        error = answer.json()
+        assert error["error_code"] == "INVALID_PARAMETER_VALUE" and ("row 0" in error["message"] or
+                                                                     "input columns" in error["message"])
+        assert not error.get("stack_trace"), error["stack_trace"][-300:]
+
+
+def test_evaluation_and_the_served_model_make_the_same_counterfactual(built, monkeypatch):
+    """One engine: the served model (called in-process with a pandas DataFrame) and evaluation's CE set give the
+    same binary counterfactual image for the same inputs."""
+    import json
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from harness.evaluation.evaluate import evaluate_counterfactual_set
+
+    monkeypatch.setenv("DAE_CF_SERVING_DEVICE", "cpu")
+    settings = json.loads((built["out"] / "artifacts" / "serving.json").read_text())
+    images = built["images"]
+    served = mlflow.pyfunc.load_model(str(built["out"])).predict(
+        pd.DataFrame({"image": [png_b64(image) for image in images]}))
+    result = built["result"]
+    ae = DiffusionAutoencoder.load(built["model_dir"], device="cpu", batch_size=settings["batch_size"],
+                                   invert_steps=STEPS, decode_steps=STEPS)
+    _, outputs = evaluate_counterfactual_set(
+        ae, {"image": to_model_input(images), "meta": [], "labels": {}}, result, invert_steps=STEPS,
+        decode_steps=STEPS, directions={result.direction_name: result.direction}, render=settings["render"],
+        local_threshold=settings["local_threshold"])
+    evaluated = outputs["binary"].x_ce.numpy()  # (4, 1, 32, 32)
+    for i, row in enumerate(served):
+        assert row["ce_binary_png"] == explainer.encode_png(evaluated[i]), f"image {i} differs"
+    assert len({row["ce_binary_png"] for row in served}) == len(served)  # four different images were compared
+
+
+def test_serve_help_prints_usage_first_and_no_mlflow_warning():
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "harness.command", "serve", "--help"], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert done.returncode == 0 and done.stdout.startswith("usage: dae-cf serve")
+    assert done.stderr == "", done.stderr[:300]

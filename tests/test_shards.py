@@ -11,15 +11,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from harness.data.shards import (
-    ShardError,
-    eval_loader,
-    read_manifest,
-    train_loader,
-    verify_shards,
-    write_phantom_shards,
-    write_shards,
-)
+from harness.data.loaders import eval_loader, train_loader
+from harness.data.shards import ShardError, read_manifest, verify_shards, write_phantom_shards, write_shards
 from harness.data.transforms import AugmentSpec, encode_image, to_model_range
 
 SIZE = 16
@@ -222,3 +215,18 @@ def test_phantom_shards_are_written_once_with_distinct_splits(tmp_path):
     train_keys = _keys(eval_loader(out, 6, split="train"))
     assert not set(train_keys) & set(batch["key"])
     assert json.loads(json.dumps(batch["meta"][0]["phantom"]))["noise_seed"] >= 0
+
+
+def test_a_null_label_is_a_missing_number_so_the_column_stays_in_every_batch(tmp_path):
+    # An uncertain finding under the "ignore" policy is stored as null: the batch keeps the column as float with
+    # NaN there, instead of moving it to meta (which made latents chunks disagree on their label columns).
+    rng = np.random.default_rng(0)
+    samples = [(f"k{i}", rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8),
+                {"edema": None if i % 3 == 0 else i % 2, "grade": i % 4}) for i in range(6)]
+    write_shards(samples, tmp_path, "test", samples_per_shard=6)
+    all_null, mixed = list(eval_loader(tmp_path, 1))[0], next(iter(eval_loader(tmp_path, 6)))
+    assert set(all_null["labels"]) == {"edema", "grade"} and torch.isnan(all_null["labels"]["edema"]).all()
+    edema = mixed["labels"]["edema"]
+    assert edema.dtype == torch.float32 and torch.isnan(edema[[0, 3]]).all()
+    assert edema[[1, 2, 4, 5]].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert mixed["labels"]["grade"].dtype == torch.long and "edema" not in mixed["meta"][0]

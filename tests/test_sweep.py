@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import ConfigError
-from harness.job_support import load_job_yaml
+from harness.config import ConfigError, load_yaml
 from harness.method.heads import TaskResult, evaluate_task
 from harness.method.latents import load_latents
 from harness.ops import sweep_job
@@ -23,10 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_job_file_is_strict(tmp_path):
-    good = load_job_yaml(write_job(tmp_path / "good.yaml"), SweepJob)
+    good = load_yaml(write_job(tmp_path / "good.yaml"), SweepJob)
     assert good.tasks[0].selection_metric == "macro_f1" and len(good.tasks[0].rules) == 2
     assert good.tasks[1].rules[0].name == "2,3 vs rest" and good.trial_backend == "sklearn"
-    assert load_job_yaml(ROOT / "jobs" / "sweep_phantoms.yaml", SweepJob).tasks  # the shipped job file parses
+    assert load_yaml(ROOT / "jobs" / "sweep_phantoms.yaml", SweepJob).tasks  # the shipped job file parses
     cases = [
         ({"serach": {}}, r"unknown key\(s\) \['serach'\]"),
         ({"search": {"kinds": ["svm"], "Cs": [1.0]}}, r"unknown key\(s\) \['Cs'\] in search"),
@@ -40,12 +39,12 @@ def test_job_file_is_strict(tmp_path):
     ]
     for index, (changes, message) in enumerate(cases):
         with pytest.raises(ConfigError, match=message) as caught:
-            load_job_yaml(write_job(tmp_path / f"bad{index}.yaml", **changes), SweepJob)
+            load_yaml(write_job(tmp_path / f"bad{index}.yaml", **changes), SweepJob)
         assert f"bad{index}.yaml" in str(caught.value)  # the error names the file
 
 
 def test_selection_rule_prefers_metric_then_tie_breaks_then_grid_order(tmp_path):
-    job = load_job_yaml(write_job(tmp_path / "job.yaml"), SweepJob)
+    job = load_yaml(write_job(tmp_path / "job.yaml"), SweepJob)
     graded, detection = job.tasks
 
     def trial(kind, C, metrics, rule="1,2,3 vs rest", calibration="extremes"):

@@ -9,8 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
-from harness.config import ConfigError
-from harness.job_support import load_job_yaml
+from harness.config import ConfigError, load_yaml
 from harness.method.heads import fit_task
 from harness.method.latents import LatentsError, LatentsTable, load_latents, save_latents
 from harness.ops import sweep_job
@@ -26,7 +25,7 @@ def no_val_latents(tmp_path) -> tuple[LatentsTable, object]:
 
 def test_cv_trial_is_the_mean_over_stratified_folds_and_never_sees_test(tmp_path):
     table, _ = no_val_latents(tmp_path)
-    job = load_job_yaml(write_job(tmp_path / "job.yaml", cv_folds=3), SweepJob)
+    job = load_yaml(write_job(tmp_path / "job.yaml", cv_folds=3), SweepJob)
     task = job.tasks[1]  # severe: grades 2,3 vs rest, detection only
     params = {"kind": "logistic", "C": 1.0, "rule": task.rules[0].name, "calibration": "none"}
     folds = cv_tables(table, task, job)
@@ -45,8 +44,8 @@ def test_cv_trial_is_the_mean_over_stratified_folds_and_never_sees_test(tmp_path
     for fit_rows, score_rows in splitter.split(train.z_sem, train.labels["grade"]):
         fold = LatentsTable(ids=train.ids, splits=np.where(np.isin(np.arange(len(train)), fit_rows), "train", "val"),
                             z_sem=train.z_sem, labels=train.labels)
-        result = fit_task(fold, task.fit_spec(task.rules[0]), kind="logistic", backend="sklearn",
-                          options=job.search.options(1.0, "lstsq", 1))
+        result = fit_task(fold, task.fitted_on(task.rules[0]), kind="logistic", backend="sklearn",
+                          options=job.search.options(1.0, "lstsq"))
         y = np.isin(train.labels["grade"][score_rows], (2, 3)).astype(int)
         expected.append(roc_auc_score(y, result.head.decision(train.z_sem[score_rows])))
     assert trial["val_auc"] == pytest.approx(np.mean(expected), abs=1e-12)
@@ -59,19 +58,19 @@ def test_missing_val_split_needs_cv_folds(tmp_path):
     table, path = no_val_latents(tmp_path)
     check_table = sweep_job.check_table
     with pytest.raises(LatentsError, match=r"split 'val' has no rows .* set cv_folds"):
-        check_table(table, load_job_yaml(write_job(tmp_path / "a.yaml"), SweepJob), path)
-    check_table(table, load_job_yaml(write_job(tmp_path / "b.yaml", cv_folds=3), SweepJob), path)
+        check_table(table, load_yaml(write_job(tmp_path / "a.yaml"), SweepJob), path)
+    check_table(table, load_yaml(write_job(tmp_path / "b.yaml", cv_folds=3), SweepJob), path)
     with pytest.raises(ConfigError, match="cv_folds"):
-        load_job_yaml(write_job(tmp_path / "c.yaml", cv_folds=1), SweepJob)
+        load_yaml(write_job(tmp_path / "c.yaml", cv_folds=1), SweepJob)
 
 
 def test_search_protocols(tmp_path):
     search = {"kinds": ["svm"], "C": [1.0], "calibration": ["lstsq"], "protocol": "paper"}
-    job = load_job_yaml(write_job(tmp_path / "p.yaml", search=search), SweepJob)
+    job = load_yaml(write_job(tmp_path / "p.yaml", search=search), SweepJob)
     assert (job.search.standardize, job.search.class_weight, job.search.svm_solver) == (False, None, "svc_linear")
     with pytest.raises(ConfigError, match=r"search\.standardize: True contradicts protocol 'paper'"):
-        load_job_yaml(write_job(tmp_path / "q.yaml", search={**search, "standardize": True}), SweepJob)
-    default = load_job_yaml(write_job(tmp_path / "d.yaml", search={"class_weight": None}), SweepJob)
+        load_yaml(write_job(tmp_path / "q.yaml", search={**search, "standardize": True}), SweepJob)
+    default = load_yaml(write_job(tmp_path / "d.yaml", search={"class_weight": None}), SweepJob)
     assert default.search.class_weight is None and default.search.standardize is True  # null: no weights
 
 

@@ -38,6 +38,11 @@ def test_train_exports_checkpoints_previews_and_registers(shards, tmp_path):
     assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").name == ckpt.checkpoint_name(64)
     assert list((tmp_path / "run" / "previews").glob("*.png"))
     assert result["final_loss"] == result["final_loss"] and result["final_loss"] < 2.0
+    # What decides the last bits of the weights on a CPU is recorded with the model (runs on machines with another
+    # instruction set or thread count differ in the last bits, and training amplifies that).
+    arithmetic = json.loads((final / "model.json").read_text())["arithmetic"]
+    assert arithmetic["torch_threads"] == torch.get_num_threads() and arithmetic["torch"] == torch.__version__
+    assert arithmetic["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
     from mlflow.tracking import MlflowClient
 

@@ -118,18 +118,21 @@ def _decode(raw: dict[str, Any], *, image_size: int | None, channels: int, augme
                               generator=generator)
     except Exception as exc:  # PIL and numpy raise many types for corrupt data
         raise ShardError(f"shard {shard}: sample {key!r}: undecodable or unusable {image_field} ({exc})") from exc
-    numeric = {c: v for c, v in labels.items() if isinstance(v, (bool, int, float))}
+    # null is a missing label (e.g. an uncertain finding under the "ignore" policy): a number (NaN) once batched,
+    # so a label column stays a column whichever samples of a batch lack it.
+    numeric = {c: v for c, v in labels.items() if v is None or isinstance(v, (bool, int, float))}
     meta = {c: v for c, v in labels.items() if c not in numeric}
     return {"image": image, "key": key, "labels": numeric, "meta": meta}
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack samples; a label column becomes a tensor only if every sample has it as a number."""
+    """Stack samples; a label column becomes a tensor only if every sample has it as a number or null (NaN)."""
     common = set.intersection(*(set(s["labels"]) for s in samples))
     labels, meta = {}, [dict(s["meta"]) for s in samples]
     for column in sorted(common):
         values = [s["labels"][column] for s in samples]
         integral = all(isinstance(v, (bool, int)) for v in values)
+        values = [float("nan") if v is None else v for v in values]
         labels[column] = torch.tensor(values, dtype=torch.long if integral else torch.float32)  # (B,)
     for sample, extra in zip(samples, meta, strict=True):
         extra.update({c: v for c, v in sample["labels"].items() if c not in common})

@@ -7,8 +7,8 @@ Layout of a shard folder::
                               splits {split: {shards, count, label_counts}}, checksums {shard: sha256},
                               source, recipe (what made the samples, when known), created
 
-The readers (``train_loader``, ``eval_loader``, ``ShardLoader``) live in :mod:`harness.data.loaders` and are
-importable from here as well.
+The readers (``train_loader``, ``eval_loader``, ``ShardLoader``) live in :mod:`harness.data.loaders`, which imports
+this module (never the other way round).
 """
 
 from __future__ import annotations
@@ -23,17 +23,15 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import webdataset as wds
 
 from harness.data.phantoms import generate_phantoms
 from harness.data.transforms import encode_image
+from harness.errors import UserError
 from harness.fileio import sha256_file
-
-if TYPE_CHECKING:  # for type checkers; at run time the names resolve through __getattr__ below
-    from harness.data.loaders import ShardLoader, eval_loader, train_loader  # noqa: F401
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -42,7 +40,7 @@ _SPLIT_PATTERN = re.compile(r"^[A-Za-z0-9_]+$")
 _KEY_PATTERN = re.compile(r"^[^./\s]+$")  # webdataset splits keys from extensions at the first dot
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard or one of its samples is missing, corrupt or malformed; the message names shard and key."""
 
 
@@ -283,17 +281,3 @@ def verify_shards(shard_dir: str | Path) -> None:
             expected = manifest["checksums"].get(name)
             if expected is None or _sha256(path) != expected:
                 raise ShardError(f"{path}: checksum does not match {MANIFEST_NAME}; the shard is corrupt or stale")
-
-
-# --- Readers, re-exported -------------------------------------------------------------------------------------
-
-_READER_NAMES = ("ShardLoader", "eval_loader", "train_loader")
-
-
-def __getattr__(name: str) -> Any:
-    # Resolved lazily: harness.data.loaders imports this module, so an eager import here would be circular.
-    if name in _READER_NAMES:
-        import harness.data.loaders as loaders
-
-        return getattr(loaders, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,9 +3,10 @@ z_sem and their calibration to grades, the directions and moves that make counte
 
 Reading order (after ``harness/diffusion/ddim.py`` and ``harness/models/dae.py``): ``autoencoder`` (encode, invert,
 decode a batch) -> ``heads`` (linear heads, signed distance of Eq. 3) -> ``calibration`` (distance -> grade and back)
--> ``directions`` (where a CE moves z_sem) -> ``counterfactual`` (Eq. 4, grade targets, strips, rendering) ->
-``probes`` (the measures that cannot be fooled). Beside them: ``latents`` and ``latents_formats`` (the latents table
-and latents brought from elsewhere), ``head_spec`` and ``head_tasks`` (a head's fitting choices, tasks and labels),
-``metrics`` and ``grading`` (detection, grading, image and CE metrics), ``floors`` (what a head reaches without a
-trained DAE).
+-> ``directions`` (where a CE moves z_sem) -> ``counterfactual`` (the one CE engine: Eq. 4, grade targets,
+strips, rendering; ``gain`` its realisation gain, ``counterfactual_quality`` its measures) -> ``probes`` (the
+measures that cannot be fooled). Beside them: ``latents`` and ``latents_formats`` (the latents table
+and latents brought from elsewhere), ``head_tasks`` (tasks and labels; the task type and a head's fitting choices
+live in ``harness.config``), ``metrics`` and ``grading`` (detection, grading, image and CE metrics), ``floors``
+(what a head reaches without a trained DAE).
 """

@@ -120,7 +120,7 @@ class DiffusionAutoencoder:
 
     @classmethod
     def load(cls, model_dir: str | Path, **kwargs) -> DiffusionAutoencoder:
-        """From an exported model folder (``<run>/final``), a checkpoint folder, or an MLflow model URI."""
+        """From an exported model folder (``<run>/final``) or a checkpoint folder (local; see :func:`load_dae`)."""
         dae, spec = load_dae(model_dir)
         return cls.from_config(dae, spec.run_config(), **kwargs)
 
@@ -200,14 +200,12 @@ def load_dae(model_dir: str | Path) -> tuple[DAE, ModelSpec]:
     """Build the DAE described by ``model_dir``'s ``dae_spec.json`` (older folders: ``config.yaml``) and load its
     EMA weights; returns the network (eval mode) and its :class:`~harness.model_spec.ModelSpec`.
 
-    ``model_dir`` may also be an MLflow model URI (``models:/name/version``, ``runs:/id/model``), downloaded
-    through the configured tracking store.
+    ``model_dir`` is a local folder: entry points turn an MLflow model URI into one with
+    :func:`harness.ops.tracking.local_model_dir` (the method never talks to MLflow).
     """
-    text = str(model_dir)
-    if text.startswith(("models:/", "runs:/")):
-        import mlflow.artifacts  # only for URIs: keeps the core free of mlflow
-
-        model_dir = mlflow.artifacts.download_artifacts(artifact_uri=text)
+    if str(model_dir).startswith(("models:/", "runs:/")):
+        raise CheckpointError(f"error: {model_dir} is an MLflow model URI; fetch it first with "
+                              "harness.ops.tracking.local_model_dir (the dae-cf verbs do this for you)")
     model_dir = Path(model_dir)
     spec = read_model_spec(model_dir)
     weights = model_dir / WEIGHTS_NAME

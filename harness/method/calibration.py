@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from harness.config import parse_calibration
+
 # ---------------------------------------------------------------------------------------------------------
 # Calibration: distance -> grade (paper Section 3.3).
 # ---------------------------------------------------------------------------------------------------------
@@ -19,6 +21,8 @@ import numpy as np
 @dataclass(frozen=True)
 class Calibration:
     """``grade = polyval(coefficients, distance)``; coefficients highest degree first.
+
+    ``mode`` is the calibration's name (``extremes``, ``lstsq`` or ``poly<N>``, harness.config.parse_calibration).
 
     ``distance_range`` (the calibration data's min/max distance) picks the monotonic branch of a polynomial
     when inverting it.
@@ -69,7 +73,7 @@ class Calibration:
             raise ValueError(
                 f"calibration polynomial {tuple(round(c, 6) for c in self.coefficients)} is not strictly monotonic "
                 f"over the distances of grades {needed[0]:g}..{needed[1]:g}, so distance_for_grade has no unique "
-                "answer; use degree 1 (mode 'extremes' or 'lstsq') or a lower polynomial degree")
+                "answer; use calibration lstsq or extremes (a line) or a lower polyN")
         return covering[0]
 
     def distance_for_grade(self, grade: float | np.ndarray) -> np.ndarray:
@@ -99,27 +103,23 @@ class Calibration:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
         span = data.get("distance_range")
-        return cls(data["mode"], tuple(data["coefficients"]), int(data["grade_min"]), int(data["grade_max"]),
+        coefficients = tuple(data["coefficients"])
+        mode = f"poly{len(coefficients) - 1}" if data["mode"] == "poly" else data["mode"]  # files before "polyN"
+        return cls(mode, coefficients, int(data["grade_min"]), int(data["grade_max"]),
                    None if span is None else tuple(span))
 
 
-CALIBRATION_MODES = ("extremes", "lstsq", "poly")
-
-
-def fit_calibration(dist: np.ndarray, grades: np.ndarray, mode: str = "extremes", degree: int = 1,
+def fit_calibration(dist: np.ndarray, grades: np.ndarray, mode: str = "extremes",
                     grades_used: tuple[int, ...] | None = None,
                     grade_range: tuple[int, int] | None = None) -> Calibration:
-    """Fit distance -> grade on (N,) distances and (N,) grades.
+    """Fit distance -> grade on (N,) distances and (N,) grades; ``mode`` is a calibration name:
 
     - ``extremes``: the line through (mean distance of the lowest grade, lowest) and (mean distance of the
       highest grade, highest);
-    - ``lstsq``: least-squares line grade ~ distance; ``poly``: least-squares polynomial of ``degree``.
+    - ``lstsq``: least-squares line grade ~ distance; ``poly<N>``: least-squares polynomial of degree N.
     Rows are restricted to ``grades_used`` (default: all) and to ``grade_range`` (default: the grades seen).
     """
-    if mode not in CALIBRATION_MODES:
-        raise ValueError(f"calibration mode must be one of {CALIBRATION_MODES}, got {mode!r}")
-    if (mode != "poly" and degree != 1) or degree < 1:
-        raise ValueError(f"degree {degree} with mode {mode!r}: 'extremes'/'lstsq' fit a line, 'poly' any degree >= 1")
+    kind, degree = parse_calibration(mode)
     dist = np.asarray(dist, dtype=np.float64).reshape(-1)
     grades = np.asarray(grades, dtype=np.float64).reshape(-1)
     if dist.shape != grades.shape:
@@ -135,7 +135,7 @@ def fit_calibration(dist: np.ndarray, grades: np.ndarray, mode: str = "extremes"
         raise ValueError(f"calibration needs at least two distinct grades, found {present.tolist()} "
                          f"in {dist.size} usable rows")
     grade_min, grade_max = (int(v) for v in (grade_range or (present.min(), present.max())))
-    if mode == "extremes":
+    if kind == "extremes":
         low, high = present.min(), present.max()
         d_low, d_high = dist[grades == low].mean(), dist[grades == high].mean()
         if d_low == d_high:
@@ -143,8 +143,7 @@ def fit_calibration(dist: np.ndarray, grades: np.ndarray, mode: str = "extremes"
         slope = (high - low) / (d_high - d_low)
         coefficients = (float(slope), float(low - slope * d_low))
     else:
-        fit_degree = 1 if mode == "lstsq" else degree
-        if dist.size <= fit_degree:
-            raise ValueError(f"a degree-{fit_degree} calibration needs more than {fit_degree} rows, got {dist.size}")
-        coefficients = tuple(float(c) for c in np.polyfit(dist, grades, fit_degree))
+        if dist.size <= degree:
+            raise ValueError(f"a degree-{degree} calibration needs more than {degree} rows, got {dist.size}")
+        coefficients = tuple(float(c) for c in np.polyfit(dist, grades, degree))
     return Calibration(mode, coefficients, grade_min, grade_max, (float(dist.min()), float(dist.max())))

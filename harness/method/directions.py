@@ -19,7 +19,7 @@ A direction may carry a *realisation gain* ``(g_neg, g_pos)``: a DAE that is not
 part of a latent move in the image (decode, re-encode: the distance moves a fraction of the way), so the latent
 move is multiplied by the gain of the side the latent starts on, ``z_ce = z + g (d* - dist) ||n|| / (n . v) v``,
 and the *re-encoded image* lands on ``d*``. The gain is measured with the autoencoder on training images
-(``harness.method.counterfactual.calibrate_gain``); (1, 1), the default, is the exact latent move above.
+(``harness.method.gain.calibrate_gain``); (1, 1), the default, is the exact latent move above.
 """
 
 from __future__ import annotations
@@ -31,19 +31,22 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from harness.config import CE_DIRECTIONS
+from harness.errors import UserError
+
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from harness.method.heads import Hyperplane
+    from harness.method.hyperplane import Hyperplane
 
 LatentT = TypeVar("LatentT", np.ndarray, "Tensor")
 
-DIRECTIONS = ("normal", "pattern", "normal_subspace", "mean_diff")
+DIRECTIONS = CE_DIRECTIONS  # the names live in the config layer, which checks them at load
 DEFAULT_SUBSPACE_VARIANCE = 0.99
 _ALIGNMENT_TOL = 1e-9  # relative: a direction this close to orthogonal to n cannot move the head's distance
 
 
-class DirectionError(ValueError):
+class DirectionError(UserError, ValueError):
     """A direction cannot be built or read; the message names the field and what to do."""
 
 

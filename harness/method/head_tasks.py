@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.method.heads import TaskSpec
+from harness.config import Task
 from harness.method.latents import LatentsError, LatentsTable
 
 MISSING_STRINGS = ("", "nan", "na", "n/a", "none", "null", "missing")
@@ -63,13 +63,13 @@ def _finite(values: np.ndarray) -> np.ndarray:
     return values[np.isfinite(values)]
 
 
-def infer_tasks(table: LatentsTable, columns: Iterable[str] | None = None) -> tuple[list[TaskSpec], list[str]]:
+def infer_tasks(table: LatentsTable, columns: Iterable[str] | None = None) -> tuple[list[Task], list[str]]:
     """One task per label column from the values found (all splits); returns the tasks and what was inferred.
 
     Two values (0/1, 0./1., or any pair): detection of the higher vs the lower. More integer values: detection
     of every grade above the lowest vs the lowest (grade >= 1 vs 0 for grades from 0) plus grading over the
     observed range. Columns with one value or non-integer values give no task, and the message says so."""
-    tasks: list[TaskSpec] = []
+    tasks: list[Task] = []
     notes: list[str] = []
     for column in columns if columns is not None else table.label_columns:
         values = table.labels[column]
@@ -86,10 +86,10 @@ def infer_tasks(table: LatentsTable, columns: Iterable[str] | None = None) -> tu
         grades = [int(v) for v in present]
         low, high = grades[0], grades[-1]
         if len(grades) == 2:
-            tasks.append(TaskSpec(column, column, (high,), (low,), None))
+            tasks.append(Task(column, column, (high,), (low,), None))
             notes.append(f"label {column!r}: binary {{{low}, {high}}} -> task {column!r}: detection {high} vs {low}")
         else:
-            tasks.append(TaskSpec(column, column, tuple(g for g in grades if g > low), None, (low, high)))
+            tasks.append(Task(column, column, tuple(g for g in grades if g > low), (), (low, high)))
             notes.append(f"label {column!r}: grades {grades} -> task {column!r}: detection grade >= {grades[1]} vs "
                          f"{low}, grading over {low}..{high}")
     return tasks, notes
@@ -98,7 +98,7 @@ def infer_tasks(table: LatentsTable, columns: Iterable[str] | None = None) -> tu
 def check_task_labels(table: LatentsTable, tasks: Iterable[Any], source: str = "latents") -> None:
     """Refuse a task whose label column is absent, or holds values outside its grade range (one line each).
 
-    ``tasks`` are TaskSpec-like objects (name, column, grade_range); ``source`` names the file."""
+    ``tasks`` are :class:`harness.config.Task` objects (name, column, grade_range); ``source`` names the file."""
     for task in tasks:
         if task.column not in table.labels:
             raise LatentsError(f"{source}: task {task.name!r} needs label column {task.column!r}; the table has "

@@ -9,8 +9,9 @@ its inverse gives the distance of a requested grade.
 Head kinds: ``"svm"`` (linear SVM: ``LinearSVC`` or ``SVC(kernel="linear")``), ``"logistic"`` (logistic
 regression) and ``"linear"`` (ridge regression on the 0/1 target, thresholded at 0.5: the hyperplane
 ``w.x + b - 0.5 = 0``). Every fitting choice (standardize, class weights, SVM solver, C, max_iter, calibration)
-and the ``project`` / ``paper`` protocols live in ``harness.method.head_spec.HeadOptions``; each fitted head records
-them. Backends: scikit-learn, or cuML on a CUDA device. numpy / scikit-learn; the calibration is in
+and the ``project`` / ``paper`` protocols live in ``harness.config.HeadOptions``; each fitted head records
+them; a task is ``harness.config.Task``; the hyperplane is in ``harness.method.hyperplane``. Backends:
+scikit-learn, or cuML on a CUDA device. numpy / scikit-learn; the calibration is in
 ``harness.method.calibration``, grading metrics in ``harness.method.grading``, counterfactual directions in
 ``harness.method.directions``.
 """
@@ -20,16 +21,17 @@ from __future__ import annotations
 import importlib.util
 import time
 import warnings
-from dataclasses import asdict, dataclass
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from harness.method.calibration import CALIBRATION_MODES, Calibration, fit_calibration  # noqa: F401 (re-exported)
+from harness.config import HEAD_KINDS, HeadOptions, Task, normalize_class_weight
+from harness.errors import UserError
+from harness.method.calibration import Calibration, fit_calibration  # noqa: F401 (re-exported)
 from harness.method.directions import Direction, DirectionError, direction_name, fit_direction, normal_direction
 from harness.method.grading import grading_report
-from harness.method.head_spec import HEAD_KINDS, HeadOptions, normalize_class_weight
+from harness.method.hyperplane import Hyperplane
 from harness.method.latents import LatentsTable
 from harness.method.metrics import detection_metrics
 
@@ -38,86 +40,8 @@ MIN_SAMPLES_PER_CLASS = 2
 IMBALANCE_WARN_RATIO = 10.0  # warn when the majority class outnumbers the minority this many times
 
 
-class HeadFitError(ValueError):
+class HeadFitError(UserError, ValueError):
     """A head cannot be fitted on what the user's task and data give (e.g. one class only); names the task."""
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """A detection task: a label column plus the values counted as positive (and, optionally, negative).
-
-    ``negatives=None`` (or empty) means every other labelled value. The paper's noisy-label rule is
-    ``positives=(2, 3), negatives=(0,)``: grade 1 rows are left out of fitting. ``grade_range`` (e.g. (0, 3))
-    enables the distance -> grade calibration on the same column.
-    """
-
-    name: str
-    column: str
-    positives: tuple[int, ...]
-    negatives: tuple[int, ...] | None = None
-    grade_range: tuple[int, int] | None = None
-    class_names: tuple[str, str] | None = None  # (negative, positive) for figures and CE rows; None = the job's
-
-    def binary_targets(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(mask of rows used, 0/1 targets of those rows); missing (NaN) labels are never used."""
-        labels = np.asarray(labels).reshape(-1)  # (N,)
-        present = ~np.isnan(labels) if np.issubdtype(labels.dtype, np.floating) else np.ones(len(labels), bool)
-        positive = np.isin(labels, self.positives) & present
-        if self.negatives:
-            negative = np.isin(labels, self.negatives) & present
-        else:
-            negative = present & ~positive
-        mask = positive | negative
-        return mask, positive[mask].astype(np.int64)
-
-    @classmethod
-    def from_config(cls, task: Any) -> TaskSpec:
-        """From an object with the same fields (e.g. ``harness.config.TaskConfig``; empty negatives = all others)."""
-        names = getattr(task, "class_names", None)
-        return cls(task.name, task.column, tuple(task.positives), tuple(task.negatives) if task.negatives else None,
-                   None if task.grade_range is None else tuple(task.grade_range),
-                   None if not names else tuple(names))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TaskSpec:
-        return cls.from_config(SimpleNamespace(**{"negatives": None, "grade_range": None, "class_names": None,
-                                                  **data}))
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: numpy fields make == ambiguous
-class Hyperplane:
-    """``n.w + b = 0`` in raw z_sem space; ``distance`` is the signed Euclidean distance (paper Eq. 3)."""
-
-    normal: np.ndarray  # (D,)
-    bias: float
-
-    @property
-    def norm(self) -> float:
-        return float(np.linalg.norm(self.normal))  # ||n||
-
-    @property
-    def unit_normal(self) -> np.ndarray:
-        """n / ||n||, (D,): the direction counterfactuals move along."""
-        if self.norm == 0.0:
-            raise ValueError("hyperplane normal is all zeros: the head is degenerate")
-        return np.asarray(self.normal, dtype=np.float64) / self.norm
-
-    def distance(self, z: np.ndarray) -> np.ndarray:
-        """(N, D) or (D,) latents -> (N,) or () signed distances (z @ n + b) / ||n||."""
-        z = np.asarray(z, dtype=np.float64)
-        if z.shape[-1] != len(self.normal):
-            raise ValueError(f"latents have dimension {z.shape[-1]}, the hyperplane has {len(self.normal)}")
-        return (z @ np.asarray(self.normal, dtype=np.float64) + self.bias) / self.norm
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"normal": np.asarray(self.normal, dtype=np.float64).tolist(), "bias": float(self.bias)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Hyperplane:
-        return cls(np.asarray(data["normal"], dtype=np.float64), float(data["bias"]))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -136,7 +60,7 @@ class FittedHead:
     hyperplane: Hyperplane
     C: float
     backend: str
-    task: TaskSpec | None = None
+    task: Task | None = None
     standardized: bool = True
     platt: tuple[float, float] = (1.0, 0.0)
     n_pos: int = 0
@@ -169,7 +93,7 @@ class FittedHead:
     def from_dict(cls, data: dict[str, Any]) -> FittedHead:
         task = data.get("task")
         return cls(**{**data, "hyperplane": Hyperplane.from_dict(data["hyperplane"]), "platt": tuple(data["platt"]),
-                      "task": None if task is None else TaskSpec.from_dict(task),
+                      "task": None if task is None else Task.from_dict(task, "heads file: task"),
                       "class_weight": normalize_class_weight(data.get("class_weight", "balanced"))})
 
 
@@ -261,7 +185,7 @@ def fit_head(z: np.ndarray, y: np.ndarray, kind: str = "svm", C: float = 1.0, st
              options: HeadOptions | None = None) -> FittedHead:
     """Fit a linear head on latents z (N, D) with 0/1 targets y (N,); the hyperplane is returned in raw space.
 
-    ``options`` (a :class:`harness.method.head_spec.HeadOptions`), when given, replaces C, standardize, class_weight,
+    ``options`` (a :class:`harness.config.HeadOptions`), when given, replaces C, standardize, class_weight,
     max_iter, svm_solver and protocol. With ``standardize`` the estimator sees ``(z - mu) / sigma``; its
     ``(n_std, b_std)`` maps back exactly: ``n_std.(z - mu)/sigma + b_std = (n_std/sigma).z + (b_std -
     sum(n_std*mu/sigma))``.
@@ -318,7 +242,7 @@ class TaskResult:
     ``direction`` None means the paper's unit normal: heads files written before directions existed load so.
     """
 
-    task: TaskSpec
+    task: Task
     head: FittedHead
     calibration: Calibration | None
     train_split: str = "train"
@@ -339,7 +263,7 @@ class TaskResult:
             if len(direction.vector) != len(data["head"]["hyperplane"]["normal"]):
                 raise DirectionError(f"{where}.direction.vector: dimension {len(direction.vector)} differs from "
                                      f"the head's {len(data['head']['hyperplane']['normal'])}")
-        return cls(TaskSpec.from_dict(data["task"]), FittedHead.from_dict(data["head"]), calibration,
+        return cls(Task.from_dict(data["task"], f"{where}.task"), FittedHead.from_dict(data["head"]), calibration,
                    data.get("train_split", "train"), direction)
 
     @property
@@ -368,19 +292,20 @@ def _graded_rows(grades: np.ndarray, grade_range: tuple[int, int]) -> np.ndarray
     return np.isfinite(grades) & (grades >= grade_range[0]) & (grades <= grade_range[1])  # NaN compares False
 
 
-def fit_task(table: LatentsTable, task: TaskSpec, kind: str = "svm", C: float = 1.0,
-             calibration_mode: str = "lstsq", degree: int = 1, standardize: bool = True,
+def fit_task(table: LatentsTable, task: Task, kind: str = "svm", C: float = 1.0,
+             calibration: str = "lstsq", standardize: bool = True,
              class_weight: Any = "balanced", backend: str = "auto", train_split: str = "train",
              max_iter: int = 5000, random_state: int = 0, options: HeadOptions | None = None) -> TaskResult:
     """Fit the task's head on ``train_split`` rows selected by its rule; calibrate on all graded train rows.
 
-    ``options`` (a :class:`harness.method.head_spec.HeadOptions`), when given, replaces C, calibration_mode, degree,
-    standardize, class_weight and max_iter. Warnings raised while fitting are re-emitted (same category) with
-    the task and head named, so a ConvergenceWarning says which head did not converge.
+    ``options`` (a :class:`harness.config.HeadOptions`), when given, replaces C, calibration (a name:
+    ``extremes``, ``lstsq``, ``poly<N>``), standardize, class_weight and max_iter. Warnings raised while fitting
+    are re-emitted (same category) with the task and head named, so a ConvergenceWarning says which head did
+    not converge.
     """
     if options is None:
         options = HeadOptions(C=C, standardize=standardize, class_weight=class_weight, max_iter=max_iter,
-                              calibration=calibration_mode, degree=degree)
+                              calibration=calibration)
     train = table.select(train_split)
     labels = _label_column(train, task.column)
     mask, y = task.binary_targets(labels)
@@ -396,12 +321,12 @@ def fit_task(table: LatentsTable, task: TaskSpec, kind: str = "svm", C: float = 
         warnings.warn(f"task {task.name!r}, {kind} head ({options.protocol} protocol): {warning.message}",
                       warning.category, stacklevel=2)
     head.task = task
-    calibration = None
     if task.grade_range is not None:
         graded = _graded_rows(labels, task.grade_range)
-        calibration = fit_calibration(head.decision(train.z_sem[graded]), labels[graded], mode=options.calibration,
-                                      degree=options.degree, grade_range=task.grade_range)
-    return TaskResult(task, head, calibration, train_split)
+        fitted = fit_calibration(head.decision(train.z_sem[graded]), labels[graded], mode=options.calibration,
+                                 grade_range=task.grade_range)
+        return TaskResult(task, head, fitted, train_split)
+    return TaskResult(task, head, None, train_split)
 
 
 def evaluate_task(result: TaskResult, table: LatentsTable, split: str = "test") -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.method.latents import LatentsError, LatentsTable, from_arrow
+from harness.method.latents_table import LatentsError, LatentsTable, from_arrow
 
 DEFAULT_SPLIT_NAMES = ("train", "val", "test")
 HF_SPLIT_ALIASES = {"validation": "val", "valid": "val", "validate": "val"}

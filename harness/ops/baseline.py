@@ -17,21 +17,24 @@ The test split is scored only by :func:`evaluate_weights`, once, for the selecte
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass
 
-from harness.config import AugmentConfig, ConfigError, TrackConfig
+from harness.config import AugmentConfig, ConfigError, Task, TrackConfig
+from harness.config.errors import require
+from harness.config.fields import SECTION, Float, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from harness.data.transforms import AugmentSpec
 from harness.job_support import Resources, Splits, Stopwatch
-from harness.method.heads import TaskSpec
 from harness.method.metrics import detection_metrics, grading_metrics
 
 OBJECTIVES = ("detection", "grading")
@@ -40,14 +43,14 @@ SELECT = {"auc": ("val_auc", 1.0), "f1": ("val_f1", 1.0), "macro_f1": ("val_macr
 WEIGHTS_FILE = "model.safetensors"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class DenseNetSpec:
     """MONAI DenseNet hyper-parameters; the defaults ARE DenseNet121 (smaller values exist for quick tests)."""
 
-    init_features: int = 64
-    growth_rate: int = 32
-    block_config: tuple[int, ...] = (6, 12, 24, 16)
-    dropout: float = 0.0
+    init_features: PositiveInt = 64
+    growth_rate: PositiveInt = 32
+    block_config: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] = (6, 12, 24, 16)
+    dropout: Annotated[Float, Field(ge=0, lt=1)] = 0.0
 
     @property
     def name(self) -> str:
@@ -55,77 +58,61 @@ class DenseNetSpec:
             else f"DenseNet(init={self.init_features}, growth={self.growth_rate}, blocks={list(self.block_config)})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class BaselineSearch:
     """Ray Tune grid over learning rate and epoch budget, with the fixed training settings."""
 
-    lr: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
-    epochs: tuple[int, ...] = (20, 40)
-    patience: int = 5  # epochs without validation improvement before stopping
-    weight_decay: float = 1e-4
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.lr or min(self.lr) <= 0 or not self.epochs or min(self.epochs) < 1:
-            raise ConfigError(f"search: lr values must be > 0 and epochs >= 1, got {self.lr}, {self.epochs}")
-        if self.patience < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ConfigError("search: patience, batch_size and eval_batch_size must be >= 1")
+    lr: Annotated[tuple[PositiveFloat, ...], Field(min_length=1)] = (1e-4, 3e-4, 1e-3)
+    epochs: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] = (20, 40)
+    patience: PositiveInt = 5  # epochs without validation improvement before stopping
+    weight_decay: NonNegativeFloat = 1e-4
+    batch_size: PositiveInt = 32
+    eval_batch_size: PositiveInt = 128
+    seed: NonNegativeInt = 0
 
 
-@dataclass(frozen=True)
-class BaselineTask:
-    """A task's definition (as in the sweep) and the objectives trained (default: both when graded)."""
+@dataclass(frozen=True, config=SECTION)
+class BaselineTask(Task):
+    """A task (:class:`harness.config.Task`) with the objectives trained (default: both when graded)."""
 
-    name: str
-    column: str
-    positives: tuple[int, ...]
-    negatives: tuple[int, ...] = ()
-    grade_range: tuple[int, int] | None = None
-    objectives: tuple[str, ...] = ()
+    objectives: tuple[Literal[OBJECTIVES], ...] = ()
 
-    def __post_init__(self) -> None:
-        for objective in self.objectives:
-            if objective not in OBJECTIVES:
-                raise ConfigError(f"task {self.name!r}: objectives must come from {OBJECTIVES}, got {objective!r}")
-        if "grading" in self.run_objectives and self.grade_range is None:
-            raise ConfigError(f"task {self.name!r}: objective 'grading' needs a grade_range")
+    @model_validator(mode="after")
+    def _check_objectives(self) -> BaselineTask:
+        require([("objectives", "'grading' needs a grade_range")]
+                if "grading" in self.run_objectives and self.grade_range is None else [])
+        return self
 
     @property
     def run_objectives(self) -> tuple[str, ...]:
         return self.objectives or (OBJECTIVES if self.grade_range is not None else ("detection",))
 
-    def spec(self) -> TaskSpec:
-        return TaskSpec(self.name, self.column, self.positives, self.negatives or None, self.grade_range)
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class BaselineJob:
     """A whole ``jobs/baseline_*.yaml`` file."""
 
-    tasks: tuple[BaselineTask, ...]
+    tasks: Annotated[tuple[BaselineTask, ...], Field(min_length=1)]
     out_dir: str = "runs/baseline"
-    image_size: int = 0  # 0: the shards' own size
-    channels: int = 0  # 0: the shards' own channel count
-    num_workers: int = 0  # DataLoader workers inside a trial
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    model: DenseNetSpec = field(default_factory=DenseNetSpec)
-    search: BaselineSearch = field(default_factory=BaselineSearch)
-    select_detection: str = "auc"
-    select_grading: str = "macro_f1"
-    resources: Resources = field(default_factory=Resources)
-    max_concurrent_trials: int = 0
+    image_size: NonNegativeInt = 0  # 0: the shards' own size
+    channels: Literal[0, 1, 3] = 0  # 0: the shards' own channel count
+    num_workers: NonNegativeInt = 0  # DataLoader workers inside a trial
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    model: DenseNetSpec = dataclasses.field(default_factory=DenseNetSpec)
+    search: BaselineSearch = dataclasses.field(default_factory=BaselineSearch)
+    select_detection: Literal["auc", "f1"] = "auc"
+    select_grading: Literal["macro_f1", "mae"] = "macro_f1"
+    resources: Resources = dataclasses.field(default_factory=Resources)
+    max_concurrent_trials: NonNegativeInt = 0
     ray_storage: str = ""  # "" -> <out>/ray; on a multi-node cluster a shared folder or cloud URI
-    splits: Splits = field(default_factory=Splits)
-    track: TrackConfig = field(default_factory=lambda: TrackConfig(registered_model=None))
+    splits: Splits = dataclasses.field(default_factory=Splits)
+    track: TrackConfig = dataclasses.field(default_factory=lambda: TrackConfig(registered_model=None))
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> BaselineJob:
         names = [task.name for task in self.tasks]
-        if not names or len(set(names)) != len(names):
-            raise ConfigError(f"tasks: at least one, with unique names, got {names}")
-        if self.select_detection not in ("auc", "f1") or self.select_grading not in ("macro_f1", "mae"):
-            raise ConfigError("select_detection: auc or f1; select_grading: macro_f1 or mae")
+        require([] if len(set(names)) == len(names) else [("tasks", f"names must be unique, got {names}")])
+        return self
 
     def task(self, name: str) -> BaselineTask:
         for task in self.tasks:
@@ -137,7 +124,7 @@ class BaselineJob:
         return self.select_detection if objective == "detection" else self.select_grading
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class DataShape:
     """What the trials read: the shard folder, image size/channels, train count and detection class balance."""
 
@@ -178,7 +165,7 @@ def batch_column(batch: dict[str, Any], column: str) -> np.ndarray:
 def targets(labels: np.ndarray, task: BaselineTask, objective: str) -> tuple[np.ndarray, np.ndarray]:
     """(rows carrying a label for this objective, their float targets): 0/1 for detection, the grade otherwise."""
     if objective == "detection":
-        mask, y = task.spec().binary_targets(labels)
+        mask, y = task.binary_targets(labels)
         return mask, y.astype(np.float32)
     low, high = task.grade_range
     mask = np.isfinite(labels) & (labels >= low) & (labels <= high)
@@ -198,7 +185,7 @@ def score(outputs: np.ndarray, labels: np.ndarray, task: BaselineTask, objective
 def predict(model: torch.nn.Module, data: DataShape, split: str, batch_size: int, column: str,
             device: torch.device, num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(outputs (N,), labels (N,)) over one deterministic pass of ``split``."""
-    from harness.data.shards import eval_loader
+    from harness.data.loaders import eval_loader
 
     model.eval()
     outputs, labels = [], []
@@ -251,7 +238,7 @@ def train_trial(params: dict[str, Any], data: DataShape, task: BaselineTask, obj
 
     Returns the last reported metrics (``best_score`` is the best validation selection score, larger = better).
     """
-    from harness.data.shards import train_loader
+    from harness.data.loaders import train_loader
 
     clock, search = Stopwatch(), job.search
     torch.manual_seed(search.seed)

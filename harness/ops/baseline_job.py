@@ -54,7 +54,7 @@ from harness.ops.baseline import (
 )
 from harness.ops.compare import method_row
 from harness.ops.tracking import Tracker
-from harness.report import Report
+from harness.evaluation.report import Report
 
 log = logging.getLogger("baseline_densenet")
 # The job files live in the repository's jobs/, beside this package (an editable install or a checkout).

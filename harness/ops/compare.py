@@ -5,7 +5,7 @@ write ``summary.json`` holding one row per task in the layout of :func:`method_r
 configuration selected on validation, the number of training labels it used, and what it cost (wall seconds of
 the search plus the final test pass; CPU seconds of every trial process; GPU seconds = trial wall time x the GPU
 share it reserved).
-:func:`write_comparison` turns them into a report (HTML, Markdown, CSV, JSON) through :mod:`harness.report`.
+:func:`write_comparison` turns them into a report (HTML, Markdown, CSV, JSON) through :mod:`harness.evaluation.report`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from harness.report import Report
+from harness.evaluation.report import Report
 
 ROW_COLUMNS = ("task", "method", "auc", "f1", "macro_f1", "mae", "labels_used", "wall_s", "cpu_s", "gpu_s",
                "trials", "selected")

@@ -13,7 +13,9 @@ Latents: .parquet, .npz, .safetensors, .pt/.pth (a dict of tensors) or a Hugging
 labels and printed (``harness.method.head_tasks.infer_tasks``); a label outside a given task's ``grade_range`` stops
 the job. Writes heads.json (hyperplanes, fitting choices, calibrations and CE directions in raw z_sem space),
 the detection/grading tables and ROC/calibration/confusion figures, and a t-SNE latent map, as an HTML report.
-Nothing is written when the input is refused.
+Nothing is written when the input is refused: a missing split, a label outside a task's range, or an ``--out``
+folder that already holds heads.json or a report (``--overwrite`` replaces them) stop the job before any head is
+fitted.
 
 ``python jobs/fit_heads.py`` and ``python -m harness.ops.fit_heads_job`` take the same arguments. Callers that
 already hold a loaded config use :func:`fit_heads` (no command line).
@@ -25,16 +27,15 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from harness.cli import run_main
-from harness.config import RunConfig, load_config, parse_overrides
-from harness.evaluate import evaluate_heads, save_head_figures, save_heads
-from harness.figures import save_latent_map
+from harness.config import RunConfig, Task, load_config, parse_overrides, read_yaml
+from harness.evaluation.evaluate import evaluate_heads, save_head_figures, save_heads
+from harness.evaluation.figures import save_latent_map
 from harness.method.head_tasks import check_task_labels, describe_mappings, infer_tasks, numeric_labels
-from harness.method.heads import TaskSpec
 from harness.method.latents import LatentsError, LatentsTable, load_latents
-from harness.report import Report
+from harness.evaluation.report import Report
+
+OUTPUTS = ("heads.json", "index.html", "results.json", "results.md")  # what a previous run leaves in --out
 
 
 def tasks_given(config_path: str | None, overrides: list[str]) -> bool:
@@ -43,22 +44,34 @@ def tasks_given(config_path: str | None, overrides: list[str]) -> bool:
         return True
     if config_path is None:
         return False
-    tree = yaml.safe_load(Path(config_path).read_text()) or {}  # load_config has already validated the file
+    tree = read_yaml(config_path)  # load_config has already validated the file
     return isinstance(tree.get("heads"), dict) and "tasks" in tree["heads"]
 
 
-def evaluation_split(table: LatentsTable, requested: str | None) -> str:
-    """``--split`` when given; else test, or val when the latents have no test split."""
-    if requested:
-        return requested
+def evaluation_split(table: LatentsTable, requested: str | None, source: str = "latents") -> str:
+    """``--split`` when given (refused when the table has no such rows); else test, or val when the latents have
+    no test split."""
     counts = table.split_counts()
+    if requested:
+        if not counts.get(requested):
+            raise LatentsError(f"{source}: --split {requested}: the latents have no {requested!r} rows (splits: "
+                               f"{counts}); pass one of {sorted(s for s, n in counts.items() if n)}")
+        return requested
     for split in ("test", "val"):
         if counts.get(split):
             return split
     raise LatentsError(f"latents have no test or val rows to evaluate on (splits: {counts}); pass --split")
 
 
-def resolve_tasks(table: LatentsTable, config_tasks: list[TaskSpec], given: bool, source: str) -> list[TaskSpec]:
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` folder holding a previous run's heads.json or report unless ``overwrite``."""
+    found = [name for name in OUTPUTS if (out / name).exists()]
+    if found and not overwrite:
+        raise FileExistsError(f"{out} already holds {', '.join(found)} from an earlier run: pass --overwrite to "
+                              "replace them, or choose another --out")
+
+
+def resolve_tasks(table: LatentsTable, config_tasks: list[Task], given: bool, source: str) -> list[Task]:
     """The job's tasks (checked against the labels) or, when none were given, tasks inferred and printed."""
     if given:
         check_task_labels(table, config_tasks, source)
@@ -74,24 +87,29 @@ def resolve_tasks(table: LatentsTable, config_tasks: list[TaskSpec], given: bool
 
 
 def fit_heads(latents: str | Path, config: RunConfig, out: str | Path, *, tasks_given: bool,
-              split: str | None = None) -> Path:
+              split: str | None = None, overwrite: bool = False) -> Path:
     """Fit the config's heads on ``latents``, write heads.json and the report into ``out``; returns index.html.
 
     ``tasks_given``: whether ``config.heads.tasks`` came from the user (job file or override); when False the
     tasks are inferred from the labels instead of using the config's default phantom task. ``split``: the
-    evaluation split (default: test, else val). Nothing is written when the input is refused.
+    evaluation split (default: test, else val). ``overwrite``: replace an earlier run's outputs in ``out``.
+    Nothing is written when the input is refused.
     """
+    out = Path(out)
+    check_out(out, overwrite)
     table, mappings = numeric_labels(load_latents(latents))
     for line in describe_mappings(mappings):
         print(f"string labels mapped: {line}")
-    tasks = resolve_tasks(table, [TaskSpec.from_config(t) for t in config.heads.tasks], tasks_given, str(latents))
-    split = evaluation_split(table, split)
+    split = evaluation_split(table, split, str(latents))
+    if not table.split_counts().get("train"):
+        raise LatentsError(f"{latents}: heads are fitted on the train split, and the latents have no train rows "
+                           f"(splits: {table.split_counts()})")
+    tasks = resolve_tasks(table, list(config.heads.tasks), tasks_given, str(latents))
     options = config.heads.options()
     print(f"heads: {', '.join(config.heads.kinds)}; protocol {options.protocol}: " + ", ".join(
         f"{k}={v}" for k, v in options.to_dict().items() if k != "protocol") + f"; evaluated on {split}")
     heads = evaluate_heads(table, tasks, config.heads.kinds, options=options, backend=config.heads.backend,
                            split=split)
-    out = Path(out)
     report = Report(out, f"Linear heads on {Path(latents).name}")
     report.add_table("detection", heads.detection_rows, f"Detection on {split} ({options.protocol} protocol)",
                      section="Heads")
@@ -119,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--split", default=None, help="split to evaluate on (default: test, else val; heads are "
                         "fitted on train)")
+    parser.add_argument("--overwrite", action="store_true", help="replace heads.json and the report of an earlier "
+                        "run in --out")
     return parser
 
 
@@ -127,7 +147,7 @@ def main(argv: list[str] | None = None) -> Path:
     args, overrides = build_parser().parse_known_args(argv)
     config = load_config(args.config, overrides)
     return fit_heads(args.latents, config, args.out, tasks_given=tasks_given(args.config, overrides),
-                     split=args.split)
+                     split=args.split, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

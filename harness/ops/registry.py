@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from harness.config import read_yaml
 from harness.fileio import canonical_sha256, sha256_file
 from harness.fingerprint import manifest_hash  # noqa: F401  (re-exported: registry.manifest_hash)
+from harness.ops.tracking_server import check_tracking_server, tracking_errors
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -48,7 +48,7 @@ _canonical_sha256 = canonical_sha256
 
 def config_hash(config_path: str | Path) -> str:
     """Hash of a resolved ``config.yaml``, ignoring output folders and tracking settings."""
-    tree = yaml.safe_load(Path(config_path).read_text()) or {}
+    tree = read_yaml(config_path)
     for keys in _LOCATION_KEYS:
         node = tree
         for key in keys[:-1]:
@@ -72,7 +72,7 @@ def version_tags(model_dir: str | Path) -> dict[str, str]:
     config_path = model_dir / "config.yaml"
     if config_path.is_file():
         tags["config_hash"] = config_hash(config_path)
-        config = yaml.safe_load(config_path.read_text()) or {}
+        config = read_yaml(config_path)
         shard_dir = (config.get("data") or {}).get("shard_dir")
         digest = manifest_hash(shard_dir) if shard_dir else None
         tags["data_manifest_hash"] = digest or "missing"
@@ -178,7 +178,10 @@ def compare_to_champion(candidate: dict[str, str], champion: dict[str, str] | No
 
 
 def registry_client(tracking_uri: str | None = None) -> Any:
-    """An ``MlflowClient`` for ``tracking_uri`` (default $MLFLOW_TRACKING_URI); the registry uses the same store."""
+    """An ``MlflowClient`` for ``tracking_uri`` (default $MLFLOW_TRACKING_URI); the registry uses the same store.
+
+    A server is asked once first: one that does not answer or refuses the credentials raises
+    ``TrackingAccessError`` (one line) before any work."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
@@ -186,6 +189,7 @@ def registry_client(tracking_uri: str | None = None) -> Any:
     if not uri:
         raise ValueError("no tracking URI: pass --tracking-uri (e.g. sqlite:///runs/dae-demo/mlruns.db or "
                          "http://127.0.0.1:5000) or set MLFLOW_TRACKING_URI")
+    check_tracking_server(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -263,13 +267,21 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _run_command(args)
-    except (MlflowException, ValueError) as error:  # unknown model/version, unreachable store, bad tag name
-        print(f"error: {getattr(error, 'message', error)}", file=sys.stderr)
+    except (MlflowException, ValueError) as error:  # unknown model/version, unreachable store, refused, bad tag
+        print("error: " + " ".join(str(getattr(error, "message", error)).split()), file=sys.stderr)
         return 2
 
 
 def _run_command(args: argparse.Namespace) -> int:
     client = registry_client(args.tracking_uri)
+    action = {"promote": f"promote version {getattr(args, 'version', '')} of model '{args.name}'",
+              "tag": f"tag version {getattr(args, 'version', '')} of model '{args.name}'",
+              "show": f"list the versions of model '{args.name}'"}[args.command]
+    with tracking_errors(client.tracking_uri, action):
+        return _registry_command(client, args)
+
+
+def _registry_command(client: Any, args: argparse.Namespace) -> int:
     if args.command == "promote":
         decision = promote(client, args.name, args.version)
         print(f"{args.name} v{args.version}: {decision}")

@@ -2,7 +2,8 @@
 
 For each task the sweep tries every combination of head kind, regularisation C, training-label rule
 (``fit_rules``: which grades count as positive/negative when FITTING, e.g. the paper's noisy-label rule
-"2,3 vs 0") and calibration (``extremes``, ``lstsq``, ``poly1``..``poly3``). A trial fits on the train split and
+"2,3 vs 0") and calibration (``extremes``, ``lstsq``, ``poly1``..``poly3``: harness.config.parse_calibration).
+A trial fits on the train split and
 scores the VALIDATION split only (or, with ``cv_folds: k``, the mean over k stratified folds of the train split,
 for latents without a val split); the task's own rule (``positives``/``negatives``) always defines the detection
 targets being scored, so trials with different fitting rules are compared on the same targets.
@@ -18,79 +19,63 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import warnings
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass
 
-from harness.config import ConfigError, TrackConfig
+from harness.config import HEAD_KINDS, CalibrationName, HeadChoices, HeadOptions, Task, TrackConfig
+from harness.config.errors import require
+from harness.config.fields import SECTION, NonNegativeInt, PositiveFloat, PositiveInt
+from harness.config.heads import BACKENDS, HeadKind
+from harness.config.task import LabelValues, rule_name, rule_problems
 from harness.job_support import Resources, Splits, Stopwatch
-from harness.method.head_spec import HEAD_KINDS, HeadOptions
-from harness.method.heads import TaskResult, TaskSpec, evaluate_task, fit_task
+from harness.method.heads import TaskResult, evaluate_task, fit_task
 from harness.method.latents import LatentsTable
 
 SELECT_METRICS = {"auc": ("auc", "max"), "f1": ("f1", "max"), "macro_f1": ("grade_macro_f1", "max"),
                   "mae": ("grade_mae", "min")}
 TIE_BREAK_ORDER = ("auc", "macro_f1", "mae", "f1")
-_CALIBRATION = re.compile(r"^(extremes|lstsq|poly([1-9]))$")
 NO_CALIBRATION = "none"  # the calibration value of tasks without a grade range
-UNSET = "protocol"  # search.class_weight left to the protocol (null means "no class weights")
 
 
-def parse_calibration(name: str) -> tuple[str, int]:
-    """``"extremes"`` -> ("extremes", 1), ``"lstsq"`` -> ("lstsq", 1), ``"poly3"`` -> ("poly", 3)."""
-    match = _CALIBRATION.match(name)
-    if not match:
-        raise ConfigError(f"calibration {name!r}: expected extremes, lstsq or poly<degree> (poly1..poly9)")
-    return ("poly", int(match.group(2))) if match.group(2) else (name, 1)
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class FitRule:
     """Which label values count as positive / negative when fitting (empty negatives = every other value)."""
 
-    positives: tuple[int, ...]
+    positives: LabelValues
     negatives: tuple[int, ...] = ()
 
-    def __post_init__(self) -> None:
-        if not self.positives:
-            raise ConfigError("fit rule: positives must not be empty")
-        if overlap := sorted(set(self.positives) & set(self.negatives)):
-            raise ConfigError(f"fit rule: values {overlap} are both positive and negative")
+    @model_validator(mode="after")
+    def _check_rule(self) -> FitRule:
+        require(rule_problems(self.positives, self.negatives))
+        return self
 
     @property
     def name(self) -> str:
         """e.g. ``"2,3 vs 0"`` or ``"1,2,3 vs rest"``."""
-        negatives = ",".join(map(str, self.negatives)) if self.negatives else "rest"
-        return f"{','.join(map(str, self.positives))} vs {negatives}"
+        return rule_name(self.positives, self.negatives)
 
 
-@dataclass(frozen=True)
-class SweepTask:
-    """A task: its definition (column, positives, negatives, grade range), selection metric and fitting rules."""
+@dataclass(frozen=True, config=SECTION)
+class SweepTask(Task):
+    """A task (:class:`harness.config.Task`) with the sweep's keys: its selection metric and fitting rules."""
 
-    name: str
-    column: str
-    positives: tuple[int, ...]
-    negatives: tuple[int, ...] = ()
-    grade_range: tuple[int, int] | None = None
-    select: str = ""  # "" -> macro_f1 when graded, else auc
+    select: Literal["", "auc", "f1", "macro_f1", "mae"] = ""  # "" -> macro_f1 when graded, else auc
     fit_rules: tuple[FitRule, ...] = ()  # () -> the task's own rule only
 
-    def __post_init__(self) -> None:
-        FitRule(self.positives, self.negatives)  # the same checks as a fitting rule
-        if self.select and self.select not in SELECT_METRICS:
-            raise ConfigError(f"task {self.name!r}: select must be one of {sorted(SELECT_METRICS)}, "
-                              f"got {self.select!r}")
+    @model_validator(mode="after")
+    def _check_sweep(self) -> SweepTask:
+        problems = []
         if self.selection_metric in ("macro_f1", "mae") and self.grade_range is None:
-            raise ConfigError(f"task {self.name!r}: select={self.selection_metric!r} needs a grade_range")
-        if self.grade_range is not None and self.grade_range[0] >= self.grade_range[1]:
-            raise ConfigError(f"task {self.name!r}: grade_range {self.grade_range} must be (low, high), low < high")
+            problems.append(("select", f"{self.selection_metric!r} needs a grade_range"))
         names = [rule.name for rule in self.rules]
         if len(set(names)) != len(names):
-            raise ConfigError(f"task {self.name!r}: fit_rules repeat a rule ({names})")
+            problems.append(("fit_rules", f"repeat a rule ({names})"))
+        require(problems)
+        return self
 
     @property
     def selection_metric(self) -> str:
@@ -106,102 +91,73 @@ class SweepTask:
                 return rule
         raise ValueError(f"task {self.name!r} has no fit rule {name!r} (rules: {[r.name for r in self.rules]})")
 
-    def eval_spec(self) -> TaskSpec:
-        """The task's own definition: the targets every trial is scored on."""
-        return TaskSpec(self.name, self.column, self.positives, self.negatives or None, self.grade_range)
-
-    def fit_spec(self, rule: FitRule) -> TaskSpec:
-        return TaskSpec(self.name, self.column, rule.positives, rule.negatives or None, self.grade_range)
+    def fitted_on(self, rule: FitRule) -> Task:
+        """The task whose head a trial fits: this task's column and grade range with the rule's labels."""
+        return dataclasses.replace(self.definition(), positives=rule.positives, negatives=rule.negatives)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class LogUniform:
     """A random search dimension: ``samples`` draws, log-uniform in ``log_uniform = [low, high]``."""
 
-    log_uniform: tuple[float, float]
-    samples: int = 8
+    log_uniform: tuple[PositiveFloat, PositiveFloat]
+    samples: PositiveInt = 8
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> LogUniform:
         low, high = self.log_uniform
-        if not 0 < low < high or self.samples < 1:
-            raise ConfigError(f"search.C: log_uniform needs 0 < low < high and samples >= 1, got {self}")
+        require([] if low < high else [("log_uniform", f"needs low < high, got {list(self.log_uniform)}")])
+        return self
 
 
-@dataclass(frozen=True)
-class SearchSpace:
-    """The searched dimensions (grids) plus fixed fitting options.
+@dataclass(frozen=True, config=SECTION)
+class SearchSpace(HeadChoices):
+    """The sweep's ``search:`` section: the job's fitting choices (:class:`harness.config.HeadChoices`, with the
+    ``project`` / ``paper`` protocol) plus the searched grids of head kinds, C and calibrations.
 
-    ``protocol`` (``project`` | ``paper``, harness.method.head_spec) gives the fitting options left out; the paper
-    preset fixes standardize, class_weight, svm_solver and max_iter (explicit contradicting values are
-    refused) and leaves the searched C and calibration free. After loading each option holds its value."""
+    The paper preset fixes standardize, class_weight, svm_solver and max_iter (explicit contradicting values are
+    refused) and leaves the searched C and calibration free. After loading each choice holds its value."""
 
-    kinds: tuple[str, ...] = HEAD_KINDS
-    C: tuple[float, ...] | LogUniform = (0.01, 0.1, 1.0, 10.0)
-    calibration: tuple[str, ...] = ("extremes", "lstsq", "poly1", "poly2", "poly3")
-    protocol: str = "project"
-    standardize: bool | None = None  # None: the protocol's (project true, paper false)
-    class_weight: Any = UNSET  # balanced | null (none) | {0: w, 1: w}; left out: the protocol's
-    svm_solver: str | None = None  # linear_svc | svc_linear; None: the protocol's
-    max_iter: int | None = None  # None: the protocol's (project 5000, paper -1 = no cap)
-    seed: int = 0  # random_state of the estimators and of the random search
+    kinds: Annotated[tuple[HeadKind, ...], Field(min_length=1)] = HEAD_KINDS
+    C: Annotated[tuple[PositiveFloat, ...], Field(min_length=1)] | LogUniform = (0.01, 0.1, 1.0, 10.0)
+    calibration: Annotated[tuple[CalibrationName, ...], Field(min_length=1)] = (
+        "extremes", "lstsq", "poly1", "poly2", "poly3")
+    seed: NonNegativeInt = 0  # random_state of the estimators and of the random search
 
-    def __post_init__(self) -> None:
-        if not self.kinds or any(kind not in HEAD_KINDS for kind in self.kinds):
-            raise ConfigError(f"search.kinds: a non-empty list from {HEAD_KINDS}, got {list(self.kinds)}")
-        if isinstance(self.C, tuple) and (not self.C or min(self.C) <= 0):
-            raise ConfigError(f"search.C: a non-empty list of values > 0, got {list(self.C)}")
-        if not self.calibration:
-            raise ConfigError("search.calibration: must not be empty")
-        for name in self.calibration:
-            parse_calibration(name)
-        given = {key: getattr(self, key) for key in ("standardize", "svm_solver", "max_iter")
-                 if getattr(self, key) is not None}
-        if self.class_weight != UNSET:
-            given["class_weight"] = self.class_weight
-        try:
-            options = HeadOptions.resolve(self.protocol, given, where="search")
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        for key in ("standardize", "class_weight", "svm_solver", "max_iter"):
-            object.__setattr__(self, key, getattr(options, key))
-
-    def options(self, C: float, calibration: str, degree: int) -> HeadOptions:
+    def options(self, C: float, calibration: str) -> HeadOptions:
         """The fitting options of one trial (its C and calibration; the rest fixed by the job)."""
-        return HeadOptions(protocol=self.protocol, C=C, standardize=self.standardize, class_weight=self.class_weight,
-                           svm_solver=self.svm_solver, max_iter=self.max_iter, calibration=calibration, degree=degree)
+        return HeadOptions(**self.choices(), C=C, calibration=calibration)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class SweepJob:
     """A whole ``jobs/sweep_*.yaml`` file."""
 
-    tasks: tuple[SweepTask, ...]
+    tasks: Annotated[tuple[SweepTask, ...], Field(min_length=1)]
     out_dir: str = "runs/sweep"
-    backend: str = "auto"  # auto: cuml when resources.gpu > 0, else sklearn
-    resources: Resources = field(default_factory=Resources)
-    max_concurrent_trials: int = 0  # 0: as many as the cluster's resources allow
-    cv_folds: int = 0  # >= 2: select by stratified k-fold CV on train (no val split needed); 0: on the val split
+    backend: Literal[BACKENDS] = "auto"  # auto: cuml when resources.gpu > 0, else sklearn
+    resources: Resources = dataclasses.field(default_factory=Resources)
+    max_concurrent_trials: NonNegativeInt = 0  # 0: as many as the cluster's resources allow
+    cv_folds: NonNegativeInt = 0  # >= 2: select by stratified k-fold CV on train (no val split needed); 0: on val
     ray_storage: str = ""  # "" -> <out_dir>/ray; on a multi-node cluster a shared folder or cloud URI
-    splits: Splits = field(default_factory=Splits)
-    search: SearchSpace = field(default_factory=SearchSpace)
-    track: TrackConfig = field(default_factory=lambda: TrackConfig(registered_model=None))
+    splits: Splits = dataclasses.field(default_factory=Splits)
+    search: SearchSpace = dataclasses.field(default_factory=SearchSpace)
+    track: TrackConfig = dataclasses.field(default_factory=lambda: TrackConfig(registered_model=None))
 
-    def __post_init__(self) -> None:
-        if not self.tasks:
-            raise ConfigError("tasks: at least one task is needed")
+    @model_validator(mode="after")
+    def _check(self) -> SweepJob:
+        problems = []
         names = [task.name for task in self.tasks]
         if len(set(names)) != len(names):
-            raise ConfigError(f"tasks: names must be unique, got {names}")
-        if self.backend not in ("auto", "sklearn", "cuml"):
-            raise ConfigError(f"backend: auto, sklearn or cuml, got {self.backend!r}")
+            problems.append(("tasks", f"names must be unique, got {names}"))
         if self.backend == "cuml" and self.resources.gpu == 0:
-            raise ConfigError("backend: cuml runs on a GPU; give trials a GPU share (resources.gpu > 0)")
+            problems.append(("backend", "cuml runs on a GPU; give trials a GPU share (resources.gpu > 0)"))
         if self.backend == "sklearn" and self.resources.gpu > 0:
-            raise ConfigError("resources.gpu > 0 with backend sklearn: the GPU would be reserved but unused")
-        if self.max_concurrent_trials < 0:
-            raise ConfigError("max_concurrent_trials: must be >= 0")
-        if self.cv_folds < 0 or self.cv_folds == 1:
-            raise ConfigError(f"cv_folds: 0 (select on the val split) or k >= 2, got {self.cv_folds}")
+            problems.append(("resources.gpu", "> 0 with backend sklearn: the GPU would be reserved but unused"))
+        if self.cv_folds == 1:
+            problems.append(("cv_folds", "0 (select on the val split) or k >= 2, got 1"))
+        require(problems)
+        return self
 
     @property
     def trial_backend(self) -> str:
@@ -217,25 +173,23 @@ class SweepJob:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def labels_used(table: LatentsTable, fit_spec: TaskSpec, split: str) -> int:
+def labels_used(table: LatentsTable, fitted: Task, split: str) -> int:
     """Training rows whose label entered fitting: the head's rows plus (graded tasks) the calibration rows."""
-    labels = np.asarray(table.labels[fit_spec.column], dtype=np.float64)[table.splits == split]  # (N,)
-    used, _ = fit_spec.binary_targets(labels)
-    if fit_spec.grade_range is not None:
-        low, high = fit_spec.grade_range
+    labels = np.asarray(table.labels[fitted.column], dtype=np.float64)[table.splits == split]  # (N,)
+    used, _ = fitted.binary_targets(labels)
+    if fitted.grade_range is not None:
+        low, high = fitted.grade_range
         used |= np.isfinite(labels) & (labels >= low) & (labels <= high)
     return int(used.sum())
 
 
 def fit_config(table: LatentsTable, task: SweepTask, params: dict[str, Any], job: SweepJob) -> TaskResult:
     """Fit one configuration on the train split; the result's ``task`` is the task's own definition."""
-    rule = task.rule(params["rule"])
-    mode, degree = ("lstsq", 1) if params["calibration"] == NO_CALIBRATION else parse_calibration(
-        params["calibration"])
-    result = fit_task(table, task.fit_spec(rule), kind=params["kind"], backend=job.trial_backend,
-                      train_split=job.splits.train, random_state=job.search.seed,
-                      options=job.search.options(float(params["C"]), mode, degree))
-    return dataclasses.replace(result, task=task.eval_spec())  # head.task keeps the fitting rule
+    calibration = "lstsq" if params["calibration"] == NO_CALIBRATION else params["calibration"]
+    result = fit_task(table, task.fitted_on(task.rule(params["rule"])), kind=params["kind"],
+                      backend=job.trial_backend, train_split=job.splits.train, random_state=job.search.seed,
+                      options=job.search.options(float(params["C"]), calibration))
+    return dataclasses.replace(result, task=task.definition())  # head.task keeps the fitting rule
 
 
 def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
@@ -297,7 +251,7 @@ def run_trial(params: dict[str, Any], table: LatentsTable, task: SweepTask, job:
             return {**out, "ok": 0, "error": str(error)[:1000], "cpu_s": clock.cpu(), "wall_s": clock.wall()}
     out["warnings"] = "; ".join(sorted({str(w.message).splitlines()[0][:200] for w in caught}))[:1000]
     out.update(_mean_scalars(scores))
-    out["labels_used"] = labels_used(table, task.fit_spec(task.rule(params["rule"])), job.splits.train)
+    out["labels_used"] = labels_used(table, task.fitted_on(task.rule(params["rule"])), job.splits.train)
     out.update(fit_seconds=fit_seconds, cpu_s=clock.cpu(), wall_s=clock.wall())
     return out
 
@@ -315,7 +269,7 @@ def fit_final(params: dict[str, Any], table: LatentsTable, task: SweepTask, job:
     has_val = bool((table.splits == job.splits.val).any())  # under cv_folds the latents may have no val split
     return {"result": result, "val": evaluate_task(result, table, job.splits.val) if has_val else {},
             "test": evaluate_task(result, table, job.splits.test),
-            "labels_used": labels_used(table, task.fit_spec(task.rule(params["rule"])), job.splits.train),
+            "labels_used": labels_used(table, task.fitted_on(task.rule(params["rule"])), job.splits.train),
             "cpu_s": clock.cpu(), "wall_s": clock.wall()}
 
 

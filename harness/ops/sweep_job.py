@@ -58,7 +58,7 @@ from harness.ops.sweep import (
     selection_key,
 )
 from harness.ops.tracking import Tracker
-from harness.report import Report
+from harness.evaluation.report import Report
 
 log = logging.getLogger("sweep_heads")
 TRIAL_KEYS = ("ok", "error", "warnings", "labels_used", "fit_seconds", "cpu_s", "wall_s")
@@ -91,7 +91,7 @@ def check_table(table: LatentsTable, job: SweepJob, path: Path) -> None:
             hint = "; without a val split set cv_folds: k to select by cross-validation on train" \
                 if split == job.splits.val else ""
             raise LatentsError(f"{path}: split {split!r} has no rows (splits present: {counts}){hint}")
-    check_task_labels(table, [task.eval_spec() for task in job.tasks], str(path))
+    check_task_labels(table, job.tasks, str(path))
 
 
 def param_space(task: SweepTask, job: SweepJob) -> tuple[dict[str, Any], int]:

@@ -5,6 +5,10 @@
 By default a run is tracked in an embedded store inside the run folder (``<out_dir>/mlruns.db`` plus an
 artifact folder), so nothing needs a server. ``--tracking-uri`` (or ``MLFLOW_TRACKING_URI``) points the same
 code at a real server. Model weights are registered as plain safetensors folders (never pickled models).
+
+A server is checked before any work (``harness.ops.tracking_server``): one that does not answer, or refuses the
+credentials in ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, and an action the user is not permitted
+(MLflow's basic-auth app, mlflow/README.md) end as one ``error:`` line (:class:`TrackingAccessError`, exit status 2).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from harness.config import TrackConfig
+from harness.ops.tracking_server import TrackingAccessError, check_tracking_server, tracking_errors
+
+__all__ = ["TrackingAccessError", "Tracker", "check_tracking_server", "local_model_dir", "resolve_tracking_uri"]
 
 log = logging.getLogger(__name__)
-
 
 def resolve_tracking_uri(track: TrackConfig, out_dir: str | Path) -> str:
     """Config URI, else $MLFLOW_TRACKING_URI, else a sqlite store in ``out_dir``."""
@@ -27,6 +33,20 @@ def resolve_tracking_uri(track: TrackConfig, out_dir: str | Path) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path(out_dir).resolve() / 'mlruns.db'}"
+
+
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+
+
+def local_model_dir(model: str | Path) -> Path:
+    """A model folder on this machine: ``model`` itself, or an MLflow model URI (``models:/name/version``,
+    ``runs:/id/model``) downloaded through the configured tracking store. Entry points call this, so the method
+    (:func:`harness.method.autoencoder.load_dae`) only ever reads local folders."""
+    if str(model).startswith(MODEL_URI_SCHEMES):
+        import mlflow.artifacts
+
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=str(model)))
+    return Path(model)
 
 
 class Tracker:
@@ -49,17 +69,29 @@ class Tracker:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.uri = resolve_tracking_uri(track, out_dir)
+        check_tracking_server(self.uri)
         mlflow.set_tracking_uri(self.uri)
-        experiment = mlflow.get_experiment_by_name(track.experiment)
-        if experiment is None:
-            artifact_location = None
-            if self.uri.startswith("sqlite:"):
-                artifact_location = (out_dir / "mlartifacts").resolve().as_uri()
-            experiment_id = mlflow.create_experiment(track.experiment, artifact_location=artifact_location)
-        else:
-            experiment_id = experiment.experiment_id
-        run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name, tags=tags)
+        with tracking_errors(self.uri, f"start a run in experiment '{track.experiment}'"):
+            experiment_id = self._experiment_id_of(track.experiment, out_dir)
+            run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
+
+    def _experiment_id_of(self, name: str, out_dir: Path) -> str:
+        """The experiment's id, created when absent (by whichever of several concurrent trials comes first)."""
+        from mlflow.exceptions import MlflowException
+
+        experiment = self._mlflow.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        artifact_location = None
+        if self.uri.startswith("sqlite:"):
+            artifact_location = (out_dir / "mlartifacts").resolve().as_uri()
+        try:
+            return self._mlflow.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as error:  # another process created it between the lookup and here
+            if getattr(error, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self._mlflow.get_experiment_by_name(name).experiment_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.enabled:
@@ -96,6 +128,15 @@ class Tracker:
         """
         if not self.enabled:
             return None
+        try:
+            with tracking_errors(self.uri, f"register a version of model '{name}'"):
+                return self._register_model(folder, name, tags, artifact_path, description)
+        except Exception:
+            self.end("FAILED")  # a refused registration leaves a failed run, never one that looks complete
+            raise
+
+    def _register_model(self, folder: str | Path, name: str, tags: dict[str, str] | None, artifact_path: str,
+                        description: str | None) -> str:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
@@ -105,7 +146,9 @@ class Tracker:
         all_tags = {**version_tags(folder), **(tags or {})}
         try:
             client.get_registered_model(name)
-        except MlflowException:
+        except MlflowException as error:
+            if getattr(error, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                raise  # e.g. not permitted to read it: creating it anew would only fail less clearly
             client.create_registered_model(
                 name, description=description or "Diffusion autoencoder (EMA weights, safetensors)")
         else:  # the same weights registered again (e.g. a rerun of a finished run): reuse their version

@@ -19,15 +19,15 @@ import torch
 from PIL import Image
 
 from harness.checkpoint import save_state_dict
-from harness.config import dump_yaml, load_config
+from harness.config import Task, dump_yaml, load_config
 from harness.data.phantoms import generate_phantoms
 from harness.method.autoencoder import DiffusionAutoencoder
 from harness.method.directions import Direction
-from harness.method.heads import Calibration, FittedHead, Hyperplane, TaskResult, TaskSpec
+from harness.method.heads import Calibration, FittedHead, Hyperplane, TaskResult
 from harness.models import build_dae
 
 STEPS = 2  # DDIM steps for inversion and decoding: enough to exercise the path, cheap on a CPU
-TASK = TaskSpec("fracture", "grade", (1, 2, 3), None, (0, 3))
+TASK = Task("fracture", "grade", (1, 2, 3), (), (0, 3))
 
 
 def export_tiny_dae(folder: Path, shard_dir: Path | None = None, recon_mse: float = 0.05, seed: int = 0) -> Path:

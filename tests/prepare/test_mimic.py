@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from harness.data.prepare import PrepareError, RunOptions, prepare_mimic_cxr
+from harness.data.prepare.__main__ import main as prepare_main
 from harness.data.prepare.mimic_cxr import image_path
 
 QUIET = RunOptions(items_per_shard=2, progress=False)
@@ -94,12 +96,64 @@ def test_bad_tables_and_stop_mode(mimic, tmp_path):
     pd.read_csv(mimic["labels"]).drop(columns=["Edema"]).to_csv(broken, index=False)
     with pytest.raises(PrepareError, match=r"labels_bad.csv: missing column\(s\) \['Edema'\]"):
         prepare_mimic_cxr(mimic["root"], tmp_path / "a", mimic["metadata"], broken, options=QUIET)
-    odd = pd.read_csv(mimic["labels"])
-    odd.loc[0, "Pneumonia"] = 2.0
-    odd.to_csv(tmp_path / "labels_odd.csv", index=False)
-    result = prepare_mimic_cxr(mimic["root"], tmp_path / "b", mimic["metadata"], tmp_path / "labels_odd.csv",
-                               mimic["split"], size=16, options=QUIET)
-    assert ("d1.jpg", "label_out_of_range") in {(Path(s.input).name, s.kind) for s in result.skipped}
     with pytest.raises(PrepareError, match="d7.jpg: study 50000006 has no row"):
         prepare_mimic_cxr(mimic["root"], tmp_path / "c", mimic["metadata"], mimic["labels"], mimic["split"],
                           size=16, options=RunOptions(on_bad="stop", progress=False))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def _edit(mimic: dict[str, Path], name: str, change) -> None:
+    table = pd.read_csv(mimic[name], dtype={"dicom_id": str})
+    change(table)
+    table.to_csv(mimic[name], index=False)
+
+
+# case -> (edit of the fixture's tree, text the one error line must contain)
+BAD_INPUTS = {
+    "missing table": (lambda m: m["labels"].unlink(), r"labels\.csv\.gz: table not found"),
+    "unknown label column": (lambda m: _edit(m, "labels", lambda t: t.insert(2, "Lung Opacty", 1.0)),
+                             r"labels\.csv\.gz: unknown column\(s\) \['Lung Opacty'\]"),
+    "unknown label value": (lambda m: _edit(m, "labels", lambda t: t.__setitem__("Pneumonia", [0, 2, 0, 0, 0, 0])),
+                            r"labels\.csv\.gz line 3 \(study 50000002\): Pneumonia 2 is not 1, 0, -1"),
+    "unknown split": (lambda m: _edit(m, "split", lambda t: t.loc.__setitem__((4, "split"), "training")),
+                      r"split\.csv\.gz line 6 \(dicom_id d5\): split 'training' is not one of"),
+    "unknown severity": (lambda m: _edit(m, "severity", lambda t: t.loc.__setitem__((1, "edeme_severity"), 5)),
+                         r"severity\.csv\.gz line 3: edeme_severity 5 is not a grade 0-3"),
+    "patient in two splits": (lambda m: _edit(m, "split", lambda t: t.loc.__setitem__((6, "split"), "test")),
+                              r"split\.csv\.gz line 8 \(dicom_id d7\): patient 10000002 is in split 'test' "
+                              r"here and 'train' on line 4"),
+    "dicom listed twice": (lambda m: _edit(m, "metadata", lambda t: t.loc.__setitem__((7, "dicom_id"), "d3")),
+                           r"metadata\.csv\.gz line 9: dicom_id 'd3' is listed again \(first on line 4\)"),
+    "jpeg does not decode": (lambda m: (_edit(m, "labels", lambda t: t.loc.__setitem__(len(t), [10000002, 50000006,
+                                                                                         1, 1, 1, 1])),
+                                        image_path(m["root"], 10000002, 50000002, "d3").write_bytes(b"\xff\xd8junk")),
+                             r"d3\.jpg \(metadata\.csv\.gz line 4\): cannot decode image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, mimic, tmp_path, capsys):
+    edit, expected = BAD_INPUTS[case]
+    edit(mimic)
+    out = tmp_path / "out"
+    status = prepare_main(["mimic-cxr", str(mimic["root"]), "--metadata", str(mimic["metadata"]), "--labels",
+                           str(mimic["labels"]), "--split", str(mimic["split"]), "--severity", str(mimic["severity"]),
+                           "--views", "AP", "PA", "--size", "16", "--out", str(out), "--workers", "0",
+                           "--items-per-shard", "1", "--on-bad", "stop", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert re.search(expected, err[0]), err[0]
+    written = sorted(p.name for p in out.rglob("*")) if out.exists() else []
+    # table errors stop before anything is written; a bad image stops the run with only finished shards
+    assert not any(name == "manifest.json" or name.endswith(".tmp") or name.startswith("work-") for name in written)
+    if case != "jpeg does not decode":
+        assert written == []
+
+
+def test_undecodable_jpeg_is_listed_with_its_line_when_skipping(mimic, tmp_path):
+    image_path(mimic["root"], 10000002, 50000002, "d3").write_bytes(b"\xff\xd8junk")
+    result = prepare_mimic_cxr(mimic["root"], tmp_path / "out", mimic["metadata"], mimic["labels"], mimic["split"],
+                               size=16, options=QUIET)
+    reasons = {Path(s.input).name: s.reason for s in result.skipped if s.kind == "unreadable"}
+    assert set(reasons) == {"d3.jpg", "d8.jpg"} and "metadata.csv.gz line 4" in reasons["d3.jpg"]
+    assert result.manifest["prepare"]["skipped"]["by_kind"]["unreadable"] == 2

@@ -14,7 +14,7 @@ from harness.config import load_config
 # also prunes one): saves at 8, 16, 24 and 32 samples.
 TOTAL = 32
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "ema.safetensors",
-                    "trainer_state.json", "config.yaml")
+                    "trainer_state.json", "config.yaml", "checksums.json")
 
 
 def run_args(shards: Path, out_dir: Path, total: int = TOTAL) -> list[str]:
@@ -29,6 +29,7 @@ def assert_checkpoint_loadable(folder: Path) -> int:
 
     missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
     assert not missing, f"visible checkpoint {folder} lacks {missing}"
+    assert ckpt.verify_checkpoint(folder) is None, f"visible checkpoint {folder}: {ckpt.verify_checkpoint(folder)}"
     for weights in ("model.safetensors", "ema.safetensors"):
         assert ckpt.load_state_dict(folder / weights), f"{folder / weights} is empty"
     for pickled in ("optimizer.bin", "random_states_0.pkl"):

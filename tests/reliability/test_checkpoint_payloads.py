@@ -80,12 +80,16 @@ def test_resume_refuses_pickled_code_in_a_checkpoint_and_a_model_folder(shards, 
     for name, refusal in (("random_states_0.pkl", CheckpointError), ("optimizer.bin", pickle.UnpicklingError)):
         original = (folder / name).read_bytes()
         _pickled_payload(folder / name, marker)
+        with pytest.raises(CheckpointError, match=f"{name}: .*overwritten"):  # caught before any load
+            train_main(run_args(shards, out, total=16) + ["--resume"])
+        ckpt.write_checksums(folder)  # checksums forged too: the weights-only loader is the last line
         with pytest.raises(refusal, match="Weights only load failed") as caught:
             train_main(run_args(shards, out, total=16) + ["--resume"])
         assert not marker.exists(), f"the payload in {name} was executed"
         if refusal is CheckpointError:  # not silently resumed with a fresh random state
             assert f"cannot restore the random state from {folder / name}" in str(caught.value)
         (folder / name).write_bytes(original)
+        ckpt.write_checksums(folder)
 
     _pickled_payload(out / "final" / "ema.safetensors", marker)  # an exported model folder
     with pytest.raises(CheckpointError, match="ema.safetensors"):

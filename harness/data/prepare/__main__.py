@@ -47,9 +47,16 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser: one subcommand per source."""
-    parser = argparse.ArgumentParser(prog="python -m harness.data.prepare", description=__doc__.split("\n")[0],
+def program_name() -> str:
+    """The command as the user typed it: ``dae-cf prepare`` (the dispatcher sets ``sys.argv[0]``) or
+    ``python -m harness.data.prepare`` (``sys.argv[0]`` is then this file)."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m harness.data.prepare" if name in ("", "__main__.py", "-c", "-m") else name
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser: one subcommand per source; ``prog`` defaults to :func:`program_name`."""
+    parser = argparse.ArgumentParser(prog=prog or program_name(), description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sources = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
     for name, (help_text, add_arguments, run) in COMMANDS.items():
@@ -70,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              progress=not args.no_progress)
         result = args.run(args, options)
     except (PrepareError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        text = " ".join(str(exc).split())  # one line, even for a message listing several skipped inputs
+        print(text if text.startswith("error: ") else f"error: {text}", file=sys.stderr)
         return 2
     print(result.summary())
     return 0

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from harness import fileio
+from harness.errors import UserError
 from harness.fileio import sha256_file  # noqa: F401  (re-exported to the preparers)
 
 STATE_DIR = ".prepare"  # finished-chunk records of an unfinished run; removed once the manifest is written
@@ -32,7 +33,7 @@ SKIP_KINDS = ("unreadable", "dimensionality", "shape_mismatch", "empty_mask", "l
               "missing_label", "outside_volume")
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """The preparation cannot go on: a bad source file or table, or a bad input under ``on_bad="stop"``."""
 
 

@@ -15,6 +15,13 @@ scale (DCT scaling, several times faster than a full decode of a ~3000 px image)
 "positive" 1, "negative" 0, "ignore" null) and blank by ``blank`` ("negative" 0, "ignore" null); with a
 severity table also ``edema_severity`` (0-3, -1 for images without a severity grade, so the column stays
 numeric in every batch). Metadata: ``patient_id``, ``study_id``, ``view``, ``source_file``.
+
+Tables are checked before any image is read, and a bad table stops the run naming the file and line (line 1 is
+the header): a missing table or column, a label table column that is not one of the 14 CheXpert findings, a
+label other than 1/0/-1/blank, a split other than train/validate/test, a severity grade other than 0-3, a
+dicom_id listed twice, a patient in two splits. A study without a label row or an image without a split row is
+an input left out (``missing_label``); an image that is missing or does not decode is ``unreadable``: left out
+and listed under ``on_bad="skip"``, the end of the run (naming the file and its metadata line) under "stop".
 """
 
 from __future__ import annotations
@@ -53,6 +60,9 @@ UNCERTAIN_POLICIES = {"keep": -1, "positive": 1, "negative": 0, "ignore": None}
 BLANK_POLICIES = {"negative": 0, "ignore": None}
 SPLIT_NAMES = {"train": "train", "validate": "val", "val": "val", "test": "test"}
 SEVERITY_COLUMNS = ("edema_severity", "edeme_severity")  # the PhysioNet release spells it "edeme"
+CHEXPERT_COLUMNS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
+                    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
+                    "Pneumonia", "Pneumothorax", "Support Devices")  # the label tables' finding columns
 
 
 def image_path(root: Path, subject_id: int, study_id: int, dicom_id: str) -> Path:
@@ -72,14 +82,25 @@ def map_finding(value: Any, uncertain: str, blank: str) -> int | None:
     raise ValueError(f"{value!r} is not 1, 0, -1 or blank")
 
 
+def _shown(value: Any) -> str:
+    """A table cell as a user wrote it (``2.0``, ``'training'``), not as numpy prints it."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def _line(index: int) -> int:
+    """The line of a CSV holding the row with pandas index ``index`` (line 1 is the header)."""
+    return int(index) + 2
+
+
 def _load_jpg(item: WorkItem, *, size: int, fit: str, channels: int) -> Iterator[tuple[str, np.ndarray, dict]]:
-    path, key, labels = item.payload
+    path, key, labels, where = item.payload
     try:
         with Image.open(path) as jpg:
             jpg.draft("L", (size, size))  # JPEG DCT scaling: decode at the smallest scale still >= size
             image = np.asarray(jpg.convert("L"))  # (H, W) uint8
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise BadInput("unreadable", f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise BadInput("unreadable", f"{path} ({where}): cannot decode image ({reason})") from exc
     yield key, to_channels(fit_square(image, size, fit), channels), dict(labels)
 
 
@@ -92,7 +113,62 @@ def _severity_lookup(path: Path) -> tuple[list[str], Any]:
     keys = ["dicom_id"] if "dicom_id" in table.columns else ["subject_id", "study_id"]
     require_columns(table, keys, path)
     table = table.rename(columns={column: "edema_severity"})[[*keys, "edema_severity"]]
+    grades = table["edema_severity"]
+    bad = ~(grades.isna() | grades.isin([0, 1, 2, 3]))
+    if bad.any():
+        index = bad.idxmax()
+        raise PrepareError(f"{path} line {_line(index)}: {column} {_shown(grades[index])} is not a grade 0-3 or blank; "
+                           "fix the table")
     return keys, table.drop_duplicates(subset=keys)
+
+
+def _check_labels(labels: Any, path: str | Path) -> None:
+    """``PrepareError`` for a column that is no CheXpert finding or a value other than 1, 0, -1 or blank."""
+    unknown = [c for c in labels.columns if c not in ("subject_id", "study_id", *CHEXPERT_COLUMNS)]
+    if unknown:
+        raise PrepareError(f"{path}: unknown column(s) {unknown}; a label table has subject_id, study_id and "
+                           f"CheXpert findings {list(CHEXPERT_COLUMNS)}")
+    for column in [c for c in CHEXPERT_COLUMNS if c in labels.columns]:
+        values = labels[column]
+        bad = ~(values.isna() | values.isin([1, 0, -1]))
+        if bad.any():
+            index = bad.idxmax()
+            raise PrepareError(f"{path} line {_line(index)} (study {labels['study_id'][index]}): {column} "
+                               f"{_shown(values[index])} is not 1, 0, -1 or blank; fix the table")
+
+
+def _check_metadata(meta: Any, path: str | Path) -> None:
+    """``PrepareError`` for a dicom_id listed twice or a row without ids."""
+    missing = meta[["dicom_id", "subject_id", "study_id"]].isna().any(axis=1)
+    if missing.any():
+        raise PrepareError(f"{path} line {_line(missing.idxmax())}: dicom_id, subject_id or study_id is blank")
+    twice = meta["dicom_id"].duplicated(keep="first")
+    if twice.any():
+        index = twice.idxmax()
+        first = meta.index[meta["dicom_id"] == meta["dicom_id"][index]][0]
+        raise PrepareError(f"{path} line {_line(index)}: dicom_id {meta['dicom_id'][index]!r} is listed again "
+                           f"(first on line {_line(first)}); each image must be listed once")
+
+
+def _check_splits(splits: Any, meta: Any, path: str | Path) -> None:
+    """``PrepareError`` for a split name other than train/validate/test or a patient in two splits."""
+    names = splits["split"].astype(str).str.strip().str.lower()
+    bad = ~names.isin(list(SPLIT_NAMES))
+    if bad.any():
+        index = bad.idxmax()
+        raise PrepareError(f"{path} line {_line(index)} (dicom_id {splits['dicom_id'][index]}): split "
+                           f"{_shown(splits['split'][index])} is not one of train, validate, test; fix the table")
+    with_subject = splits.assign(_split=names.map(SPLIT_NAMES), _line=[_line(i) for i in splits.index])
+    if "subject_id" not in with_subject.columns:
+        with_subject = with_subject.merge(meta[["dicom_id", "subject_id"]], on="dicom_id", how="inner")
+    first_split = with_subject.groupby("subject_id")["_split"].transform("first")
+    moved = with_subject[with_subject["_split"] != first_split]
+    if len(moved):
+        row = moved.iloc[0]
+        other = with_subject[(with_subject["subject_id"] == row["subject_id"])].iloc[0]
+        raise PrepareError(f"{path} line {row['_line']} (dicom_id {row['dicom_id']}): patient {row['subject_id']} "
+                           f"is in split {row['_split']!r} here and {other['_split']!r} on line {other['_line']}; "
+                           "a patient's images must share one split")
 
 
 def mimic_plan(root: str | Path, metadata_csv: str | Path, labels_csv: str | Path,
@@ -102,11 +178,15 @@ def mimic_plan(root: str | Path, metadata_csv: str | Path, labels_csv: str | Pat
                seed: int = 0) -> Plan:
     """Join the MIMIC-CXR-JPG tables and describe the preparation (one work item per image)."""
     root = Path(root)
+    if not (root / "files").is_dir():
+        raise PrepareError(f"{root}: no files/ folder; pass the MIMIC-CXR-JPG folder that holds files/p10 ...")
     if uncertain not in UNCERTAIN_POLICIES or blank not in BLANK_POLICIES or fit not in FIT_METHODS or size < 8:
         raise ValueError(f"uncertain={uncertain!r} ({list(UNCERTAIN_POLICIES)}), blank={blank!r} "
                          f"({list(BLANK_POLICIES)}), fit={fit!r} ({FIT_METHODS}), size={size} (>= 8)")
     meta = read_table(metadata_csv, dtype={"dicom_id": str})
     require_columns(meta, ("dicom_id", "subject_id", "study_id", "ViewPosition"), metadata_csv)
+    _check_metadata(meta, metadata_csv)
+    meta = meta.assign(_line=[_line(i) for i in meta.index])
     filtered = {}
     if views is not None:
         keep = meta["ViewPosition"].isin(list(views))
@@ -115,12 +195,14 @@ def mimic_plan(root: str | Path, metadata_csv: str | Path, labels_csv: str | Pat
         meta = meta[keep]
     labels = read_table(labels_csv)
     require_columns(labels, ("subject_id", "study_id", *FINDINGS.values()), labels_csv)
+    _check_labels(labels, labels_csv)
     table = meta.merge(labels[["subject_id", "study_id", *FINDINGS.values()]].drop_duplicates(["subject_id",
                        "study_id"]), on=["subject_id", "study_id"], how="left", indicator="_labels")
     inputs = {Path(p).name: sha256_file(p) for p in (metadata_csv, labels_csv, split_csv, severity_csv) if p}
     if split_csv is not None:
         splits_table = read_table(split_csv, dtype={"dicom_id": str})
         require_columns(splits_table, ("dicom_id", "split"), split_csv)
+        _check_splits(splits_table, meta, split_csv)
         table = table.merge(splits_table[["dicom_id", "split"]].drop_duplicates("dicom_id"), on="dicom_id",
                             how="left")
     if severity_csv is not None:
@@ -136,19 +218,10 @@ def mimic_plan(root: str | Path, metadata_csv: str | Path, labels_csv: str | Pat
         if row["_labels"] != "both":
             skipped.append(Skip(name, "missing_label", f"study {row['study_id']} has no row in {labels_csv}"))
             continue
-        try:
-            sample_labels = {column: map_finding(row[source], uncertain, blank) for column, source in FINDINGS.items()}
-        except ValueError as exc:
-            skipped.append(Skip(name, "label_out_of_range", f"{labels_csv}: study {row['study_id']}: {exc}"))
-            continue
+        sample_labels = {column: map_finding(row[source], uncertain, blank) for column, source in FINDINGS.items()}
         if severity_csv is not None:
             grade = row["edema_severity"]
-            if isinstance(grade, float) and math.isnan(grade):
-                grade = -1
-            elif grade not in (0, 1, 2, 3):
-                skipped.append(Skip(name, "label_out_of_range", f"edema severity {grade!r}; expected 0..3"))
-                continue
-            sample_labels["edema_severity"] = int(grade)
+            sample_labels["edema_severity"] = -1 if isinstance(grade, float) and math.isnan(grade) else int(grade)
         split = "all"
         if split_csv is not None:
             split = SPLIT_NAMES.get(str(row["split"]).strip().lower()) if isinstance(row["split"], str) else None
@@ -158,8 +231,9 @@ def mimic_plan(root: str | Path, metadata_csv: str | Path, labels_csv: str | Pat
                 continue
         sample_labels.update(patient_id=str(row["subject_id"]), study_id=str(row["study_id"]),
                              view=str(row["ViewPosition"]), source_file=name)
+        where = f"{Path(metadata_csv).name} line {row['_line']}"
         items.setdefault(split, []).append(WorkItem(name, str(row["subject_id"]),
-                                                    (str(path), str(row["dicom_id"]), sample_labels)))
+                                                    (str(path), str(row["dicom_id"]), sample_labels, where)))
     if not items:
         raise PrepareError(f"{metadata_csv}: no image left to prepare ({len(skipped)} skipped, filtered {filtered})")
     if split_csv is None:

@@ -7,7 +7,6 @@ pipeline (``harness.pipeline``) and the jobs put them into a report. Nothing her
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,71 +14,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from harness import figures
 from harness.checkpoint import atomic_write_text
+from harness.config import Task
 from harness.data.phantoms import PhantomParams, render, to_uint8
 from harness.data.transforms import to_model_range
-from harness.method.autoencoder import DiffusionAutoencoder
-from harness.method.counterfactual import (
-    LOCAL_THRESHOLD,
-    binary_counterfactuals,
-    calibrate_gain,
-    default_grades,
-    distance_strip,
-    encode_for_counterfactuals,
-    evaluate_counterfactuals,
-    grade_counterfactuals,
-    progression_strip,
+from harness.evaluation import figures
+from harness.evaluation.floors import floor_rows, images_from_shards, pixel_latents, random_encoder_latents
+from harness.evaluation.heads import (  # noqa: F401 (re-exported: the heads' evaluation is read from here)
+    DETECTION_COLUMNS,
+    GRADING_COLUMNS,
+    HeadEvaluation,
+    evaluate_heads,
 )
+from harness.method.autoencoder import DiffusionAutoencoder
+from harness.method.counterfactual import LOCAL_THRESHOLD, CounterfactualEngine, default_grades
+from harness.method.counterfactual_quality import evaluate_counterfactuals
 from harness.method.directions import Direction, direction_name
-from harness.method.floors import floor_rows, images_from_shards, pixel_latents, random_encoder_latents
-from harness.method.head_spec import HeadOptions
-from harness.method.head_tasks import check_task_labels
-from harness.method.heads import TaskResult, TaskSpec, evaluate_task, fit_task, task_direction
+from harness.method.gain import calibrate_gain
+from harness.method.heads import TaskResult, task_direction
 from harness.method.latents import LatentsTable
 from harness.method.metrics import roc_curve_points
 from harness.method.probes import random_xT_identity, z_usage
 
-# Columns of the paper's Tables 3 and 4, in order.
-DETECTION_COLUMNS = ("task", "kind", "split", "auc", "f1", "accuracy", "sensitivity", "specificity", "n_pos", "n_neg")
-GRADING_COLUMNS = ("task", "kind", "split", "grade_macro_f1", "grade_mae", "grade_mae_continuous",
-                   "grade_kappa_quadratic", "grade_accuracy")
 
-
-@dataclass
-class HeadEvaluation:
-    """Every (task, kind) head fitted on the train split, with its rows on the evaluation split."""
-
-    results: dict[tuple[str, str], TaskResult]
-    detection_rows: list[dict[str, Any]]
-    grading_rows: list[dict[str, Any]]
-    raw_rows: list[dict[str, Any]]
-
-
-def evaluate_heads(table: LatentsTable, tasks: list[TaskSpec], kinds: tuple[str, ...], *, C: float = 1.0,
-                   calibration: str = "lstsq", degree: int = 1, backend: str = "auto",
-                   split: str = "test", options: HeadOptions | None = None) -> HeadEvaluation:
-    """Fit each head kind for each task on the train split; score detection (AUC from distances) and grading.
-
-    ``options`` (e.g. ``config.heads.options()``) carries every fitting choice and replaces C, calibration
-    and degree. Labels outside a task's grade range are refused before anything is fitted."""
-    options = options or HeadOptions(C=C, calibration=calibration, degree=degree)
-    check_task_labels(table, tasks)
-    results, detection, grading, raw = {}, [], [], []
-    for task in tasks:
-        for kind in kinds:
-            result = fit_task(table, task, kind=kind, backend=backend, options=options)
-            row = evaluate_task(result, table, split)
-            results[(task.name, kind)] = result
-            raw.append(row)
-            extra = ("auc_from_predictions",) if "auc_from_predictions" in row else ()  # the paper protocol's
-            detection.append({c: row.get(c) for c in (*DETECTION_COLUMNS, *extra)})
-            if result.calibration is not None:
-                grading.append({c: row.get(c) for c in GRADING_COLUMNS})
-    return HeadEvaluation(results, detection, grading, raw)
-
-
-def detection_floors(config: Any, tasks: list[TaskSpec], splits: tuple[str, str] = ("train", "test")) -> list[dict]:
+def detection_floors(config: Any, tasks: list[Task], splits: tuple[str, str] = ("train", "test")) -> list[dict]:
     """Detection rows of the floors every DAE head must beat: logistic regression on raw pixels and the same heads
     on a randomly initialised encoder of the run's architecture, fitted on train and scored on test."""
     data, heads = config.data, config.heads
@@ -121,10 +79,11 @@ def write_heads(path: Path, evaluation: HeadEvaluation) -> Path:
 def calibrate_direction_gain(ae: DiffusionAutoencoder, images: Tensor, config: Any, result: TaskResult,
                              direction: Direction) -> tuple[Direction, dict]:
     """``direction`` with its realisation gain measured on *training* ``images`` (B, C, H, W)
-    (:func:`harness.method.counterfactual.calibrate_gain`), inverted and rendered as the run makes its CEs."""
+    (:func:`harness.method.gain.calibrate_gain`), inverted and rendered as the run makes its CEs."""
     cf, d = config.counterfactual, config.diffusion
-    encoded = encode_for_counterfactuals(ae, images, d.invert_steps, d.decode_steps, cf.render, cf.local_threshold)
-    return calibrate_gain(ae, encoded, result.head, direction, validity=cf.gain_validity)
+    engine = CounterfactualEngine(ae, result.head, result.calibration, direction, d.invert_steps, d.decode_steps,
+                                  cf.render, cf.local_threshold)
+    return calibrate_gain(ae, engine.encode(images), result.head, direction, validity=cf.gain_validity)
 
 
 def save_head_figures(evaluation: HeadEvaluation, table: LatentsTable, out_dir: Path,
@@ -186,23 +145,28 @@ def phantom_truth(meta: list[dict[str, Any]], grades: np.ndarray, size: int) -> 
     return torch.stack(frames)
 
 
-def centre_border_ratio(x: Tensor, x_ce: Tensor, border: float = 0.2) -> Tensor:
-    """Where a counterfactual changed the image: mean |CE - input| in the central region over the mean in the
-    border frame (``border`` of the side on each edge). > 1 means the change is concentrated in the centre
-    (the lungs of a chest X-ray, the central vertebra of a phantom) rather than at the image edge. (B,)"""
-    diff = (x_ce - x).abs().mean(dim=1)  # (B, H, W)
-    h, w = diff.shape[-2:]
+def centre_share(x: Tensor, x_ce: Tensor, border: float = 0.2) -> tuple[Tensor, float]:
+    """Where a counterfactual changed the image: the share of the change's energy, sum (CE - input)^2, inside the
+    central region (``border`` of the side cut from each edge), in [0, 1] per image (B,) (NaN for an unchanged
+    image), and the share a change spread evenly over the image would have (the centre's share of the pixels).
+    Above that share the change concentrates in the centre (the lungs of a chest X-ray, the central vertebra of a
+    phantom) rather than at the image edge. Bounded, unlike a centre/border ratio, which explodes where the border
+    barely changes."""
+    energy = (x_ce.double() - x.double()).pow(2).sum(dim=1)  # (B, H, W)
+    h, w = energy.shape[-2:]
     bh, bw = max(1, round(border * h)), max(1, round(border * w))
-    centre = torch.zeros(h, w, dtype=torch.bool)
+    centre = torch.zeros(h, w, dtype=torch.bool, device=energy.device)
     centre[bh:h - bh, bw:w - bw] = True
-    return diff[:, centre].mean(dim=1) / diff[:, ~centre].mean(dim=1).clamp_min(1e-8)
+    total = energy.flatten(1).sum(dim=1)  # (B,)
+    share = torch.where(total > 0, energy[:, centre].sum(dim=1) / total.clamp_min(1e-300), torch.nan)
+    return share, float(centre.double().mean())
 
 
 def _row(name: str, metrics: dict, ce_x: Tensor, ce_x_ce: Tensor, direction: str, move_size: float | None) -> dict:
-    ratio = centre_border_ratio(ce_x, ce_x_ce)
+    share, uniform = centre_share(ce_x, ce_x_ce)
     return {"direction": direction, "move": "-" if move_size is None else f"{move_size:g}x", "kind": name,
-            **metrics, "centre_border_ratio": float(ratio.median()),
-            "centre_concentrated": float((ratio > 1).float().mean())}
+            **metrics, "centre_share": float(share.nanmedian()), "centre_share_uniform": uniform,
+            "centre_concentrated": float((share > uniform).double().mean())}
 
 
 def fit_directions(result: TaskResult, table: LatentsTable, names: tuple[str, ...], *, variance: float = 0.99,
@@ -230,20 +194,21 @@ def evaluate_counterfactual_set(ae: DiffusionAutoencoder, batch: dict[str, Any],
     opposite extreme, all from one shared inversion of the batch.
 
     Rows hold validity (the head's decision on the re-encoded CE), the realised fraction of the move, L1 (and
-    LPIPS) proximity, where the change sits (centre-vs-border ratio) and, on phantoms, the error against the
+    LPIPS) proximity, where the change sits (:func:`centre_share`) and, on phantoms, the error against the
     true counterfactual beside the unchanged input's, with the fraction of CEs closer to the truth than the
     input. ``outputs`` holds the ``primary`` direction's 1x binary batch and its grade batches for figures."""
     x = batch["image"]
     directions = directions or {"normal": None}
     primary = primary or next(iter(directions))
-    encoded = encode_for_counterfactuals(ae, x, invert_steps, decode_steps, render, local_threshold)
+    base = CounterfactualEngine(ae, result.head, result.calibration, None, invert_steps, decode_steps, render,
+                                local_threshold)
+    encoded = base.encode(x)
     phantoms = bool(batch["meta"]) and "phantom" in batch["meta"][0] and result.calibration is not None
     rows, outputs = [], {"encoded": encoded}
-    source = result.head.predict(encoded.z.numpy())  # (B,) the class each binary CE moves away from
     for name, direction in directions.items():
+        engine = base.with_direction(direction)
         for move_size in move_sizes:
-            binary = binary_counterfactuals(ae, x, result.head, direction=direction, move_size=move_size,
-                                            encoded=encoded)
+            binary = engine.binary(encoded, move_size)
             if name == primary and move_size == move_sizes[0]:
                 outputs["binary"] = binary
             truth = None
@@ -252,11 +217,10 @@ def evaluate_counterfactual_set(ae: DiffusionAutoencoder, batch: dict[str, Any],
                                       x.shape[-1])
             if name == primary:  # for the figure of the CE at every move size beside its truth
                 outputs.setdefault("moves", {})[move_size] = (binary, truth)
-            for cls in (0, 1):
-                keep = torch.from_numpy(source == cls)
+            for cls in (0, 1):  # each side of the boundary on its own row
+                keep = torch.from_numpy(binary.source_class == cls)
                 if keep.any():
-                    subset = type(binary)(**{f: _subset(getattr(binary, f), keep)
-                                             for f in binary.__dataclass_fields__})
+                    subset = binary.select(keep)
                     metrics = evaluate_counterfactuals(ae, subset, result.head, lpips=lpips,
                                                        true_ce=None if truth is None else truth[keep])
                     rows.append(_row(f"{class_names[cls]} -> {class_names[1 - cls]}", metrics, subset.x,
@@ -270,25 +234,14 @@ def evaluate_counterfactual_set(ae: DiffusionAutoencoder, batch: dict[str, Any],
                                       (f"grade >{low} -> grade {low}", grades > low, low)):
             if not chosen.any():
                 continue
-            keep = torch.from_numpy(chosen)
-            sub = encoded.select(keep)
             meta = [m for m, kept in zip(batch["meta"], chosen, strict=True) if kept]
-            ce = grade_counterfactuals(ae, sub.x, result.head, calibration, target, direction=direction, encoded=sub)
+            ce = engine.to_grade(encoded.select(torch.from_numpy(chosen)), target)
             truth = phantom_truth(meta, np.full(len(meta), target), x.shape[-1])
             metrics = evaluate_counterfactuals(ae, ce, result.head, calibration, lpips=lpips, true_ce=truth)
             rows.append(_row(label, metrics, ce.x, ce.x_ce, name, None))
             if name == primary:
                 outputs[label] = (ce, truth)
     return rows, outputs
-
-
-def _subset(value: Any, keep: Tensor) -> Any:
-    """Rows ``keep`` of a batch field (tensor or array); scalars and strings pass through."""
-    if isinstance(value, Tensor):
-        return value[keep]
-    if isinstance(value, np.ndarray) and value.ndim > 0:
-        return value[keep.numpy()]
-    return value
 
 
 def _save_moves_figure(moves: dict[float, tuple], path: Path, direction: Direction | None, k: int = 8) -> Path:
@@ -321,16 +274,16 @@ def save_counterfactual_figures(ae: DiffusionAutoencoder, batch: dict[str, Any],
     n = min(n_strips, x.shape[0])
     labels = batch["labels"][result.task.column]
     titles = [f"{batch['key'][i][-6:]} ({result.task.column} {int(labels[i])})" for i in range(n)]
+    engine = CounterfactualEngine(ae, result.head, calibration, direction, invert_steps, decode_steps,
+                                  encoded.render, encoded.local_threshold)
     if calibration is not None:  # grades g_min-1 .. g_max+1 at their calibrated distances
         grades = default_grades(calibration)
-        strips = [progression_strip(ae, x[i], result.head, calibration, grades, direction=direction,
-                                    encoded=encoded.select(slice(i, i + 1))) for i in range(n)]
+        strips = [engine.progression(encoded.select(slice(i, i + 1)), grades) for i in range(n)]
         frame_labels = grades
     else:  # binary task: symmetric distances scaled by the batch's typical distance to the boundary
         scale = float(np.mean(np.abs(outputs["binary"].dist)))
         distances = scale * np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
-        strips = [distance_strip(ae, x[i], result.head, distances, direction=direction,
-                                 encoded=encoded.select(slice(i, i + 1))) for i in range(n)]
+        strips = [engine.strip(encoded.select(slice(i, i + 1)), distances) for i in range(n)]
         frame_labels = [f"d={d:+.3f}" for d in distances]
     paths.append(figures.save_strips(strips, out_dir / "strips.png", titles, grade_labels=frame_labels,
                                      inputs=[x[i] for i in range(n)]))

@@ -4,7 +4,7 @@ A high AUC of a linear head on z_sem does not by itself show that z_sem is seman
 the raw pixels (the literature's floor) and a head on the latents of a randomly initialised encoder of the same
 architecture often score well too. This module builds both floors as :class:`~harness.method.latents.LatentsTable`
 objects with the same ids, splits and labels as the DAE's table, scores them with the same head code
-(:func:`harness.evaluate.evaluate_heads`) and says, per task and head kind, whether the DAE beats them.
+(:func:`harness.evaluation.heads.evaluate_heads`) and says, per task and head kind, whether the DAE beats them.
 
 ``images_by_split`` everywhere maps a split to ``(images (N, C, H, W) tensor in [-1, 1], labels
 {column: (N,) numpy}, keys [N str])``, as returned by :func:`images_from_shards`.
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from harness.method.heads import TaskSpec
+from harness.config import Task
+from harness.evaluation.heads import evaluate_heads
 from harness.method.latents import LatentsTable
 from harness.models import DAESpec, build_dae
 
@@ -100,7 +101,7 @@ def random_encoder_latents(spec_or_size: str | DAESpec, in_channels: int, image_
     return _table(images_by_split, features, {"dae": f"floor: random encoder ({name}, seed {seed})"})
 
 
-def floor_rows(pixel_table: LatentsTable | None, random_table: LatentsTable | None, tasks: list[TaskSpec],
+def floor_rows(pixel_table: LatentsTable | None, random_table: LatentsTable | None, tasks: list[Task],
                kinds: Sequence[str], **head_kwargs: Any) -> list[dict[str, Any]]:
     """Detection rows of both floors, fitted and scored exactly like the DAE's heads (``evaluate_heads``).
 
@@ -108,8 +109,6 @@ def floor_rows(pixel_table: LatentsTable | None, random_table: LatentsTable | No
     ``kinds`` (those of the DAE). ``head_kwargs`` go to ``evaluate_heads`` (C, backend, split, ...). A table
     given as None is skipped. Rows: ``FLOOR_COLUMNS``.
     """
-    from harness.evaluate import evaluate_heads  # lazily: evaluate pulls in figures and counterfactuals
-
     rows = []
     for floor, table, floor_kinds in ((PIXEL_FLOOR, pixel_table, ("logistic",)),
                                       (RANDOM_FLOOR, random_table, tuple(kinds))):

@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from harness.method.counterfactual import binary_counterfactuals, evaluate_counterfactuals
+from harness.config import Task
+from harness.method.counterfactual import CounterfactualEngine
+from harness.method.counterfactual_quality import evaluate_counterfactuals
 from harness.method.directions import fit_direction
-from harness.method.heads import TaskSpec, fit_head
+from harness.method.heads import fit_head
 from harness.method.metrics import detection_metrics
 from harness.method.probes import z_usage
 
@@ -36,7 +38,7 @@ def _balanced_rows(y: np.ndarray, n: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def training_probe(ae: Any, x: Tensor, labels: np.ndarray, task: TaskSpec, *, direction: str = "pattern",
+def training_probe(ae: Any, x: Tensor, labels: np.ndarray, task: Task, *, direction: str = "pattern",
                    n_counterfactuals: int = 8, invert_steps: int = 20, decode_steps: int = 20,
                    timesteps: tuple[int, ...] = (250, 500, 750, 950), seed: int = 0) -> dict[str, float]:
     """Probe figures for images ``x`` (B, C, H, W) with labels (B,) under ``task`` (see the module docstring).
@@ -63,7 +65,7 @@ def training_probe(ae: Any, x: Tensor, labels: np.ndarray, task: TaskSpec, *, di
     except ValueError:  # e.g. a direction orthogonal to the normal this early in training
         return out
     rows = torch.from_numpy(np.flatnonzero(mask)[_balanced_rows(y, n_counterfactuals)])
-    batch = binary_counterfactuals(ae, x[rows], head, invert_steps, decode_steps, direction=moving)
+    batch = CounterfactualEngine(ae, head, None, moving, invert_steps, decode_steps).binary(x[rows])
     metrics = evaluate_counterfactuals(ae, batch, head)
     out["ce_validity"] = float(metrics["validity"])
     out["ce_realised"] = float(metrics["realised_fraction"])
@@ -75,7 +77,7 @@ def probe_from_config(dae: Any, config: Any, batch: dict[str, Any], device: torc
     (an ``eval_loader`` batch of the validation split)."""
     from harness.method.autoencoder import DiffusionAutoencoder
 
-    task = TaskSpec.from_config(config.heads.tasks[0])
+    task = config.heads.tasks[0]
     ae = DiffusionAutoencoder.from_config(dae, config, device=device, batch_size=config.eval.batch_size,
                                           precision=config.eval.precision)
     labels = batch["labels"][task.column].cpu().numpy()
