@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 # torch/torchvision pinned to the builds this project is tested with; everything else comes from setup.cfg, at the
 # versions in constraints.txt (those the benchmarks' baseline was recorded with).
 TORCH := torch==2.14.1 torchvision==0.29.1
-# Extras: test, sweep (Ray Tune), baseline (MONAI + Ray), deepspeed, prepare (medical formats), gpu (cuML); `dist`
+# Extras: test, sweep (Ray Tune), baseline (MONAI + Ray), deepspeed, prepare (medical formats), server (PostgreSQL +
+# MLflow basic-auth), gpu (cuML); `dist`
 # is the old name for sweep + baseline + deepspeed.
 EXTRAS ?= test,dist,prepare,server
 # Idle OpenMP threads sleep instead of spinning: on a small shared CPU spinning threads of concurrent

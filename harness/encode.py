@@ -7,14 +7,16 @@ Each process encodes its own share of every split (the evaluation loader gives e
 rank) and writes it in chunks under ``<out>.parts/``; a rerun skips the chunks already written, so a killed
 job resumes. The chunks belong to one encoding: ``<out>.parts/fingerprint.json`` records the weights, the data
 and the settings that made them, and a rerun with anything else discards them (with a note) instead of mixing
-them in. The main process then merges the chunks into one table, written atomically. Encoding uses no
-augmentation: latents describe the images as they are. An existing ``--out`` is replaced only with
-``--overwrite``; every argument is checked before the model is loaded.
+them in; a rerun to the same table under the other suffix (``z.npz`` -> ``z.parquet``) takes them over. The
+main process then merges the chunks into one table, written atomically. Encoding uses no augmentation: latents
+describe the images as they are. An existing ``--out`` is replaced only with ``--overwrite``; every argument is
+checked before the model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import shutil
 import sys
@@ -51,26 +53,43 @@ def parts_dir_for(out_path: str | Path) -> Path:
     return out_path.with_name(out_path.name + ".parts")
 
 
-def claim_parts_dir(parts_dir: Path, fingerprint: dict) -> bool:
-    """Keep ``parts_dir`` only when its chunks were made by ``fingerprint``; otherwise discard it (with a note).
-
-    Main process only, before any rank writes. Returns True when chunks were discarded. A folder without a
-    fingerprint is of unknown origin (an interrupted rerun of an older version) and is discarded too.
-    """
-    if not parts_dir.exists():
-        return False
-    record = parts_dir / PARTS_FINGERPRINT
+def _stored_fingerprint(parts_dir: Path) -> dict | None:
     try:
-        stored = json.loads(record.read_text()) if record.is_file() else None
-    except json.JSONDecodeError:
-        stored = None
-    if stored == fingerprint:
-        return False
-    why = "; ".join(differences(stored, fingerprint)[:4]) if isinstance(stored, dict) else "no fingerprint"
-    print(f"note: discarding the chunks in {parts_dir}: they were made by another encoding ({why})",
+        stored = json.loads((parts_dir / PARTS_FINGERPRINT).read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+def _discard(parts_dir: Path, fingerprint: dict) -> None:
+    stored = _stored_fingerprint(parts_dir)
+    why = "; ".join(differences(stored, fingerprint)[:4]) if stored is not None else "no fingerprint"
+    print(f"note: discarding the chunks in {parts_dir}: they were made by another encoding ({why or 'same'})",
           file=sys.stderr)
     shutil.rmtree(parts_dir)
-    return True
+
+
+def claim_parts_dir(out_path: Path, fingerprint: dict) -> Path:
+    """The chunk folder of ``out_path``, holding only chunks made by ``fingerprint``; returns its path.
+
+    Main process only, before any rank writes. The chunk folders of the same table under another suffix (a run
+    to ``z.npz`` interrupted, rerun to ``z.parquet``) are reused when they hold the same encoding and discarded
+    otherwise; every discard is said on stderr. A folder without a fingerprint is of unknown origin (an older
+    version's) and is discarded too.
+    """
+    parts_dir = parts_dir_for(out_path)
+    if parts_dir.exists() and _stored_fingerprint(parts_dir) != fingerprint:
+        _discard(parts_dir, fingerprint)
+    siblings = sorted(p for p in out_path.parent.glob(f"{glob.escape(out_path.stem)}.*.parts")
+                      if p != parts_dir and p.is_dir() and Path(p.name[:-len(".parts")]).stem == out_path.stem)
+    for sibling in siblings:
+        if not parts_dir.exists() and _stored_fingerprint(sibling) == fingerprint:
+            print(f"note: resuming from the chunks in {sibling} (the same encoding, written for another suffix)",
+                  file=sys.stderr)
+            sibling.replace(parts_dir)
+        else:
+            _discard(sibling, fingerprint)
+    return parts_dir
 
 
 def _chunk_path(parts_dir: Path, split: str, rank: int, index: int) -> Path:
@@ -167,7 +186,7 @@ def encode_to_table(ae: DiffusionAutoencoder, shard_dir: str | Path, splits: lis
     chunk_fingerprint = {**made_by, "batch_size": kwargs.get("batch_size", 64),
                          "batches_per_chunk": kwargs.get("batches_per_chunk", 8), "world_size": world_size}
     if rank == 0:
-        claim_parts_dir(parts_dir, chunk_fingerprint)
+        claim_parts_dir(out_path, chunk_fingerprint)
     barrier()
     if not (parts_dir / PARTS_FINGERPRINT).is_file():  # every rank writes the same bytes; the rename is atomic
         write_json_atomic(parts_dir / PARTS_FINGERPRINT, chunk_fingerprint)

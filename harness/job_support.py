@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from pydantic import Field, model_validator
 from pydantic.dataclasses import dataclass
 
 from harness.config import load_yaml, to_dict
-from harness.config.errors import require
+from harness.config.errors import ConfigError, require
 from harness.config.fields import SECTION, Float, Name
 from harness.fileio import sha256_file
 from harness.fileio import write_json_atomic as fileio_write_json_atomic
@@ -113,10 +114,14 @@ def job_from_args(args: Any, cls: type) -> Any:
 
 
 @contextmanager
-def ray_job(tracker: Any, num_cpus: int | None = None) -> Iterator[None]:
+def ray_job(tracker: Any, num_cpus: int | None = None, address: str | None = None) -> Iterator[None]:
     """Run a block with Ray started (or joined, :func:`init_ray`) and the tracker's run open: on leaving, the run
     ends FINISHED (FAILED on any exception) and Ray is shut down if this call started it."""
-    started = init_ray(num_cpus)
+    try:
+        started = init_ray(num_cpus, address)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
     try:
         yield
         tracker.end()
@@ -130,8 +135,31 @@ def ray_job(tracker: Any, num_cpus: int | None = None) -> Iterator[None]:
             ray.shutdown()
 
 
-def init_ray(num_cpus: int | None = None) -> bool:
-    """Start a local Ray with ``num_cpus`` cores (default: all), or join the cluster named by ``RAY_ADDRESS``.
+CLUSTER_ANSWER_S = 5.0  # how long a cluster address may take to accept a connection before it is refused
+
+
+def check_cluster_address(address: str, timeout_s: float = CLUSTER_ANSWER_S) -> str:
+    """``host:port`` of a Ray head (its GCS port, ``ray start --head --port``) that accepts a TCP connection
+    within ``timeout_s``; a :class:`ConfigError` (one line) otherwise, so a wrong address fails in seconds
+    instead of Ray's own long wait. ``ray://`` and ``auto`` addresses are handed to Ray unchecked."""
+    if address == "auto" or "://" in address:
+        return address
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"error: Ray cluster address {address!r} is not host:port; give the head's address, "
+                          "e.g. 127.0.0.1:6390 (launch/ray/two_nodes_local.sh status prints it)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as error:
+        raise ConfigError(f"error: Ray cluster at {address} does not answer ({error.strerror or error}); start it "
+                          "(launch/ray/two_nodes_local.sh start) or fix --address / ray_address") from None
+    return address
+
+
+def init_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
+    """Start a local Ray with ``num_cpus`` cores (default: all), or join the cluster at ``address`` (``host:port``
+    of its head, checked first: :func:`check_cluster_address`), else the one named by ``RAY_ADDRESS``.
 
     ``ray job submit`` sets ``RAY_ADDRESS`` for the driver, so the same command line runs locally and on a
     cluster; a cluster's size is its own, so ``num_cpus`` is ignored there. Returns True when this call
@@ -142,11 +170,17 @@ def init_ray(num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        address = check_cluster_address(address)
         if num_cpus is not None:
-            log.warning("RAY_ADDRESS=%s is set: joining that cluster, --num-cpus %s is ignored",
-                        os.environ["RAY_ADDRESS"], num_cpus)
-        ray.init()
+            log.warning("joining the Ray cluster at %s: --num-cpus %s is ignored", address, num_cpus)
+        try:
+            ray.init(address=address)
+        except ray.exceptions.AuthenticationError:
+            raise ConfigError(f"error: the Ray cluster at {address} refused this driver's token; export "
+                              "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<the cluster's auth_token> "
+                              "(launch/ray/two_nodes_local.sh status prints them)") from None
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False)
     return True

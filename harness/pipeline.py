@@ -15,7 +15,9 @@ import json
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,28 +27,34 @@ from harness.config import RunConfig, dump_yaml, load_config, load_yaml
 from harness.data import eval_loader
 from harness.encode import encode_to_table
 from harness.evaluation.evaluate import (
+    HeadEvaluation,
+    Judges,
+    build_judges,
     calibrate_direction_gain,
+    ce_verdicts,
     detection_floors,
     evaluate_counterfactual_set,
     evaluate_heads,
     evaluate_reconstruction,
     evaluate_semantic_usage,
     fit_directions,
+    judged_caption,
     save_counterfactual_figures,
     save_head_figures,
     save_heads,
     write_heads,
 )
 from harness.evaluation.figures import save_image_grid, save_latent_map
-from harness.method.autoencoder import DiffusionAutoencoder
 from harness.evaluation.floors import beats_floor
-from harness.method.latents import load_latents
+from harness.evaluation.report import Report, check_report
+from harness.method.autoencoder import DiffusionAutoencoder
+from harness.method.heads import TaskResult
+from harness.method.latents import LatentsTable, load_latents
 from harness.method.metrics import FIDMetric, LPIPSMetric, MissingWeightsError
 from harness.ops.baseline import BaselineJob
 from harness.ops.baseline_job import run_baselines
 from harness.ops.tracking import Tracker
-from harness.evaluation.report import Report, check_report
-from harness.train_dae import main as train_main
+from harness.trainer import Trainer
 
 
 def take_balanced(shard_dir: str, split: str, n: int, config: RunConfig, column: str) -> dict:
@@ -99,6 +107,13 @@ def _lpips_or_reason() -> tuple[object | None, str | None]:
         return None, str(err)
 
 
+def _fid_or_none() -> FIDMetric | None:
+    try:
+        return FIDMetric(device="cuda" if torch.cuda.is_available() else "cpu")
+    except MissingWeightsError:
+        return None
+
+
 def reconstruction_fid(images: torch.Tensor, decoded: torch.Tensor,
                        metric: FIDMetric | None = None) -> tuple[dict[str, float | int] | None, str | None]:
     """FID of ``decoded`` (the DAE's reconstructions, (B, C, H, W) in [-1, 1]) against ``images`` they came from.
@@ -145,99 +160,203 @@ def _gain_shortfall(info: dict) -> str:
     return f" (not reached on the training images: {'; '.join(missed)})" if missed else ""
 
 
-def run(config_path: str | None, overrides: list[str]) -> Path:
-    started = time.perf_counter()
-    clock = StageClock()
-    # Train (or resume / reuse the finished run).
-    clock.next("train")
-    train_args = (["--config", config_path] if config_path else []) + overrides + ["--resume"]
-    trained = train_main(train_args)
-    clock.next("encode")
-    config = load_config(config_path, overrides)
-    out_dir = Path(config.eval.out_dir)
-    report_dir = out_dir / "report"
-    fig_dir = report_dir / "figures"
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    ev, d = config.eval, config.diffusion
-    torch.manual_seed(config.train.seed)
+# ---------------------------------------------------------------------------------------------------------
+# The stages: trained model -> latents -> heads -> counterfactuals -> report, each a function of the loaded
+# config and the previous stages' results (the benchmark suites call the same functions).
+# ---------------------------------------------------------------------------------------------------------
 
-    # Encode the labelled splits (no augmentation) into a latents table.
-    ae = DiffusionAutoencoder.load(trained["model_dir"], batch_size=ev.batch_size, precision=ev.precision)
-    latents_path = out_dir / "latents.parquet"
-    encode_to_table(ae, config.data.shard_dir, list(ev.encode_splits), latents_path, batch_size=ev.batch_size,
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A finished training run: its exported model folder and how far it trained."""
+
+    model_dir: Path
+    samples_seen: int
+    mlflow_run_id: str | None
+
+
+@dataclass
+class Latents:
+    """The trained autoencoder and the latents table of the labelled splits (no augmentation)."""
+
+    ae: DiffusionAutoencoder
+    path: Path
+    table: LatentsTable
+
+
+@dataclass
+class Heads:
+    """Every (task, kind) head fitted on train and scored on test; the first task's first kind makes the CEs."""
+
+    evaluation: HeadEvaluation
+    main: TaskResult
+    seconds_per_head: float
+    floors: list[dict] = field(default_factory=list)
+    floor_verdict: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class AutoencoderChecks:
+    """Reconstruction and z-usage on the counterfactual images: does the decoder listen to z_sem at all?"""
+
+    images: dict  # the balanced test batch the CEs are made of (image, key, meta, labels)
+    reconstruction: list[dict]
+    usage: list[dict]
+    identity: dict
+
+
+@dataclass
+class Counterfactuals:
+    """The CE rows of every direction x move size, the directions (``primary`` first) and what the gain did."""
+
+    rows: list[dict]
+    outputs: Any
+    directions: dict
+    primary: str
+    gain_text: str
+    judges: Judges | None = None
+
+
+def train_model(config: RunConfig) -> TrainedModel:
+    """Train the DAE of ``config`` in this process, or resume / reuse the run its ``train.out_dir`` holds."""
+    summary = Trainer(config, resume="latest").fit()
+    return TrainedModel(Path(summary["model_dir"]), int(summary["samples_seen"]), summary.get("mlflow_run_id"))
+
+
+def encode_latents(config: RunConfig, trained: TrainedModel) -> Latents:
+    """Encode ``eval.encode_splits`` into ``<eval.out_dir>/latents.parquet`` (z_sem only)."""
+    ev = config.eval
+    ae = DiffusionAutoencoder.load(trained.model_dir, batch_size=ev.batch_size, precision=ev.precision)
+    path = Path(ev.out_dir) / "latents.parquet"
+    encode_to_table(ae, config.data.shard_dir, list(ev.encode_splits), path, batch_size=ev.batch_size,
                     image_size=config.data.image_size, channels=config.data.channels,
-                    meta={"model_dir": trained["model_dir"], "mlflow_run_id": trained.get("mlflow_run_id")})
-    table = load_latents(latents_path)
+                    meta={"model_dir": str(trained.model_dir), "mlflow_run_id": trained.mlflow_run_id})
+    return Latents(ae, path, load_latents(path))
 
-    # Heads: every kind for every task, fitted on train, scored on test.
-    clock.next("heads")
+
+def fit_heads(config: RunConfig, latents: Latents) -> Heads:
+    """Every head kind for every task, fitted on train and scored on test; written to ``heads.json`` with the
+    configured CE direction."""
     tasks = list(config.heads.tasks)
-    heads_started = time.perf_counter()
-    heads = evaluate_heads(table, tasks, config.heads.kinds, options=config.heads.options(),
-                           backend=config.heads.backend, split="test")
-    heads_wall = (time.perf_counter() - heads_started) / max(1, len(heads.detection_rows))
-    cf = config.counterfactual
-    main_result = heads.results[(tasks[0].name, config.heads.kinds[0])]
-    save_heads(out_dir / "heads.json", heads, table, cf)  # each head with the configured CE direction
+    started = time.perf_counter()
+    evaluation = evaluate_heads(latents.table, tasks, config.heads.kinds, options=config.heads.options(),
+                                backend=config.heads.backend, split="test")
+    seconds = (time.perf_counter() - started) / max(1, len(evaluation.detection_rows))
+    save_heads(Path(config.eval.out_dir) / "heads.json", evaluation, latents.table, config.counterfactual)
+    return Heads(evaluation, evaluation.results[(tasks[0].name, config.heads.kinds[0])], seconds)
 
-    # Reconstruction and counterfactuals on test images.
-    clock.next("reconstruction and z-usage")
-    lpips, lpips_reason = _lpips_or_reason()
-    batch = take_balanced(config.data.shard_dir, "test", ev.counterfactual_images, config, tasks[0].column)
-    recon_rows = evaluate_reconstruction(ae, batch["image"], [(d.invert_steps, d.decode_steps)], lpips=lpips)
-    usage_rows, identity = evaluate_semantic_usage(ae, batch["image"], seed=config.train.seed)
-    floor_table, floor_verdict = [], []
-    clock.next("floors")
-    if ev.floors:  # every detection figure beside raw-pixel logistic regression and a random encoder
-        floor_table = detection_floors(config, tasks)
-        floor_verdict = beats_floor(heads.detection_rows, floor_table)
-    clock.next("counterfactuals")
+
+def add_floors(config: RunConfig, heads: Heads) -> None:
+    """The floors every detection figure stands beside: raw-pixel logistic regression and a random encoder."""
+    heads.floors = detection_floors(config, list(config.heads.tasks))
+    heads.floor_verdict = beats_floor(heads.evaluation.detection_rows, heads.floors)
+
+
+def check_autoencoder(config: RunConfig, latents: Latents, lpips: Any = None) -> AutoencoderChecks:
+    """Reconstruction error and z-usage on ``eval.counterfactual_images`` balanced test images."""
+    d = config.diffusion
+    images = take_balanced(config.data.shard_dir, "test", config.eval.counterfactual_images, config,
+                           config.heads.tasks[0].column)
+    recon = evaluate_reconstruction(latents.ae, images["image"], [(d.invert_steps, d.decode_steps)], lpips=lpips)
+    usage, identity = evaluate_semantic_usage(latents.ae, images["image"], seed=config.train.seed)
+    return AutoencoderChecks(images, recon, usage, identity)
+
+
+def make_counterfactuals(config: RunConfig, latents: Latents, heads: Heads, images: dict,
+                         lpips: Any = None, judges: Judges | None = None) -> Counterfactuals:
+    """CEs of ``images`` along every configured direction and move size; with ``calibrate_gain`` the configured
+    direction's realisation gain is measured on training images first and leads (``heads.json`` gets it)."""
+    cf, d, task = config.counterfactual, config.diffusion, config.heads.tasks[0]
     names = tuple(dict.fromkeys((cf.direction, *cf.evaluate_directions)))  # the configured one first
-    directions = fit_directions(main_result, table, names, variance=cf.subspace_variance, k=cf.subspace_k)
+    directions = fit_directions(heads.main, latents.table, names, variance=cf.subspace_variance, k=cf.subspace_k)
     primary, gain_text = cf.direction, ""
     if cf.calibrate_gain:  # the configured direction with its realisation gain leads; the others stay at gain 1
-        gain_images = take_balanced(config.data.shard_dir, "train", cf.gain_images, config, tasks[0].column)
-        gained, gain_info = calibrate_direction_gain(ae, gain_images["image"], config, main_result,
+        gain_images = take_balanced(config.data.shard_dir, "train", cf.gain_images, config, task.column)
+        gained, gain_info = calibrate_direction_gain(latents.ae, gain_images["image"], config, heads.main,
                                                      directions[cf.direction])
         primary = f"{cf.direction}+gain"
         directions = {primary: gained, **directions}
-        main_result.direction = gained  # heads.json: the served explainer and the strips move the same way
-        write_heads(out_dir / "heads.json", heads)
+        heads.main.direction = gained  # heads.json: the served explainer and the strips move the same way
+        write_heads(Path(config.eval.out_dir) / "heads.json", heads.evaluation)
         gain_text = (f" '{primary}' is '{cf.direction}' with its realisation gain {gained.gain[0]:.2f} (moves from "
                      f"the negative side) / {gained.gain[1]:.2f} (from the positive side), measured on "
                      f"{len(gain_images['key'])} training images, aimed at {gain_info['target']}"
                      + _gain_shortfall(gain_info) + ".")
-    ce_rows, ce_outputs = evaluate_counterfactual_set(ae, batch, main_result, invert_steps=d.invert_steps,
-                                                      decode_steps=d.decode_steps, directions=directions,
-                                                      primary=primary, move_sizes=tuple(cf.move_sizes),
-                                                      render=cf.render, local_threshold=cf.local_threshold,
-                                                      lpips=lpips,
-                                                      class_names=tasks[0].class_names or tuple(ev.class_names))
+    rows, outputs = evaluate_counterfactual_set(latents.ae, images, heads.main, invert_steps=d.invert_steps,
+                                                decode_steps=d.decode_steps, directions=directions,
+                                                primary=primary, move_sizes=tuple(cf.move_sizes), render=cf.render,
+                                                local_threshold=cf.local_threshold, lpips=lpips,
+                                                class_names=task.class_names or tuple(config.eval.class_names),
+                                                oracle=judges and judges.oracle, readout=judges and judges.readout,
+                                                fid=judges and judges.fid)
+    return Counterfactuals(rows, outputs, directions, primary, gain_text, judges)
 
-    # Fully supervised baseline on the same shards and splits (optional).
+
+def run(config_path: str | None, overrides: list[str]) -> Path:
+    """The whole method on one job file; returns the report's index.html."""
+    started = time.perf_counter()
+    config = load_config(config_path, overrides)  # every value checked before anything runs
+    clock = StageClock()
+    clock.next("train")
+    trained = train_model(config)
+    clock.next("encode")
+    torch.manual_seed(config.train.seed)
+    latents = encode_latents(config, trained)
+    clock.next("heads")
+    heads = fit_heads(config, latents)
+    clock.next("reconstruction and z-usage")
+    lpips, lpips_reason = _lpips_or_reason()
+    checks = check_autoencoder(config, latents, lpips)
+    clock.next("floors")
+    if config.eval.floors:
+        add_floors(config, heads)
+    clock.next("oracle")
+    judges = build_judges(config, fid=_fid_or_none())
+    clock.next("counterfactuals")
+    ces = make_counterfactuals(config, latents, heads, checks.images, lpips, judges)
     clock.next("baseline" if config.eval.baseline_job else "report")
-    comparison = [{"task": r["task"], "method": f"DAE z_sem + {r['kind']}",
-                   **{k: r[k] for k in ("auc", "f1", "accuracy")}, "wall_s": heads_wall,
-                   "selected": f"C={config.heads.C}"} for r in heads.detection_rows]
-    if config.eval.baseline_job:
-        comparison += run_baseline(config, out_dir)
-
-    # Report.
+    baseline_rows = run_baseline(config, Path(config.eval.out_dir)) if config.eval.baseline_job else []
     if config.eval.baseline_job:
         clock.next("report")
+    index = write_report(config, config_path, trained, latents, heads, checks, ces, baseline_rows, clock, started,
+                         lpips_reason)
+    minutes = (time.perf_counter() - started) / 60
+    print(f"report:     {index}\nlatents:    {latents.path}\nwall time:  {minutes:.1f} min")
+    return index
+
+
+def write_report(config: RunConfig, config_path: str | None, trained: TrainedModel, latents: Latents, heads: Heads,
+                 checks: AutoencoderChecks, ces: Counterfactuals, baseline_rows: list[dict], clock: StageClock,
+                 started: float, lpips_reason: str | None) -> Path:
+    """The HTML report (tables in the form of the paper's Tables 2-4, figures) and its MLflow run."""
+    out_dir = Path(config.eval.out_dir)
+    report_dir = out_dir / "report"
+    fig_dir = report_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    ev, d, cf = config.eval, config.diffusion, config.counterfactual
+    tasks = list(config.heads.tasks)
+    ae, table, latents_path = latents.ae, latents.table, latents.path
+    main_result, batch, primary = heads.main, checks.images, ces.primary
+    recon_rows, usage_rows, identity = checks.reconstruction, checks.usage, checks.identity
+    ce_rows, ce_outputs, directions, gain_text = ces.rows, ces.outputs, ces.directions, ces.gain_text
+    floor_table, floor_verdict = heads.floors, heads.floor_verdict
+    heads_eval = heads.evaluation
+    comparison = [{"task": r["task"], "method": f"DAE z_sem + {r['kind']}",
+                   **{k: r[k] for k in ("auc", "f1", "accuracy")}, "wall_s": heads.seconds_per_head,
+                   "selected": f"C={config.heads.C}"} for r in heads_eval.detection_rows] + baseline_rows
     report = Report(report_dir, f"dae-cf evaluation: {Path(config_path or 'defaults').stem}")
     report.add_text("Run", f"DAE `{config.model.size}` trained on `{config.data.shard_dir}` for "
-                           f"{trained['samples_seen']:,} samples; latents from `{latents_path}`; "
+                           f"{trained.samples_seen:,} samples; latents from `{latents_path}`; "
                            f"DDIM {d.invert_steps} inversion / {d.decode_steps} decoding steps.")
-    report.add_table("detection", heads.detection_rows, "Detection on the test split (AUC from signed distances; "
+    report.add_table("detection", heads_eval.detection_rows, "Detection on the test split (AUC from signed distances; "
                      "paper Table 3 form)", section="Heads")
     if config.eval.baseline_job:
         report.add_table("comparison", comparison, "Test split: linear heads on DAE latents vs DenseNet121 trained "
                          "from scratch on the same shards (AUC from scores; wall_s: fit time of one head, or the "
                          "whole baseline search)", section="Heads")
-    if heads.grading_rows:
-        report.add_table("grading", heads.grading_rows, f"Grading by calibrated distance ({config.heads.calibration};"
-                         " paper Table 4 form)", section="Heads")
+    if heads_eval.grading_rows:
+        report.add_table("grading", heads_eval.grading_rows, "Grading by calibrated distance "
+                         f"({config.heads.calibration}; paper Table 4 form)", section="Heads")
     if floor_table:
         report.add_table("floors", floor_table, "Floors on the test split: the same heads on raw pixels (logistic "
                          "regression) and on a randomly initialised encoder of the same architecture",
@@ -256,8 +375,12 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
                      "reflection's move), "
                      "validity after re-encoding, the realised fraction of the move, L1 proximity and, on phantoms, "
                      "the per-CE median error against the true counterfactual beside the unchanged input's, with the "
-                     f"fraction of CEs closer to the truth than their input. Strips use '{primary}'.{gain_text}",
-                     section="Counterfactuals")
+                     f"fraction of CEs closer to the truth than their input. Strips use '{primary}'.{gain_text} "
+                     + judged_caption(ces.judges), section="Counterfactuals")
+    if ces.judges is not None:
+        report.add_table("oracles", ces.judges.rows(), "The judges of the CEs that never saw one, with their "
+                         "accuracy on real test images (test_auc: the oracle's AUC)", section="Counterfactuals")
+        report.add_text("Counterfactuals", ce_verdicts(ce_rows))
     if lpips_reason:
         report.add_not_computed("LPIPS", lpips_reason)
     recon = ae.reconstruct(batch["image"])  # (B, C, H, W): measured by FID here, shown as a figure below
@@ -268,7 +391,7 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
         report.add_table("fid", [fid_row], f"FID of the reconstructions of {len(recon)} test images against those "
                          "images (pytorch-fid's Inception); from so few images FID is biased upward, so compare it "
                          "only between runs with the same number of images", section="Autoencoder")
-    for path in save_head_figures(heads, table, fig_dir):
+    for path in save_head_figures(heads_eval, table, fig_dir):
         report.add_figure(path, path.stem.replace("_", " "), section="Heads")
     for path in save_counterfactual_figures(ae, batch, main_result, ce_outputs, fig_dir, n_strips=ev.strip_images,
                                             invert_steps=d.invert_steps, decode_steps=d.decode_steps,
@@ -301,14 +424,17 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
 
     # Track: one evaluation run, tagged with the DAE run, holding the report and headline metrics.
     tracker = Tracker(config.track, config.train.out_dir, run_name=f"eval-{out_dir.name}",
-                      tags={"dae_run_id": str(trained.get("mlflow_run_id")), "kind": "evaluation"})
-    headline = {f"{r['task']}/{r['kind']}/auc": r["auc"] for r in heads.detection_rows}
-    headline.update({f"{r['task']}/{r['kind']}/{k}": r[k] for r in heads.grading_rows
+                      tags={"dae_run_id": str(trained.mlflow_run_id), "kind": "evaluation"})
+    headline = {f"{r['task']}/{r['kind']}/auc": r["auc"] for r in heads_eval.detection_rows}
+    headline.update({f"{r['task']}/{r['kind']}/{k}": r[k] for r in heads_eval.grading_rows
                      for k in ("grade_macro_f1", "grade_mae", "grade_mae_continuous", "grade_kappa_quadratic")})
     for r in ce_rows:
         prefix = re.sub(r"[^A-Za-z0-9_./]+", "_", f"ce/{r['direction']}/{r['move']}/{r['kind']}")
-        headline.update({f"{prefix}/{k}": r[k] for k in ("validity", "realised_fraction", "closer_than_input")
+        headline.update({f"{prefix}/{k}": r[k] for k in ("validity", "realised_fraction", "closer_than_input",
+                                                          "oracle_flip", "readout_flip", "fd_oracle")
                          if k in r})
+    if ces.judges is not None:
+        headline["oracle/test_auc"] = ces.judges.oracle.test_auc
     headline["recon/mse"] = recon_rows[0]["mse"]
     if fid_row is not None:
         headline["recon/fid"] = fid_row["fid"]
@@ -320,8 +446,9 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     tracker.log_metrics({k: v for k, v in headline.items() if isinstance(v, (int, float)) and v == v})
     tracker.log_artifacts(report_dir, "report")
     tracker.end()
-    print(f"report:     {index}\nlatents:    {latents_path}\nwall time:  {elapsed / 60:.1f} min")
     return index
+
+
 
 
 def main(argv: list[str] | None = None) -> Path:

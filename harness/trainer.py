@@ -38,13 +38,13 @@ from harness.data.sources import check_shards_match, ensure_shards
 from harness.diffusion import alphas_cumprod, diffusion_loss, linear_betas
 from harness.distributed import deepspeed_plugin
 from harness.evaluation.figures import save_image_grid
+from harness.evaluation.training_probe import probe_from_config
 from harness.fileio import write_json_atomic
 from harness.fingerprint import RUN_RECORD, check_run_folder, clear_run_folder, manifest_hash, run_fingerprint
 from harness.method.autoencoder import DiffusionAutoencoder
 from harness.model_spec import write_model_spec
 from harness.models import DAE, build_dae
 from harness.ops.tracking import Tracker
-from harness.evaluation.training_probe import probe_from_config
 
 
 @torch.no_grad()
@@ -106,9 +106,6 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         """Processes, model, data and run folder (checked before anything is written), optimizer."""
-        self._setup()
-
-    def _setup(self) -> None:
         config, tc = self.config, self.tc
         # cpu=True without CUDA: processes started by a launcher then join over gloo instead of silently running
         # alone.

@@ -68,11 +68,7 @@ if [[ "$(id -u)" == 0 ]]; then
 fi
 run_owner() { ${as_owner[@]+"${as_owner[@]}"} "$@"; }
 
-mkdir -p "$dir"
-dir="$(cd "$dir" && pwd)"
-if (( ${#as_owner[@]} )) && ! run_owner test -x "$(dirname "$dir")"; then
-  fail "the system user '$os_user' cannot enter $(dirname "$dir"); put the cluster in a folder it can reach (e.g. under /var/lib or /tmp)"
-fi
+dir="$(realpath -m "$dir")"
 pg_ctl_run() { run_owner "$pg_bin/pg_ctl" -D "$dir" "$@"; }
 
 if (( stop )); then
@@ -103,6 +99,11 @@ if (( fresh )) && [[ -z "$password" ]]; then
 fi
 
 if (( fresh )); then
+  mkdir -p "$dir"
+  if (( ${#as_owner[@]} )) && ! run_owner test -x "$(dirname "$dir")"; then
+    rmdir "$dir" 2> /dev/null || true
+    fail "the system user '$os_user' cannot enter $(dirname "$dir"); put the cluster in a folder it can reach (e.g. under /srv, /var/lib or /tmp)"
+  fi
   [[ -z "$(ls -A "$dir")" ]] || fail "$dir is neither empty nor a PostgreSQL cluster; pass an empty or new folder"
   chmod 700 "$dir"
   if (( ${#as_owner[@]} )); then chown "$os_user": "$dir"; fi

@@ -25,6 +25,8 @@
 #                        the PostgreSQL backend's database name + _auth (mlflow -> mlflow_auth)]
 #   --default-permission P  what a user may do with what others created: NO_PERMISSIONS or READ
 #                                                  [DAE_CF_MLFLOW_DEFAULT_PERMISSION, default NO_PERMISSIONS]
+#   --auth-cache-seconds S  how long a worker trusts a checked password (0: check every request, ~0.15 s of CPU
+#                        each); a changed password reaches the other workers within S  [DAE_CF_MLFLOW_AUTH_CACHE_S, 60]
 #   -- ARGS              anything after -- goes to `mlflow server` unchanged
 #
 # The server proxies artifacts (--serve-artifacts), so clients need only its URL, never the artifact folder.
@@ -46,10 +48,11 @@ admin_user="${DAE_CF_MLFLOW_ADMIN_USER:-admin}"
 admin_password_file="${DAE_CF_MLFLOW_ADMIN_PASSWORD_FILE:-}"
 auth_db="${DAE_CF_MLFLOW_AUTH_DB:-}"
 default_permission="${DAE_CF_MLFLOW_DEFAULT_PERMISSION:-NO_PERMISSIONS}"
+auth_cache_s="${DAE_CF_MLFLOW_AUTH_CACHE_S:-60}"
 mlflow_bin="${MLFLOW_BIN:-mlflow}"
 extra=()
 
-usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; }
 fail() { echo "error: start_server.sh: $*" >&2; exit 2; }
 need_value() { [[ $# -ge 2 && -n "$2" ]] || fail "$1 needs a value (see --help)"; }
 first_line() { [[ -r "$1" ]] || fail "$2 $1 cannot be read"; head -n 1 "$1"; }
@@ -68,6 +71,7 @@ while [[ $# -gt 0 ]]; do
     --admin-password-file) need_value "$@"; admin_password_file="$2"; shift 2 ;;
     --auth-db-uri) need_value "$@"; auth_db="$2"; shift 2 ;;
     --default-permission) need_value "$@"; default_permission="$2"; shift 2 ;;
+    --auth-cache-seconds) need_value "$@"; auth_cache_s="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; extra=("$@"); break ;;
     *) fail "unknown option $1 (see --help)" ;;
@@ -92,6 +96,7 @@ if [[ "$auth" == 1 ]]; then  # every check before anything is written
     NO_PERMISSIONS|READ) ;;
     *) fail "--default-permission must be NO_PERMISSIONS or READ, got '$default_permission'" ;;
   esac
+  [[ "$auth_cache_s" =~ ^[0-9]+$ ]] || fail "--auth-cache-seconds must be a whole number >= 0, got '$auth_cache_s'"
 fi
 db_password="${DAE_CF_PG_PASSWORD:-}"
 [[ -n "$db_password" || -z "$db_password_file" ]] || db_password="$(first_line "$db_password_file" --db-password-file)"
@@ -123,11 +128,13 @@ if [[ "$auth" == 1 ]]; then
          base="${backend%%\?*}"; auth_db="${base%/*}/${base##*/}_auth${query}" ;;  # .../mlflow -> .../mlflow_auth
     esac
   fi
-  # Written whole and then moved, mode 600 from the start: it names the admin's password.
+  # Written whole and then moved, mode 600 from the start: it names the admin's password. MLflow reads it with
+  # configparser, whose interpolation takes % as a reference: %% stands for one %.
   umask 077
-  printf '%s\n' "[mlflow]" "default_permission = ${default_permission}" "database_uri = ${auth_db}" \
-    "admin_username = ${admin_user}" "admin_password = ${admin_password}" \
-    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth" > "${store}/.basic_auth.ini.tmp"
+  printf '%s\n' "[mlflow]" "default_permission = ${default_permission}" "database_uri = ${auth_db//%/%%}" \
+    "admin_username = ${admin_user}" "admin_password = ${admin_password//%/%%}" \
+    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth" \
+    "auth_cache_ttl_seconds = ${auth_cache_s}" > "${store}/.basic_auth.ini.tmp"
   mv -f "${store}/.basic_auth.ini.tmp" "${store}/basic_auth.ini"
   # Flask's CSRF secret (the auth app's forms) must be the same in every worker and across restarts.
   if [[ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]]; then

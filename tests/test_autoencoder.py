@@ -161,13 +161,13 @@ def test_old_exported_config_without_the_new_keys_loads_with_todays_defaults(tmp
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("--diffusion.prediction=x0", "diffusion.prediction: must be 'eps' or 'v'"),
-    ("--diffusion.loss_weighting=p2", "diffusion.loss_weighting: must be 'none' or 'min_snr'"),
+    ("--diffusion.prediction=x0", "diffusion.prediction: must be one of 'eps' or 'v', got 'x0'"),
+    ("--diffusion.loss_weighting=p2", "diffusion.loss_weighting: must be one of 'none' or 'min_snr'"),
     ("--diffusion.snr_gamma=0", "diffusion.snr_gamma: must be > 0"),
     ("--diffusion.invert_to=1000", "diffusion.invert_to: must be null or in 0..999"),
     ("--diffusion.clip_x0=maybe", "diffusion.clip_x0: expected true/false"),
-    ("--train.encoder_jitter=-0.1", "train.encoder_jitter: must lie in [0, 1]"),
-    ("--eval.precision=fp16", "eval.precision: must be fp32 or bf16"),
+    ("--train.encoder_jitter=-0.1", "train.encoder_jitter: must be >= 0"),
+    ("--eval.precision=fp16", "eval.precision: must be one of 'fp32' or 'bf16'"),
 ])
 def test_bad_objective_and_decoding_values_name_the_key(override, fragment):
     from harness.config import ConfigError

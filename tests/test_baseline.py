@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from harness.config import ConfigError, load_yaml, validate
+from harness.evaluation.report import check_report
 from harness.ops import baseline_job, compare_job
 from harness.ops.baseline import (
     BaselineJob,
@@ -25,7 +26,6 @@ from harness.ops.baseline import (
     score,
 )
 from harness.ops.compare import load_summary, method_row, write_comparison
-from harness.evaluation.report import check_report
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"init_features": 8, "growth_rate": 4, "block_config": [1, 1, 1, 1]}  # tests only

@@ -616,3 +616,37 @@ def test_the_centre_share_of_a_change_is_bounded_where_a_centre_border_ratio_exp
     assert share[2].item() == pytest.approx(uniform)
     assert torch.isnan(share[3])
     assert bool(((share[:3] >= 0) & (share[:3] <= 1)).all())
+
+
+def test_an_oracle_judges_the_image_and_every_rate_carries_its_interval() -> None:
+    ae, head, calibration, x = LinearAutoencoder(), make_head(), make_calibration(), make_images(n=64)
+    batch = binary_counterfactuals(ae, x, head, invert_steps=3, decode_steps=2)
+    def sees_the_head_class(images):  # an oracle that agrees with the head on every image: flips whenever it does
+        return head.predict(ae.encode(images).numpy())
+
+    metrics = evaluate_counterfactuals(ae, batch, head, oracle=sees_the_head_class)
+    assert metrics["oracle_flip"] == 1.0 and metrics["oracle_flip_ci"] == [1.0, 1.0]
+    assert metrics["oracle_input_agrees"] == 1.0 and metrics["oracle_flip_agreed"] == 1.0
+    assert metrics["validity_ci"] == [1.0, 1.0]
+    blind = LinearAutoencoder(ignore_z=True)  # CEs that leave the image as it was: no oracle sees a flip
+    blind.original_z = blind.encode(x)
+    unchanged = binary_counterfactuals(blind, x, head, invert_steps=3, decode_steps=2)
+    judged = evaluate_counterfactuals(blind, unchanged, head, oracle=sees_the_head_class)
+    assert judged["oracle_flip"] == 0.0 and judged["oracle_flip_ci"][1] == 0.0
+    # a grade CE is judged against the class its target grade belongs to, which the caller names
+    grade = grade_counterfactuals(ae, x, head, calibration, target_grade=3, invert_steps=3, decode_steps=2)
+    towards = evaluate_counterfactuals(ae, grade, head, calibration=calibration, oracle=sees_the_head_class,
+                                       oracle_target=np.ones(len(grade), dtype=np.int64))
+    assert towards["oracle_flip"] == pytest.approx(np.mean(head.predict(grade.z_ce.numpy()) == 1))
+
+
+def test_closer_than_the_input_holds_only_where_its_interval_says_so() -> None:
+    ae, head, calibration, x = LinearAutoencoder(), make_head(), make_calibration(), make_images(n=128)
+    batch = grade_counterfactuals(ae, x, head, calibration, target_grade=0, invert_steps=3, decode_steps=2)
+    near = evaluate_counterfactuals(ae, batch, head, calibration=calibration, true_ce=batch.x_ce + 0.01)
+    assert near["closer_than_input_holds"] is True and near["error_minus_input_ci"][1] < 0
+    low, high = near["median_error_true_ci"]
+    assert low <= near["median_error_true"] <= high
+    noise = torch.from_numpy(np.random.default_rng(0).normal(0, 1, x.shape))
+    far = evaluate_counterfactuals(ae, batch, head, calibration=calibration, true_ce=batch.x + 0.001 * noise)
+    assert far["closer_than_input_holds"] is False  # the unchanged input is the better guess here

@@ -110,3 +110,25 @@ def test_chunks_of_the_same_encoding_are_resumed(shards, tmp_path, capsys):
     table = load_latents(encode_to_table(ae, shards, ["test"], out, rank=0, world_size=2, **kwargs))
     assert "discarding" not in capsys.readouterr().err
     assert sum(calls) == 8 and len(table) == 16  # rank 1's half was kept, only rank 0's half encoded
+
+
+def test_chunks_of_the_same_table_under_another_suffix_are_reused_or_discarded(shards, tmp_path, capsys):
+    kwargs = dict(batch_size=4, batches_per_chunk=1, progress=False, image_size=16)
+    ae = autoencoder(2)
+    # An interrupted run to latents.npz (rank 1 of 2 finished) and an old run's chunks of a .csv table.
+    assert encode_to_table(ae, shards, ["test"], tmp_path / "latents.npz", rank=1, world_size=2, **kwargs) is None
+    (tmp_path / "latents.csv.parts").mkdir()
+    (tmp_path / "latents.csv.parts" / "test-rank000-000000.npz").write_bytes(b"from an older version")
+    other_table = tmp_path / "latents.v2.npz.parts"  # another table's chunks: not this one's business
+    other_table.mkdir()
+    capsys.readouterr()
+    calls = []
+    original = ae.encode
+    ae.encode = lambda x: calls.append(len(x)) or original(x)
+    table = load_latents(encode_to_table(ae, shards, ["test"], tmp_path / "latents.parquet", rank=0, world_size=2,
+                                         **kwargs))
+    err = capsys.readouterr().err
+    assert "resuming from the chunks in" in err and "latents.npz.parts" in err
+    assert "discarding the chunks in" in err and "latents.csv.parts" in err
+    assert sum(calls) == 8 and len(table) == 16  # rank 1's half came from the .npz run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latents.parquet", "latents.v2.npz.parts"]

@@ -10,27 +10,15 @@ import os
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers.medmnist import generated_npz
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _pneumonia_like_npz(path: Path) -> Path:
-    from harness.data.phantoms import generate_phantoms
-
-    arrays = {}
-    for index, (split, n) in enumerate((("train", 96), ("val", 32), ("test", 32))):
-        samples = list(generate_phantoms(n, 28, seed=20 + index))
-        arrays[f"{split}_images"] = np.stack([s.image for s in samples]).astype(np.uint8)
-        arrays[f"{split}_labels"] = np.array([[int(s.labels["grade"] >= 1)] for s in samples], dtype=np.uint8)
-    np.savez(path, **arrays)
-    return path
-
-
 def test_the_smoke_form_runs_every_stage_and_writes_one_record(tmp_path):
-    npz = _pneumonia_like_npz(tmp_path / "pneumoniamnist.npz")
+    npz = generated_npz(tmp_path / "pneumoniamnist.npz", counts=(96, 32, 32), seed=20)
     out = tmp_path / "out"
     env = {**os.environ, "DAECF_PNEUMONIAMNIST": str(npz), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_run.sh"), "--smoke", "--out", str(out)], cwd=REPO,

@@ -236,7 +236,7 @@ def test_config_keys_reach_the_autoencoder_and_bad_values_name_the_key():
                                 "--diffusion.decode_steps=12"])
     ae = DiffusionAutoencoder.from_config(build_dae("tiny-32"), config, device="cpu")
     assert (ae.inversion, ae.fixed_point_iters, ae.fixed_point_anderson) == ("fixed_point", 3, True)
-    for override, fragment in [("--diffusion.inversion=edict", "diffusion.inversion: must be 'ddim' or"),
+    for override, fragment in [("--diffusion.inversion=edict", "diffusion.inversion: must be one of 'ddim' or"),
                                ("--diffusion.fixed_point_iters=-1", "diffusion.fixed_point_iters: must be >= 0"),
                                ("--diffusion.inversion=fixed_point", "needs invert_steps == decode_steps")]:
         with pytest.raises(ConfigError) as err:

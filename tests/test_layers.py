@@ -29,7 +29,8 @@ def test_a_function_level_import_upwards_breaks_the_layers(tmp_path):
     package = tmp_path / "toy"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    (package / "low.py").write_text("def helper():\n    from toy import high  # hidden in a function\n    return high\n")
+    hidden = "def helper():\n    from toy import high  # hidden in a function\n    return high\n"
+    (package / "low.py").write_text(hidden)
     (package / "high.py").write_text("from toy import low\n")
     (tmp_path / "contracts.ini").write_text("[importlinter]\nroot_package = toy\n\n[importlinter:contract:layers]\n"
                                             "name = toy layers\ntype = layers\nlayers =\n    toy.high\n    toy.low\n")

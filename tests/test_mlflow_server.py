@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -36,14 +37,36 @@ def _postgres_installed() -> bool:
     return bool(shutil.which("initdb") or glob.glob("/usr/lib/postgresql/*/bin/initdb"))
 
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not _postgres_installed(), reason="PostgreSQL server programs (initdb) are not "
-                                 "installed: apt-get install postgresql (.ci/run does)")]
+pytestmark = pytest.mark.slow
+
+
+def _script(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items()
+                   if not key.startswith(("DAE_CF_PG_", "DAE_CF_MLFLOW_"))}
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"  # mlflow
+    return subprocess.run(["bash", str(ROOT / "mlflow" / name), *args], capture_output=True, text=True, timeout=60,
+                          env={**environment, **(env or {})})
+
+
+def test_scripts_refuse_to_start_without_passwords_before_writing_anything(tmp_path):
+    """No password that works by default: without one, each script says what to pass, exits 2, creates nothing."""
+    store, cluster = tmp_path / "mlflow", tmp_path / "postgres"
+    refused = _script("start_server.sh", "--auth", "--store", str(store))
+    assert refused.returncode == 2 and not store.exists()
+    assert "--admin-password-file" in _one_error_line(refused.stderr)
+    short = _script("start_server.sh", "--auth", "--store", str(store), env={"DAE_CF_MLFLOW_ADMIN_PASSWORD": "short"})
+    assert short.returncode == 2 and "12 characters" in _one_error_line(short.stderr) and not store.exists()
+    refused = _script("start_postgres.sh", str(cluster), "--port", "5999")
+    assert refused.returncode == 2 and not cluster.exists()
+    line = _one_error_line(refused.stderr)
+    assert ("--password-file" in line) if _postgres_installed() else ("apt-get install postgresql" in line)
 
 
 @pytest.fixture(scope="module")
 def lab_server(tmp_path_factory) -> Iterator[dict]:
     """PostgreSQL (databases mlflow + mlflow_auth) and an auth-enabled MLflow server on it, 2 workers."""
+    if not _postgres_installed():
+        pytest.skip("PostgreSQL server programs (initdb) are not installed: apt-get install postgresql (.ci/run does)")
     # The cluster belongs to the `postgres` system user when the tests run as root: it needs a folder it can
     # enter, which pytest's private temporary folders are not.
     cluster = Path(tempfile.mkdtemp(prefix="dae-cf-pg-"))
@@ -156,7 +179,9 @@ def test_only_users_granted_manage_register_and_promote_explainers(lab_server, u
 
     def register() -> str | None:
         tracker = Tracker(TrackConfig(tracking_uri=uri, experiment="alice-work"), tmp_path / "alice")
-        return tracker.register_model(retrained, EXPLAINERS)
+        version = tracker.register_model(retrained, EXPLAINERS)  # a refusal ends the run itself, as FAILED
+        tracker.end()
+        return version
 
     def promote(version: str) -> int:
         return dae_cf(["promote", "--tracking-uri", uri, "--name", EXPLAINERS, "--version", version])

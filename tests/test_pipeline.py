@@ -13,11 +13,11 @@ import torch
 from harness.data import write_phantom_shards
 from harness.diffusion import alphas_cumprod, linear_betas
 from harness.encode import encode_to_table
+from harness.evaluation.report import check_report
 from harness.fingerprint import manifest_hash, weights_sha256
 from harness.method.autoencoder import DiffusionAutoencoder
 from harness.method.latents import load_latents
 from harness.models import build_dae
-from harness.evaluation.report import check_report
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.medmnist import generated_npz
 
 from harness.config import Task, load_config
 from harness.data import read_manifest
@@ -25,19 +26,6 @@ from harness.models import build_dae
 
 NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist.npz"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def generated_npz(path: Path) -> Path:
-    """A MedMNIST-layout .npz of phantoms: (N, 28, 28) uint8 images, (N, 1) labels (1 = fractured)."""
-    from harness.data.phantoms import generate_phantoms
-
-    out = {}
-    for index, (split, n) in enumerate((("train", 64), ("val", 32), ("test", 32))):
-        samples = list(generate_phantoms(n, 28, seed=10 + index))
-        out[f"{split}_images"] = np.stack([s.image for s in samples]).astype(np.uint8)
-        out[f"{split}_labels"] = np.array([[int(s.labels["grade"] >= 1)] for s in samples], dtype=np.uint8)
-    np.savez(path, **out)
-    return path
 
 
 @pytest.fixture(scope="module", params=["generated", pytest.param("real", marks=pytest.mark.realdata)])

@@ -258,3 +258,27 @@ def test_images_from_phantom_shards(tmp_path):
     table = pixel_latents(loaded)
     assert table.split_counts() == {"test": 10, "train": 12} and table.z_dim == 1024
     np.testing.assert_array_equal(table.select("test").ids, np.asarray(keys))
+
+
+def test_floors_choose_their_C_on_val_from_the_grid(images_by_split):
+    rng = np.random.default_rng(4)
+    offset = rng.uniform(-0.3, 0.3, 64)
+    val = torch.from_numpy(np.clip(rng.uniform(-0.6, 0.6, (64, 1, 16, 16)) + offset[:, None, None, None], -1, 1))
+    with_val = {**images_by_split, "val": (val.float(), {"bright": (offset > 0).astype(np.int64),
+                                                         "noise": rng.integers(0, 2, 64)},
+                                           [f"val-{i:03d}" for i in range(64)])}
+    pixels = pixel_latents(with_val)
+    grid = (0.001, 1.0, 1000.0)
+    rows = floor_rows(pixels, None, TASKS[:1], ("logistic",), backend="sklearn", c_grid=grid)
+    assert len(rows) == 1 and rows[0]["split"] == "test" and rows[0]["C"] in grid
+    assert rows[0]["C_chosen_on"] == "val AUC over C in [0.001, 1, 1000]"
+    # the chosen C is the one with the best val AUC: scoring every grid C on val by hand agrees
+    from harness.config import HeadOptions
+    from harness.evaluation.heads import evaluate_heads
+
+    val_auc = {c: evaluate_heads(pixels, TASKS[:1], ("logistic",), options=HeadOptions(C=c), backend="sklearn",
+                                 split="val").detection_rows[0]["auc"] for c in grid}
+    assert val_auc[rows[0]["C"]] == max(val_auc.values())
+    # without a val split the floor keeps the job's C and says so
+    fixed = floor_rows(pixel_latents(images_by_split), None, TASKS[:1], ("logistic",), backend="sklearn", C=1.0)
+    assert fixed[0]["C"] == 1.0 and "no val split" in fixed[0]["C_chosen_on"]

@@ -217,3 +217,18 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
         assert image.size == (1200, 1600)
         pixels = np.asarray(image.convert("L"))
     assert pixels.std() > 5  # something was drawn, not a blank page
+
+
+def test_intervals_print_as_pairs_and_the_verdicts_name_rows_whose_claims_fail() -> None:
+    from harness.evaluation.evaluate import ce_verdicts, judged_caption
+    from harness.evaluation.report import format_value
+
+    assert format_value([0.123456, 0.9]) == "[0.1235, 0.9]" and format_value([None, 1.0]) == "[n/a, 1]"
+    rows = [{"direction": "pattern", "move": "1x", "kind": "healthy -> fractured", "closer_than_input_holds": False,
+             "oracle_flip_ci": [0.40, 0.62]},
+            {"direction": "pattern", "move": "1x", "kind": "fractured -> healthy", "closer_than_input_holds": True,
+             "oracle_flip_ci": [0.91, 0.99]}]
+    text = ce_verdicts(rows)
+    assert "Not closer" in text and "includes 0.5" in text and "fractured -> healthy" not in text
+    assert ce_verdicts(rows[1:]) == "Every CE row's claims hold by their intervals."
+    assert judged_caption(None) == "No oracle judged these CEs."

@@ -243,7 +243,7 @@ class EvalConfig:
     encode_splits: Annotated[tuple[Name, ...], Field(min_length=1)] = ("train", "test")
     batch_size: PositiveInt = 64
     precision: Literal["fp32", "bf16"] = "fp32"  # the networks under bf16 autocast while encoding and decoding
-    counterfactual_images: Annotated[Int, Field(ge=2)] = 8  # balanced test images: one per class at least
+    counterfactual_images: Annotated[Int, Field(ge=2)] = 128  # balanced test images: 64 per side (intervals)
     strip_images: PositiveInt = 4
     latent_map_points: Annotated[Int, Field(ge=2)] = 1000
     class_names: tuple[str, str] = ("healthy", "fractured")  # negative, positive class of the first task

@@ -7,6 +7,7 @@ pipeline (``harness.pipeline``) and the jobs put them into a report. Nothing her
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from harness.evaluation.heads import (  # noqa: F401 (re-exported: the heads' ev
     HeadEvaluation,
     evaluate_heads,
 )
+from harness.evaluation.oracle import Oracle, PhantomReadout, oracle_frechet, train_cnn_oracle
 from harness.method.autoencoder import DiffusionAutoencoder
 from harness.method.counterfactual import LOCAL_THRESHOLD, CounterfactualEngine, default_grades
 from harness.method.counterfactual_quality import evaluate_counterfactuals
@@ -33,20 +35,34 @@ from harness.method.directions import Direction, direction_name
 from harness.method.gain import calibrate_gain
 from harness.method.heads import TaskResult, task_direction
 from harness.method.latents import LatentsTable
-from harness.method.metrics import roc_curve_points
+from harness.method.metrics import bootstrap_interval, roc_curve_points
 from harness.method.probes import random_xT_identity, z_usage
 
 
-def detection_floors(config: Any, tasks: list[Task], splits: tuple[str, str] = ("train", "test")) -> list[dict]:
+def detection_floors(config: Any, tasks: list[Task], splits: tuple[str, str, str] = ("train", "val", "test"),
+                     images: Any = None) -> list[dict]:
     """Detection rows of the floors every DAE head must beat: logistic regression on raw pixels and the same heads
-    on a randomly initialised encoder of the run's architecture, fitted on train and scored on test."""
+    on a randomly initialised encoder of the run's architecture, fitted on train, their C chosen on val (when the
+    shards have one) and scored on test. ``images``: the splits already read (``images_from_shards``)."""
     data, heads = config.data, config.heads
-    images = images_from_shards(data.shard_dir, list(splits), data.image_size, data.channels)
+    if images is None:
+        images = shard_images(config, splits)
     architecture = {k: v for k, v in config.model.overrides(data.image_size).items() if k != "image_size"}
     random_table = random_encoder_latents(config.model.size, data.channels, data.image_size, images,
                                           seed=config.train.seed, **architecture)
     return floor_rows(pixel_latents(images), random_table, tasks, heads.kinds, options=heads.options(),
-                      backend=heads.backend, split=splits[1])
+                      backend=heads.backend, split=splits[-1])
+
+
+def shard_images(config: Any, splits: tuple[str, ...] = ("train", "val", "test")) -> dict:
+    """Every image of ``splits`` of the run's shards (``images_from_shards``); a split the shards lack other than
+    train and test (e.g. no val) is left out."""
+    from harness.data.shards import read_manifest  # lazily, as images_from_shards reads shards
+
+    data = config.data
+    present = set(read_manifest(data.shard_dir)["splits"])
+    kept = [split for split in splits if split in present or split in ("train", "test")]
+    return images_from_shards(data.shard_dir, kept, data.image_size, data.channels)
 
 
 def evaluate_semantic_usage(ae: DiffusionAutoencoder, images: Tensor, seed: int = 0,
@@ -185,18 +201,58 @@ def _binary_truth(meta: list[dict[str, Any]], target_class: np.ndarray, target_d
     return phantom_truth(meta, grade, size)
 
 
+def _task_class(task: Task, grades: np.ndarray) -> np.ndarray:
+    """0/1 class of ``task`` for labels or grades (B,): 1 where the value is one of its positives."""
+    return np.isin(np.asarray(grades), task.positives).astype(np.int64)
+
+
+def _judged(row: dict, task: Task, x: Tensor, x_ce: Tensor, target_class: np.ndarray, oracle: Oracle | None,
+            real_by_class: dict[int, Tensor], readout: PhantomReadout | None, meta: list[dict] | None,
+            target_grade: int | None = None, fid: Any = None) -> dict:
+    """``row`` with the field's measures of CEs ``x_ce`` (B, C, H, W) of inputs ``x`` aimed at ``target_class``
+    (B,): Fréchet distances to the real images of the target class in the oracle's feature space (the CEs', and
+    the unchanged inputs' as the reference a CE should beat), Inception FID where ``fid`` is given, and on
+    phantoms the grade readout's flip rate (and, for grade CEs, how often it reads the target grade)."""
+    target = int(target_class[0]) if len(target_class) and (target_class == target_class[0]).all() else None
+    real = real_by_class.get(target) if target is not None else None
+    if oracle is not None and real is not None:
+        row["fd_oracle"] = oracle_frechet(oracle, x_ce, real)
+        row["fd_oracle_input"] = oracle_frechet(oracle, x, real)
+    if fid is not None and real is not None and len(real) > 1 and len(x_ce) > 1:
+        fid.reset()
+        fid.update(real, real=True)
+        fid.update(x_ce, real=False)
+        row["fid_inception"] = fid.compute()
+    if readout is not None and meta is not None:
+        grades = readout.grades(x_ce, meta)  # (B,)
+        flipped = _task_class(task, grades) == target_class
+        row["readout_flip"] = float(flipped.mean())
+        row["readout_flip_ci"] = list(bootstrap_interval(flipped))
+        if target_grade is not None:
+            row["readout_grade_validity"] = float((grades == target_grade).mean())
+    return row
+
+
 def evaluate_counterfactual_set(ae: DiffusionAutoencoder, batch: dict[str, Any], result: TaskResult, *,
                                 invert_steps: int, decode_steps: int, directions: dict[str, Direction] | None = None,
                                 primary: str | None = None, move_sizes: tuple[float, ...] = (1.0,),
                                 render: str = "decode", local_threshold: float = LOCAL_THRESHOLD, lpips=None,
-                                class_names: tuple[str, str] = ("negative", "positive")) -> tuple[list[dict], dict]:
+                                class_names: tuple[str, str] = ("negative", "positive"),
+                                oracle: Oracle | None = None, readout: PhantomReadout | None = None,
+                                fid: Any = None) -> tuple[list[dict], dict]:
     """Binary CEs in both directions for every direction x move size, and, on phantoms, grade-targeted CEs to the
     opposite extreme, all from one shared inversion of the batch.
 
     Rows hold validity (the head's decision on the re-encoded CE), the realised fraction of the move, L1 (and
     LPIPS) proximity, where the change sits (:func:`centre_share`) and, on phantoms, the error against the
     true counterfactual beside the unchanged input's, with the fraction of CEs closer to the truth than the
-    input. ``outputs`` holds the ``primary`` direction's 1x binary batch and its grade batches for figures."""
+    input. ``outputs`` holds the ``primary`` direction's 1x binary batch and its grade batches for figures.
+
+    With an ``oracle`` (a classifier that never saw a CE) every row adds its flip rate with a bootstrap interval
+    (:func:`harness.method.counterfactual_quality.oracle_flip_rates`) and the Fréchet distance of the CEs to the
+    batch's real images of the target class in the oracle's feature space; on phantoms the ``readout`` (the
+    renderer's grade readout) judges every row too. ``fid`` (an Inception FID metric)
+    adds Inception FID to the same real images."""
     x = batch["image"]
     directions = directions or {"normal": None}
     primary = primary or next(iter(directions))
@@ -205,6 +261,11 @@ def evaluate_counterfactual_set(ae: DiffusionAutoencoder, batch: dict[str, Any],
     encoded = base.encode(x)
     phantoms = bool(batch["meta"]) and "phantom" in batch["meta"][0] and result.calibration is not None
     rows, outputs = [], {"encoded": encoded}
+    real_by_class = {}  # the batch's real images of each class, where its labels are known
+    if result.task.column in batch.get("labels", {}):
+        true_class = _task_class(result.task, batch["labels"][result.task.column].numpy())  # (B,)
+        real_by_class = {c: x[torch.from_numpy(true_class == c)] for c in (0, 1)}
+    judge = None if oracle is None else oracle.classes
     for name, direction in directions.items():
         engine = base.with_direction(direction)
         for move_size in move_sizes:
@@ -221,10 +282,15 @@ def evaluate_counterfactual_set(ae: DiffusionAutoencoder, batch: dict[str, Any],
                 keep = torch.from_numpy(binary.source_class == cls)
                 if keep.any():
                     subset = binary.select(keep)
+                    target_class = np.asarray(subset.target).astype(np.int64)
                     metrics = evaluate_counterfactuals(ae, subset, result.head, lpips=lpips,
-                                                       true_ce=None if truth is None else truth[keep])
-                    rows.append(_row(f"{class_names[cls]} -> {class_names[1 - cls]}", metrics, subset.x,
-                                     subset.x_ce, name, move_size))
+                                                       true_ce=None if truth is None else truth[keep],
+                                                       oracle=judge, oracle_target=target_class)
+                    meta = [m for m, k in zip(batch["meta"], keep.tolist(), strict=True) if k] if phantoms else None
+                    row = _row(f"{class_names[cls]} -> {class_names[1 - cls]}", metrics, subset.x, subset.x_ce,
+                               name, move_size)
+                    rows.append(_judged(row, result.task, subset.x, subset.x_ce, target_class, oracle,
+                                        real_by_class, readout, meta, fid=fid))
         if not phantoms:
             continue
         calibration = result.calibration
@@ -237,8 +303,12 @@ def evaluate_counterfactual_set(ae: DiffusionAutoencoder, batch: dict[str, Any],
             meta = [m for m, kept in zip(batch["meta"], chosen, strict=True) if kept]
             ce = engine.to_grade(encoded.select(torch.from_numpy(chosen)), target)
             truth = phantom_truth(meta, np.full(len(meta), target), x.shape[-1])
-            metrics = evaluate_counterfactuals(ae, ce, result.head, calibration, lpips=lpips, true_ce=truth)
-            rows.append(_row(label, metrics, ce.x, ce.x_ce, name, None))
+            target_class = _task_class(result.task, np.full(len(meta), target))
+            metrics = evaluate_counterfactuals(ae, ce, result.head, calibration, lpips=lpips, true_ce=truth,
+                                               oracle=judge, oracle_target=target_class)
+            row = _row(label, metrics, ce.x, ce.x_ce, name, None)
+            rows.append(_judged(row, result.task, ce.x, ce.x_ce, target_class, oracle, real_by_class,
+                                readout, meta, target_grade=int(target), fid=fid))
             if name == primary:
                 outputs[label] = (ce, truth)
     return rows, outputs
@@ -303,3 +373,80 @@ def save_counterfactual_figures(ae: DiffusionAutoencoder, batch: dict[str, Any],
         paths.append(figures.save_image_grid(grid, out_dir / f"truth_{slug}.png", nrow=k,
                                              suptitle=f"{name}: input / counterfactual / true counterfactual"))
     return paths
+
+
+@dataclass
+class Judges:
+    """Who judges the CEs besides their head: the oracle (never saw a CE), on phantoms the renderer's grade
+    readout, and Inception FID where its weights are present (else ``fid_reason`` says what is missing)."""
+
+    oracle: Oracle
+    readout: PhantomReadout | None = None
+    fid: Any = None
+    fid_reason: str | None = None
+    readout_accuracy: dict[str, float] = field(default_factory=dict)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The report's table of judges: each with how well it does on real test images."""
+        rows = [self.oracle.row()]
+        if self.readout is not None:
+            rows.append({"oracle": self.readout.name, "task": self.oracle.task.name, **self.readout_accuracy})
+        return rows
+
+
+def build_judges(config: Any, images: Any = None, fid: Any = None, fid_reason: str | None = None) -> Judges:
+    """Train the run's oracle once (:func:`train_cnn_oracle` on the real training images of the first task) and,
+    on phantoms, calibrate the grade readout and measure its accuracy on the test images' true grades.
+    ``images``: the shards' splits already read (:func:`shard_images`)."""
+    task = config.heads.tasks[0]
+    images = images if images is not None else shard_images(config, ("train", "test"))
+    oracle = train_cnn_oracle(images, task, seed=config.train.seed)
+    judges = Judges(oracle, fid=fid, fid_reason=fid_reason)
+    from harness.data import eval_loader  # lazily: keeps webdataset out of importers that never read shards
+
+    test = next(iter(eval_loader(config.data.shard_dir, 128, split="test", image_size=config.data.image_size,
+                                 channels=config.data.channels)))
+    if test["meta"] and "phantom" in test["meta"][0]:  # vertebra phantoms: their renderer reads the grade too
+        judges.readout = PhantomReadout.calibrated(int(test["image"].shape[-1]))
+        judges.readout_accuracy = readout_accuracy(judges.readout, test, task)
+    return judges
+
+
+def readout_accuracy(readout: PhantomReadout, batch: dict[str, Any], task: Task) -> dict[str, float]:
+    """How often the readout gives the true grade (and the task's true class) on a batch of real phantoms."""
+    grades = readout.grades(batch["image"], batch["meta"])
+    truth = batch["labels"][task.column].numpy()
+    return {"grade_accuracy": float((grades == truth).mean()),
+            "test_accuracy": float((_task_class(task, grades) == _task_class(task, truth)).mean()),
+            "n_test": int(len(truth))}
+
+
+def judged_caption(judges: Judges | None) -> str:
+    """What the CE table's oracle columns mean, naming the oracle and the intervals."""
+    if judges is None:
+        return "No oracle judged these CEs."
+    readout = (f" readout_flip: the same by the {judges.readout.name}, "
+               "readout_grade_validity: how often it reads the target grade." if judges.readout else "")
+    return (f"oracle_flip: the fraction of CEs that the oracle ({judges.oracle.name}, test AUC "
+            f"{judges.oracle.test_auc:.3f}), which never saw a CE, assigns to the target class; "
+            "oracle_flip_agreed: the same where it agreed with the head on the input. fd_oracle: Fréchet "
+            "distance (oracle features) of the CEs to the batch's real images of the target class, beside "
+            "fd_oracle_input, the unchanged inputs' (a CE should come closer)." + readout
+            + " *_ci: 95 % percentile-bootstrap intervals over images (1000 resamples, seed 0); "
+            "closer_than_input_holds is True only where the paired interval of median CE error minus median "
+            "input error lies below 0.")
+
+
+def ce_verdicts(rows: list[dict]) -> str:
+    """Where a CE figure does not carry its claim: CEs not closer to the truth than the input by their interval,
+    and oracle flip intervals that reach down to the head-free chance of one half."""
+    weak = [f"{r['direction']} {r['move']} {r['kind']}" for r in rows if r.get("closer_than_input_holds") is False]
+    chance = [f"{r['direction']} {r['move']} {r['kind']}" for r in rows
+              if r.get("oracle_flip_ci") and r["oracle_flip_ci"][0] is not None and r["oracle_flip_ci"][0] <= 0.5]
+    text = []
+    if weak:
+        text.append("Not closer to the true CE than the unchanged input (interval of the error difference reaches "
+                    "0): " + "; ".join(weak) + ".")
+    if chance:
+        text.append("Oracle flip rate whose interval includes 0.5 or less: " + "; ".join(chance) + ".")
+    return " ".join(text) or "Every CE row's claims hold by their intervals."

@@ -12,6 +12,7 @@ objects with the same ids, splits and labels as the DAE's table, scores them wit
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,8 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from harness.config import Task
+from harness.config import HeadOptions, Task
 from harness.evaluation.heads import evaluate_heads
+from harness.method.heads import evaluate_task
 from harness.method.latents import LatentsTable
 from harness.models import DAESpec, build_dae
 
@@ -30,7 +32,10 @@ ImagesBySplit = Mapping[str, tuple[Tensor, dict[str, np.ndarray], list[str]]]
 
 PIXEL_FLOOR = "raw pixels"
 RANDOM_FLOOR = "random encoder"
-FLOOR_COLUMNS = ("task", "floor", "kind", "split", "auc", "f1", "accuracy", "n_pos", "n_neg")
+FLOOR_COLUMNS = ("task", "floor", "kind", "split", "auc", "f1", "accuracy", "n_pos", "n_neg", "C", "C_chosen_on")
+# The C search every floor gets on the validation split, whatever the job's heads use: a margin over a floor
+# means something only where the floor was tuned at least as much as a user would tune it.
+FLOOR_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 
 
 def images_from_shards(shard_dir: str | Path, splits: Sequence[str], image_size: int | None, channels: int,
@@ -102,21 +107,48 @@ def random_encoder_latents(spec_or_size: str | DAESpec, in_channels: int, image_
 
 
 def floor_rows(pixel_table: LatentsTable | None, random_table: LatentsTable | None, tasks: list[Task],
-               kinds: Sequence[str], **head_kwargs: Any) -> list[dict[str, Any]]:
-    """Detection rows of both floors, fitted and scored exactly like the DAE's heads (``evaluate_heads``).
+               kinds: Sequence[str], *, options: HeadOptions | None = None, C: float = 1.0,
+               c_grid: Sequence[float] = FLOOR_C_GRID, select_split: str = "val", split: str = "test",
+               **head_kwargs: Any) -> list[dict[str, Any]]:
+    """Detection rows of both floors, fitted and scored with the same head code as the DAE's (``evaluate_heads``).
 
     Raw pixels get a ``"logistic"`` head only (the literature's floor); the random encoder gets every kind in
-    ``kinds`` (those of the DAE). ``head_kwargs`` go to ``evaluate_heads`` (C, backend, split, ...). A table
-    given as None is skipped. Rows: ``FLOOR_COLUMNS``.
+    ``kinds`` (those of the DAE). Each (task, kind) takes the C of ``c_grid`` with the highest AUC on
+    ``select_split`` (fitted on train; the grid's first C on ties) and is scored on ``split`` with it; without
+    that split in a table (or with an empty grid) the floor keeps ``options.C``. ``C_chosen_on`` says which.
+    ``head_kwargs`` go to ``evaluate_heads`` (backend, calibration, ...). A table given as None is skipped.
+    Rows: ``FLOOR_COLUMNS``.
     """
+    options = options or HeadOptions(C=C)
     rows = []
     for floor, table, floor_kinds in ((PIXEL_FLOOR, pixel_table, ("logistic",)),
                                       (RANDOM_FLOOR, random_table, tuple(kinds))):
         if table is None:
             continue
-        evaluation = evaluate_heads(table, tasks, floor_kinds, **head_kwargs)
-        for row in evaluation.detection_rows:
-            rows.append({column: (floor if column == "floor" else row.get(column)) for column in FLOOR_COLUMNS})
+        searched = bool(c_grid) and select_split in set(np.unique(table.splits).tolist())
+        if not searched:
+            evaluation = evaluate_heads(table, tasks, floor_kinds, options=options, split=split, **head_kwargs)
+            chosen = {(r["task"], r["kind"]): (r, options.C, f"C = {options.C:g} as the job's heads (no "
+                                                                 f"{select_split} split to choose on)")
+                      for r in evaluation.detection_rows}
+        else:
+            best: dict[tuple[str, str], tuple[float, float, Any]] = {}
+            for c in c_grid:
+                evaluation = evaluate_heads(table, tasks, floor_kinds, options=dataclasses.replace(options, C=c),
+                                            split=select_split, **head_kwargs)
+                for (task_name, kind), result in evaluation.results.items():
+                    row = next(r for r in evaluation.detection_rows if r["task"] == task_name and r["kind"] == kind)
+                    auc = -math.inf if row["auc"] is None or not math.isfinite(row["auc"]) else float(row["auc"])
+                    if (task_name, kind) not in best or auc > best[(task_name, kind)][0]:
+                        best[(task_name, kind)] = (auc, c, result)
+            grid = ", ".join(f"{c:g}" for c in c_grid)
+            chosen = {key: (evaluate_task(result, table, split), c, f"{select_split} AUC over C in [{grid}]")
+                      for key, (_, c, result) in best.items()}
+        for task in tasks:
+            for kind in floor_kinds:
+                row, c, how = chosen[(task.name, kind)]
+                values = {**row, "floor": floor, "C": c, "C_chosen_on": how}
+                rows.append({column: values.get(column) for column in FLOOR_COLUMNS})
     return rows
 
 

@@ -80,6 +80,8 @@ def format_value(value: Any) -> str:
         if value.is_integer() and abs(value) < 1e6:
             return str(int(value))
         return f"{value:.4g}"
+    if isinstance(value, list) and value and all(v is None or isinstance(v, (int, float)) for v in value):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"  # e.g. an interval (low, high)
     return str(value)
 
 

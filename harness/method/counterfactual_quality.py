@@ -6,6 +6,7 @@ benchmarks call :func:`evaluate_counterfactuals` on its :class:`~harness.method.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -13,12 +14,16 @@ import torch
 from torch import Tensor
 
 from harness.method.counterfactual import Autoencoder, CounterfactualBatch, to_numpy
-from harness.method.metrics import l1_proximity, validity_rate
+from harness.method.metrics import bootstrap_interval, interval_below, l1_proximity, median_difference, validity_rate
 from harness.method.probes import realised_fraction, realised_fraction_summary, truth_errors
 
 if TYPE_CHECKING:
     from harness.method.calibration import Calibration
     from harness.method.heads import FittedHead
+
+
+# An oracle's class (0/1) of each image of a batch (B, C, H, W) -> (B,): a classifier that never saw a CE.
+OracleClasses = Callable[[Tensor], np.ndarray]
 
 
 def _mean(values: Any) -> float:
@@ -28,7 +33,8 @@ def _mean(values: Any) -> float:
 @torch.no_grad()
 def evaluate_counterfactuals(ae: Autoencoder, batch: CounterfactualBatch, head: FittedHead,
                              calibration: Calibration | None = None, lpips: Any | None = None,
-                             true_ce: Tensor | None = None) -> dict[str, float]:
+                             true_ce: Tensor | None = None, oracle: OracleClasses | None = None,
+                             oracle_target: np.ndarray | None = None) -> dict[str, Any]:
     """Validity, proximity and (when the truth is known) accuracy of a batch of counterfactuals.
 
     - validity: ``x_ce`` is re-encoded and scored; it is valid when the head now gives the target class
@@ -41,6 +47,14 @@ def evaluate_counterfactuals(ae: Autoencoder, batch: CounterfactualBatch, head: 
       of ``x_ce`` against it next to those of the unchanged input (the trivial baseline a useful CE must beat),
       the per-CE medians of both, and ``closer_than_input``: the fraction of CEs closer to the truth than
       their input is.
+    - ``oracle`` (images -> 0/1 classes), a classifier that never saw a CE: ``oracle_flip`` is the fraction of
+      CEs it assigns to ``oracle_target`` (default: ``batch.target``, the binary target class),
+      ``oracle_input_agrees`` the fraction of inputs it puts on the source side, and ``oracle_flip_agreed`` the
+      flip rate among those.
+
+    Every rate and median carries a 95 % percentile-bootstrap interval over images (``*_ci``, [low, high],
+    fixed seed); ``closer_than_input_holds`` is True only where the paired interval of median CE error minus
+    median input error lies below 0.
     """
     if batch.kind == "grade" and calibration is None:
         raise ValueError("evaluating grade counterfactuals needs the calibration that chose their targets")
@@ -51,9 +65,11 @@ def evaluate_counterfactuals(ae: Autoencoder, batch: CounterfactualBatch, head: 
         pred_re, pred_latent = head.predict(z_re), head.predict(z_ce)
     else:
         pred_re, pred_latent = calibration.grade(dist_re), calibration.grade(head.decision(z_ce))
-    out: dict[str, float] = {
+    valid = np.asarray(pred_re).reshape(-1) == np.asarray(batch.target).reshape(-1)  # (B,)
+    out: dict[str, Any] = {
         "n": float(len(batch)),
         "validity": float(validity_rate(np.asarray(pred_re), batch.target)),
+        "validity_ci": list(bootstrap_interval(valid)),
         "latent_validity": float(validity_rate(np.asarray(pred_latent), batch.target)),
         "dist_input_mean": float(np.mean(batch.dist)),
         "dist_target_mean": float(np.mean(batch.target_distance)),
@@ -78,4 +94,25 @@ def evaluate_counterfactuals(ae: Autoencoder, batch: CounterfactualBatch, head: 
         out["median_error_true"] = errors["ce_error_median"]
         out["median_input_error_true"] = errors["input_error_median"]
         out["closer_than_input"] = float(errors["closer_than_input"])
+        out["median_error_true_ci"] = list(bootstrap_interval(errors["ce_error"], statistic="median"))
+        out["median_input_error_true_ci"] = list(bootstrap_interval(errors["input_error"], statistic="median"))
+        gap = bootstrap_interval(errors["ce_error"], errors["input_error"], statistic=median_difference)
+        out["error_minus_input_ci"] = list(gap)
+        out["closer_than_input_holds"] = interval_below(gap, 0.0)
+    if oracle is not None:
+        out.update(oracle_flip_rates(oracle, batch, oracle_target))
     return out
+
+
+def oracle_flip_rates(oracle: OracleClasses, batch: CounterfactualBatch,
+                      target: np.ndarray | None = None) -> dict[str, Any]:
+    """The oracle's verdict on a batch of CEs: flip rate to ``target`` (B,) 0/1 (default ``batch.target``) with
+    its bootstrap interval, how often it agrees the input lies on the source side, and the flip rate there."""
+    target = np.asarray(batch.target if target is None else target).reshape(-1).astype(np.int64)  # (B,)
+    on_ce = np.asarray(oracle(batch.x_ce)).reshape(-1)  # (B,)
+    on_input = np.asarray(oracle(batch.x)).reshape(-1)  # (B,)
+    flipped = on_ce == target
+    agreed = on_input == 1 - target
+    return {"oracle_flip": float(flipped.mean()), "oracle_flip_ci": list(bootstrap_interval(flipped)),
+            "oracle_input_agrees": float(agreed.mean()),
+            "oracle_flip_agreed": float(flipped[agreed].mean()) if agreed.any() else float("nan")}

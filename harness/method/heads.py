@@ -124,6 +124,24 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+MAX_ROWS_QUADRATIC = 20_000  # SVC(kernel="linear") on a CPU: 12 s at 5k rows, 50 s at 10k, hours at 166k
+
+
+def check_quadratic_solver(rows: int, kind: str, svm_solver: str, backend: str,
+                           max_rows: int | None = MAX_ROWS_QUADRATIC) -> None:
+    """Refuse the quadratic-time solver (``svm_solver: svc_linear``, libsvm) on a CPU above ``max_rows`` rows.
+
+    libsvm's time grows with the square of the rows (measured on 2 CPU cores, 512-d latents: 12 s at 5k rows,
+    50 s at 10k, over 500 s at 20k), so a MIMIC-sized fit would run for hours without saying why. ``backend``
+    is the resolved one (``cuml`` fits on a GPU and is not limited); ``max_rows`` None switches the check off."""
+    if kind != "svm" or svm_solver != "svc_linear" or backend == "cuml" or max_rows is None or rows <= max_rows:
+        return
+    raise HeadFitError(f"error: svm_solver 'svc_linear' (SVC(kernel='linear'), the paper protocol's) on {rows} "
+                       f"training rows on a CPU: its time grows quadratically (hours at this size), the limit is "
+                       f"max_rows_quadratic={max_rows}; use svm_solver: linear_svc, the logistic head, or "
+                       f"backend: cuml on a GPU node (or raise max_rows_quadratic)")
+
+
 def _check_training_data(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
     z = np.asarray(z, dtype=np.float64)
     y = np.asarray(y).reshape(-1)
@@ -182,7 +200,7 @@ def _platt(dist: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def fit_head(z: np.ndarray, y: np.ndarray, kind: str = "svm", C: float = 1.0, standardize: bool = True,
              class_weight: Any = "balanced", backend: str = "auto", max_iter: int = 5000,
              random_state: int = 0, svm_solver: str = "linear_svc", protocol: str = "project",
-             options: HeadOptions | None = None) -> FittedHead:
+             options: HeadOptions | None = None, max_rows_quadratic: int | None = MAX_ROWS_QUADRATIC) -> FittedHead:
     """Fit a linear head on latents z (N, D) with 0/1 targets y (N,); the hyperplane is returned in raw space.
 
     ``options`` (a :class:`harness.config.HeadOptions`), when given, replaces C, standardize, class_weight,
@@ -199,6 +217,7 @@ def fit_head(z: np.ndarray, y: np.ndarray, kind: str = "svm", C: float = 1.0, st
     max_iter = options.estimator_max_iter(kind)
     z, y, n_pos, n_neg = _check_training_data(z, y)
     backend = resolve_backend(backend)
+    check_quadratic_solver(len(z), kind, options.svm_solver, backend, max_rows_quadratic)
     mu = z.mean(axis=0) if standardize else np.zeros(z.shape[1])  # (D,)
     sigma = z.std(axis=0) if standardize else np.ones(z.shape[1])  # (D,)
     sigma = np.where(sigma > 0, sigma, 1.0)  # constant features: leave unscaled (their weight stays ~0)
@@ -295,7 +314,8 @@ def _graded_rows(grades: np.ndarray, grade_range: tuple[int, int]) -> np.ndarray
 def fit_task(table: LatentsTable, task: Task, kind: str = "svm", C: float = 1.0,
              calibration: str = "lstsq", standardize: bool = True,
              class_weight: Any = "balanced", backend: str = "auto", train_split: str = "train",
-             max_iter: int = 5000, random_state: int = 0, options: HeadOptions | None = None) -> TaskResult:
+             max_iter: int = 5000, random_state: int = 0, options: HeadOptions | None = None,
+             max_rows_quadratic: int | None = MAX_ROWS_QUADRATIC) -> TaskResult:
     """Fit the task's head on ``train_split`` rows selected by its rule; calibrate on all graded train rows.
 
     ``options`` (a :class:`harness.config.HeadOptions`), when given, replaces C, calibration (a name:
@@ -309,11 +329,13 @@ def fit_task(table: LatentsTable, task: Task, kind: str = "svm", C: float = 1.0,
     train = table.select(train_split)
     labels = _label_column(train, task.column)
     mask, y = task.binary_targets(labels)
+    # before any fitting, and before the class checks: the limit says what to use instead
+    check_quadratic_solver(int(mask.sum()), kind, options.svm_solver, resolve_backend(backend), max_rows_quadratic)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             head = fit_head(train.z_sem[mask], y, kind=kind, backend=backend, random_state=random_state,
-                            options=options)
+                            options=options, max_rows_quadratic=max_rows_quadratic)
         except ValueError as error:
             raise HeadFitError(f"error: task {task.name!r} on split {train_split!r}: {error}: check the task's "
                                "positives / negatives against the labels, or the split") from error

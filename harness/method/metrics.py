@@ -343,3 +343,67 @@ def available_image_metrics() -> dict[str, str]:
     files["fid"] = FID_INCEPTION_FILE
     return {metric: f"available: {folder / name}" if (folder / name).is_file() else f"missing: put {name} in {folder}"
             for metric, name in files.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Intervals.
+# ---------------------------------------------------------------------------------------------------------
+
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+
+
+def _median_last_axis(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.median(values, axis=axis)
+
+
+def _mean_last_axis(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(values, axis=axis)
+
+
+def bootstrap_interval(*samples: Any, statistic: Any = "mean", level: float = 0.95,
+                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic`` over images: (low, high) at ``level``.
+
+    ``samples`` are per-image arrays of equal length (N,); with several, they are resampled *paired* (the same
+    images drawn for each), so ``statistic(a, b, axis=-1)`` can compare two measures of one image set, e.g. the
+    median CE error minus the median input error. ``statistic`` is ``"mean"``, ``"median"`` or a vectorised
+    callable taking the arrays and ``axis``. A fixed ``seed`` makes the interval reproducible; fewer than two
+    finite images give (NaN, NaN). scipy's bootstrap does the resampling.
+    """
+    from scipy.stats import bootstrap
+
+    arrays = [np.asarray(s, dtype=np.float64).reshape(-1) for s in samples]
+    if not arrays or len({a.size for a in arrays}) != 1:
+        raise ValueError(f"bootstrap_interval needs samples of one length, got {[a.size for a in arrays]}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level={level}: must lie in (0, 1)")
+    finite = np.logical_and.reduce([np.isfinite(a) for a in arrays])
+    arrays = [a[finite] for a in arrays]
+    if arrays[0].size < 2:
+        return float("nan"), float("nan")
+    named = {"mean": _mean_last_axis, "median": _median_last_axis}
+    function = named[statistic] if isinstance(statistic, str) else statistic
+    if np.all([np.ptp(a) == 0 for a in arrays]):  # every resample gives the same value
+        value = float(function(*arrays, axis=-1))
+        return value, value
+    result = bootstrap(tuple(arrays), function, n_resamples=resamples, confidence_level=level,
+                       method="percentile", paired=len(arrays) > 1, vectorized=True,
+                       random_state=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def median_difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """median(a) - median(b) along ``axis``: the paired statistic of "closer than the input" (a = CE error,
+    b = input error; below 0 the CEs are closer to the truth)."""
+    return np.median(a, axis=axis) - np.median(b, axis=axis)
+
+
+def interval_below(interval: tuple[float, float], bound: float) -> bool:
+    """A claim "below ``bound``" holds only when the whole interval lies below it (NaN: never)."""
+    return bool(np.isfinite(interval[1]) and interval[1] < bound)
+
+
+def interval_above(interval: tuple[float, float], bound: float) -> bool:
+    """A claim "above ``bound``" holds only when the whole interval lies above it (NaN: never)."""
+    return bool(np.isfinite(interval[0]) and interval[0] > bound)

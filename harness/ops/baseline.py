@@ -13,6 +13,11 @@ of the shuffled, augmented stream), scores the validation split after each epoch
 epochs without improvement; every epoch is handed to a ``report`` callback with the weights when they improved.
 The test split is scored only by :func:`evaluate_weights`, once, for the selected trial. Ray appears only in
 :func:`ray_trial` (imported there), so this module runs and tests without it.
+
+``multilabel: true`` (a job over many findings, e.g. jobs/baseline_cxr.yaml): ONE network with one logit per
+task, as CheXpert practice does, trained with a masked BCE (a row's missing or rule-excluded label adds no loss;
+``pos_weight`` per finding from the train split) and selected on the mean validation AUC over the findings
+(:func:`train_multilabel_trial`); test AUC / F1 are reported per finding (:func:`evaluate_multilabel_weights`).
 """
 
 from __future__ import annotations
@@ -102,6 +107,7 @@ class BaselineJob:
     search: BaselineSearch = dataclasses.field(default_factory=BaselineSearch)
     select_detection: Literal["auc", "f1"] = "auc"
     select_grading: Literal["macro_f1", "mae"] = "macro_f1"
+    multilabel: bool = False  # one network, one logit per task (detection only), selected on mean val AUC
     resources: Resources = dataclasses.field(default_factory=Resources)
     max_concurrent_trials: NonNegativeInt = 0
     ray_storage: str = ""  # "" -> <out>/ray; on a multi-node cluster a shared folder or cloud URI
@@ -111,7 +117,11 @@ class BaselineJob:
     @model_validator(mode="after")
     def _check(self) -> BaselineJob:
         names = [task.name for task in self.tasks]
-        require([] if len(set(names)) == len(names) else [("tasks", f"names must be unique, got {names}")])
+        problems = [] if len(set(names)) == len(names) else [("tasks", f"names must be unique, got {names}")]
+        graded = [task.name for task in self.tasks if "grading" in task.objectives]
+        if self.multilabel and graded:
+            problems.append(("multilabel", f"trains detection logits only; tasks {graded} ask for grading"))
+        require(problems)
         return self
 
     def task(self, name: str) -> BaselineTask:
@@ -133,6 +143,7 @@ class DataShape:
     channels: int
     train_count: int
     pos_weight: float
+    pos_weights: tuple[float, ...] = ()  # multilabel: one per task, in the job's task order
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,11 +151,12 @@ class DataShape:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def build_densenet(spec: DenseNetSpec, in_channels: int) -> torch.nn.Module:
-    """MONAI's 2D DenseNet (DenseNet121 with the default spec), randomly initialised, one output unit."""
+def build_densenet(spec: DenseNetSpec, in_channels: int, out_channels: int = 1) -> torch.nn.Module:
+    """MONAI's 2D DenseNet (DenseNet121 with the default spec), randomly initialised, ``out_channels`` outputs."""
     from monai.networks.nets import DenseNet
 
-    return DenseNet(spatial_dims=2, in_channels=in_channels, out_channels=1, init_features=spec.init_features,
+    return DenseNet(spatial_dims=2, in_channels=in_channels, out_channels=out_channels,
+                    init_features=spec.init_features,
                     growth_rate=spec.growth_rate, block_config=spec.block_config, dropout_prob=spec.dropout)
 
 
@@ -347,3 +359,153 @@ def labels_used(label_counts: dict[str, int], task: BaselineTask) -> int:
             and "grading" in task.run_objectives
         used += count if (in_rule and "detection" in task.run_objectives) or graded else 0
     return used
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multi-label: one network for every task.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def multilabel_targets(labels: np.ndarray, tasks: tuple[Task, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(mask (N, T) of labels entering the loss, 0/1 targets (N, T), 0 where masked) from raw labels (N, T)."""
+    mask = np.zeros(labels.shape, dtype=bool)
+    target = np.zeros(labels.shape, dtype=np.float32)
+    for index, task in enumerate(tasks):
+        used, y = task.binary_targets(labels[:, index])
+        mask[:, index] = used
+        target[used, index] = y
+    return mask, target
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+               pos_weight: torch.Tensor) -> torch.Tensor:
+    """Mean BCE-with-logits over the labelled entries only: logits, target, mask (B, T); pos_weight (T,)."""
+    losses = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none")  # (B, T)
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
+
+
+def predict_multilabel(model: torch.nn.Module, data: DataShape, split: str, batch_size: int,
+                       columns: tuple[str, ...], device: torch.device,
+                       num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N, T), raw labels (N, T)) over one deterministic pass of ``split``."""
+    from harness.data.loaders import eval_loader
+
+    model.eval()
+    outputs, labels = [], []
+    loader = eval_loader(data.shards, batch_size, split=split, image_size=data.image_size, channels=data.channels,
+                         num_workers=num_workers)
+    with torch.no_grad():
+        for batch in loader:
+            outputs.append(model(batch["image"].to(device)).float().cpu().numpy())  # (B, T)
+            labels.append(np.stack([batch_column(batch, column) for column in columns], axis=1))  # (B, T)
+    return np.concatenate(outputs), np.concatenate(labels)
+
+
+def score_multilabel(outputs: np.ndarray, labels: np.ndarray, tasks: tuple[Task, ...]) -> dict[str, dict[str, Any]]:
+    """Per task name: detection_metrics of its logit column against its labelled rows."""
+    scores = {}
+    for index, task in enumerate(tasks):
+        used, y = task.binary_targets(labels[:, index])
+        scores[task.name] = detection_metrics(y.astype(np.int64), outputs[used, index])
+    return scores
+
+
+def mean_auc(scores: dict[str, dict[str, Any]]) -> float:
+    """The mean AUC over the tasks where it is defined (NaN when none is)."""
+    values = [float(m["auc"]) for m in scores.values() if math.isfinite(float(m.get("auc", math.nan)))]
+    return float(np.mean(values)) if values else math.nan
+
+
+def train_multilabel_trial(params: dict[str, Any], data: DataShape, job: BaselineJob,
+                           report: Reporter) -> dict[str, Any]:
+    """Train one (lr, epochs) configuration of the multi-label network with early stopping on the mean val AUC;
+    ``report(metrics, weights_or_None)`` per epoch (metrics: ``val_mean_auc`` and ``val_auc/<task>``)."""
+    from harness.data.loaders import train_loader
+
+    clock, search, tasks = Stopwatch(), job.search, job.tasks
+    columns = tuple(task.column for task in tasks)
+    torch.manual_seed(search.seed)
+    device = trial_device(job)
+    model = build_densenet(job.model, data.channels, len(tasks)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=float(params["lr"]), weight_decay=search.weight_decay)
+    loader = train_loader(data.shards, search.batch_size, split=job.splits.train, image_size=data.image_size,
+                          channels=data.channels, augment=AugmentSpec.from_config(job.augment),
+                          num_workers=job.num_workers, seed=search.seed)
+    stream = iter(loader)
+    steps_per_epoch = math.ceil(data.train_count / search.batch_size)
+    stopper = EarlyStopping(search.patience)
+    pos_weight = torch.tensor(data.pos_weights, dtype=torch.float32, device=device)  # (T,)
+    metrics: dict[str, Any] = {}
+    try:
+        for epoch in range(1, int(params["epochs"]) + 1):
+            model.train()
+            losses = []
+            for batch in itertools.islice(stream, steps_per_epoch):
+                raw = np.stack([batch_column(batch, column) for column in columns], axis=1)  # (B, T)
+                mask, target = multilabel_targets(raw, tasks)
+                rows = mask.any(axis=1)
+                if rows.sum() < 2:  # BatchNorm needs two samples
+                    continue
+                logits = model(batch["image"][torch.from_numpy(rows)].to(device))  # (b, T)
+                loss = masked_bce(logits, torch.from_numpy(target[rows]).to(device),
+                                  torch.from_numpy(mask[rows]).to(device, torch.float32), pos_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            outputs, labels = predict_multilabel(model, data, job.splits.val, search.eval_batch_size, columns,
+                                                 device, job.num_workers)
+            scores = score_multilabel(outputs, labels, tasks)
+            val_mean = mean_auc(scores)
+            improved = stopper.update(val_mean, epoch)
+            metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else math.nan,
+                       "val_mean_auc": val_mean, **{f"val_auc/{name}": float(m["auc"]) for name, m in scores.items()},
+                       "best_score": stopper.best, "best_epoch": stopper.best_epoch, "stopped_early": 0,
+                       "cpu_s": clock.cpu(), "wall_s": clock.wall()}
+            if stopper.stop and epoch < int(params["epochs"]):
+                metrics["stopped_early"] = 1
+            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()} if improved else None
+            report(metrics, weights)
+            if metrics["stopped_early"]:
+                break
+    finally:
+        stream.close()
+    return metrics
+
+
+def ray_multilabel_trial(config: dict[str, Any], data: DataShape, job: BaselineJob) -> None:
+    """Ray Tune function trainable (config: lr, epochs) of :func:`train_multilabel_trial`, checkpointing the best
+    epoch as :func:`ray_trial` does."""
+    import tempfile
+
+    from ray import tune
+    from safetensors.torch import save_file
+
+    def report(metrics: dict[str, Any], weights: dict[str, torch.Tensor] | None) -> None:
+        if weights is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            save_file(weights, str(Path(folder) / WEIGHTS_FILE))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    train_multilabel_trial(config, data, job, report)
+
+
+def evaluate_multilabel_checkpoint(checkpoint: Any, data: DataShape, job: BaselineJob) -> dict[str, Any]:
+    """The selected multi-label network's per-task val and test metrics: the one place its test metrics come from."""
+    from safetensors.torch import load_file
+
+    clock = Stopwatch()
+    device = trial_device(job)
+    model = build_densenet(job.model, data.channels, len(job.tasks))
+    with checkpoint.as_directory() as folder:
+        model.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)))
+    model.to(device)
+    columns = tuple(task.column for task in job.tasks)
+    out: dict[str, Any] = {}
+    for name, split in (("val", job.splits.val), ("test", job.splits.test)):
+        outputs, labels = predict_multilabel(model, data, split, job.search.eval_batch_size, columns, device,
+                                             job.num_workers)
+        out[name] = score_multilabel(outputs, labels, job.tasks)
+    return {**out, "cpu_s": clock.cpu(), "wall_s": clock.wall()}

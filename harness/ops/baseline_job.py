@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from harness.config import ConfigError
 from harness.data.shards import read_manifest
+from harness.evaluation.report import Report
 from harness.job_support import (
     Stopwatch,
     file_sha256,
@@ -48,13 +50,14 @@ from harness.ops.baseline import (
     BaselineTask,
     DataShape,
     evaluate_checkpoint,
+    evaluate_multilabel_checkpoint,
     labels_used,
+    ray_multilabel_trial,
     ray_trial,
     targets,
 )
 from harness.ops.compare import method_row
 from harness.ops.tracking import Tracker
-from harness.evaluation.report import Report
 
 log = logging.getLogger("baseline_densenet")
 # The job files live in the repository's jobs/, beside this package (an editable install or a checkout).
@@ -136,6 +139,85 @@ def tune_task(data: DataShape, task: BaselineTask, job: BaselineJob, storage: Pa
     return trials
 
 
+def tune_multilabel(data: DataShape, job: BaselineJob, storage: Path) -> list[dict[str, Any]]:
+    """The lr x epochs trials of the one multi-label network (``multilabel: true``), in grid order."""
+    from ray import tune
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    trainable = tune.with_resources(tune.with_parameters(ray_multilabel_trial, data=data, job=job),
+                                    job.resources.as_ray())
+    tuner = tune.Tuner(
+        trainable, param_space={"lr": tune.grid_search(list(job.search.lr)),
+                                "epochs": tune.grid_search(list(job.search.epochs))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=job.max_concurrent_trials or None, reuse_actors=True),
+        run_config=ray_run_config(f"multilabel-{time.strftime('%Y%m%d-%H%M%S')}", storage,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    trials = []
+    for result in tuner.fit():
+        frame = result.metrics_dataframe
+        history = {} if frame is None else {
+            key: [(int(e), float(v)) for e, v in zip(frame["epoch"], frame[key], strict=True) if not math.isnan(v)]
+            for key in ("train_loss", "val_mean_auc") if key in frame}
+        metrics = dict(result.metrics or {})
+        if result.error is not None:
+            metrics = {"error": f"{type(result.error).__name__}: {result.error}"[:1000]}
+        params = {"objective": "multilabel", **{key: result.config[key] for key in ("lr", "epochs")}}
+        trials.append({"params": params, "metrics": metrics, "history": history, "checkpoint": result.checkpoint,
+                       "trial_id": metrics.get("trial_id", "")})
+    grid = [(lr, ep) for lr in job.search.lr for ep in job.search.epochs]
+    trials.sort(key=lambda t: grid.index((t["params"]["lr"], t["params"]["epochs"])))
+    return trials
+
+
+def run_multilabel(data: DataShape, job: BaselineJob, out: Path, tracker: Tracker,
+                   label_counts: dict[str, dict[str, int]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Tune the one multi-label network, select on mean val AUC, test once; one comparison row per task."""
+    import ray
+
+    clock = Stopwatch()
+    log.info("tuning one multi-label %s for %d tasks", job.model.name, len(job.tasks))
+    trials = tune_multilabel(data, job, Path(job.ray_storage or out / "ray"))
+    best = select_trial(trials)
+    checkpoint = trials[best]["checkpoint"]
+    if job.resources.gpu > 0:
+        evaluate = ray.remote(num_cpus=job.resources.cpu, num_gpus=job.resources.gpu)(evaluate_multilabel_checkpoint)
+        final = ray.get(evaluate.remote(checkpoint, data, job))
+    else:
+        final = evaluate_multilabel_checkpoint(checkpoint, data, job)
+    folder = out / "best" / "multilabel"
+    checkpoint.to_directory(str(folder))
+    params, chosen = trials[best]["params"], trials[best]["metrics"]
+    selected = f"lr={params['lr']:.3g} epochs={params['epochs']} (best epoch {chosen.get('best_epoch')})"
+    write_json_atomic(folder / "record.json", {
+        "tasks": [dataclasses.asdict(task) for task in job.tasks], "model": job.model.name, "params": params,
+        "selected": selected, "selection_metric": "mean val auc", "val": final["val"], "test": final["test"],
+        "shards": data.shards, "mlflow": {"tracking_uri": tracker.uri, "parent_run_id": tracker.run_id}})
+    tracker.log_artifacts(folder, "best/multilabel")
+    for index, trial in enumerate(trials):
+        numeric = {k.replace("/", "."): float(v) for k, v in trial["metrics"].items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        tracker.log_child_run(f"multilabel | lr={trial['params']['lr']:.3g} epochs={trial['params']['epochs']}",
+                              {**trial["params"], "model": job.model.name, "tasks": len(job.tasks)}, numeric,
+                              tags={"selected": str(index == best).lower(),
+                                    "error": str(trial["metrics"].get("error", ""))[:500]},
+                              history=trial["history"])
+    wall = clock.wall()
+    cpu = sum(float(t["metrics"].get("cpu_s", 0.0)) for t in trials) + final["cpu_s"]
+    gpu = job.resources.gpu * (sum(float(t["metrics"].get("wall_s", 0.0)) for t in trials) + final["wall_s"])
+    rows = []
+    for task in job.tasks:
+        test = final["test"][task.name]
+        tracker.log_metrics({f"{task.name}/multilabel/test_{k}": float(v) for k, v in test.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        # the one network's cost is shared by its tasks: each row carries its share
+        rows.append(method_row(task.name, f"{job.model.name} (multi-label)", test, None,
+                               labels_used=labels_used(label_counts[task.column], task), wall_s=wall / len(job.tasks),
+                               cpu_s=cpu / len(job.tasks), gpu_s=gpu / len(job.tasks), trials=len(trials),
+                               selected=selected))
+    return rows, {"multilabel": {"val": final["val"], "test": final["test"], "selected": selected,
+                                 "wall_s": wall, "cpu_s": cpu, "trials": len(trials), "best": best}}
+
+
 def select_trial(trials: list[dict[str, Any]]) -> int:
     """The trial with the best validation score (larger = better, see harness.ops.baseline.SELECT); ties: earliest."""
     scores = [float(t["metrics"].get("best_score", -math.inf)) if t["checkpoint"] is not None else -math.inf
@@ -215,6 +297,9 @@ def run_baselines(shards: str | Path, job: BaselineJob, out: str | Path | None =
     writing into ``out`` (default: the job's ``out_dir``) on a local Ray of ``num_cpus`` cores (or the cluster of
     ``RAY_ADDRESS``); returns ``{"rows", "objectives", "out", "parent_run_id"}`` (also in summary.json)."""
     tasks = [job.task(name) for name in task_names] if task_names else list(job.tasks)
+    if job.multilabel and task_names:
+        raise ConfigError("error: --task picks one task of a multilabel job, whose one network has every task's "
+                          "output; drop --task or set multilabel: false")
     shards, out = Path(shards), Path(out or job.out_dir)
     shapes = {task.name: data_shape(shards, job, task) for task in tasks}  # fail before starting Ray
     manifest = read_manifest(shards)
@@ -233,7 +318,12 @@ def run_baselines(shards: str | Path, job: BaselineJob, out: str | Path | None =
         tracker.log_artifact(job_file)
         report = Report(out / "report", f"{job.model.name} baselines on {shards.name}")
         rows, objectives = [], {}
-        for task in tasks:
+        if job.multilabel:
+            first = shapes[tasks[0].name]
+            data = dataclasses.replace(first, pos_weights=tuple(shapes[t.name].pos_weight for t in tasks))
+            counts = {t.column: manifest["splits"][job.splits.train]["label_counts"][t.column] for t in tasks}
+            rows, objectives = run_multilabel(data, job, out, tracker, counts)
+        for task in tasks if not job.multilabel else ():
             counts = manifest["splits"][job.splits.train]["label_counts"][task.column]
             row, results = run_task(shapes[task.name], task, job, out, tracker, counts)
             rows.append(row)

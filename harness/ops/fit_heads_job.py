@@ -31,9 +31,9 @@ from harness.cli import run_main
 from harness.config import RunConfig, Task, load_config, parse_overrides, read_yaml
 from harness.evaluation.evaluate import evaluate_heads, save_head_figures, save_heads
 from harness.evaluation.figures import save_latent_map
+from harness.evaluation.report import Report
 from harness.method.head_tasks import check_task_labels, describe_mappings, infer_tasks, numeric_labels
 from harness.method.latents import LatentsError, LatentsTable, load_latents
-from harness.evaluation.report import Report
 
 OUTPUTS = ("heads.json", "index.html", "results.json", "results.md")  # what a previous run leaves in --out
 

@@ -213,6 +213,10 @@ def main(argv: list[str] | None = None) -> Path:
     build.add_argument("--tracking-uri", default=None,
                        help="MLflow store for --register (default: $MLFLOW_TRACKING_URI, else the DAE run's sqlite)")
     args = parser.parse_args(argv)
+    if args.register and args.tracking_uri:  # a wrong address or password fails before the explainer is built
+        from harness.ops.tracking_server import check_tracking_server
+
+        check_tracking_server(args.tracking_uri)
     out = build_explainer(args.model, args.heads, args.task, args.kind, args.out, dataset=args.dataset,
                           invert_steps=args.invert_steps, decode_steps=args.decode_steps, batch_size=args.batch_size,
                           max_images=args.max_images, overwrite=args.overwrite)

@@ -29,16 +29,25 @@ from pydantic.dataclasses import dataclass
 from harness.config import HEAD_KINDS, CalibrationName, HeadChoices, HeadOptions, Task, TrackConfig
 from harness.config.errors import require
 from harness.config.fields import SECTION, NonNegativeInt, PositiveFloat, PositiveInt
-from harness.config.heads import BACKENDS, HeadKind
+from harness.config.heads import BACKENDS, UNSET, ClassWeight, HeadKind, normalize_class_weight
 from harness.config.task import LabelValues, rule_name, rule_problems
 from harness.job_support import Resources, Splits, Stopwatch
-from harness.method.heads import TaskResult, evaluate_task, fit_task
+from harness.method.heads import MAX_ROWS_QUADRATIC, TaskResult, evaluate_task, fit_task
 from harness.method.latents import LatentsTable
 
 SELECT_METRICS = {"auc": ("auc", "max"), "f1": ("f1", "max"), "macro_f1": ("grade_macro_f1", "max"),
                   "mae": ("grade_mae", "min")}
 TIE_BREAK_ORDER = ("auc", "macro_f1", "mae", "f1")
 NO_CALIBRATION = "none"  # the calibration value of tasks without a grade range
+JOB_CLASS_WEIGHT = "job"  # the class_weight value of trials when the search has no class_weights grid
+UNCERTAIN_POLICIES = {"ignore": math.nan, "positive": 1.0, "negative": 0.0}  # what a -1 label becomes (CheXpert)
+
+
+def class_weight_label(value: str | dict[int, float] | None) -> str:
+    """A class weight as a trial parameter: ``balanced``, ``none`` or ``0:1,1:4``."""
+    if value is None or isinstance(value, str):
+        return "none" if value is None else value
+    return ",".join(f"{k}:{w:g}" for k, w in sorted(value.items()))
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -122,11 +131,43 @@ class SearchSpace(HeadChoices):
     C: Annotated[tuple[PositiveFloat, ...], Field(min_length=1)] | LogUniform = (0.01, 0.1, 1.0, 10.0)
     calibration: Annotated[tuple[CalibrationName, ...], Field(min_length=1)] = (
         "extremes", "lstsq", "poly1", "poly2", "poly3")
+    class_weights: tuple[ClassWeight, ...] = ()  # a searched grid (balanced | none | {0: w, 1: w}); () -> class_weight
     seed: NonNegativeInt = 0  # random_state of the estimators and of the random search
 
-    def options(self, C: float, calibration: str) -> HeadOptions:
-        """The fitting options of one trial (its C and calibration; the rest fixed by the job)."""
-        return HeadOptions(**self.choices(), C=C, calibration=calibration)
+    @model_validator(mode="after")
+    def _check_weights(self) -> SearchSpace:
+        problems = []
+        if self.class_weights and self.protocol == "paper":
+            problems.append(("class_weights", "protocol 'paper' fixes class_weight (none); drop the grid or use "
+                                              "protocol: project"))
+        labels = self.class_weight_grid
+        if len(set(labels)) != len(labels):
+            problems.append(("class_weights", f"repeat a value ({list(labels)})"))
+        require(problems)
+        return self
+
+    @property
+    def class_weight_grid(self) -> tuple[str, ...]:
+        """The trial values of class_weight: labels of the searched grid, or one placeholder (the job's own)."""
+        return tuple(class_weight_label(normalize_class_weight(w)) for w in self.class_weights if w != UNSET) \
+            or (JOB_CLASS_WEIGHT,)
+
+    def options(self, C: float, calibration: str, class_weight: str = JOB_CLASS_WEIGHT) -> HeadOptions:
+        """The fitting options of one trial (its C, calibration and class weight; the rest fixed by the job)."""
+        choices = self.choices()
+        if class_weight != JOB_CLASS_WEIGHT:
+            weights = {class_weight_label(normalize_class_weight(w)): w for w in self.class_weights}
+            choices["class_weight"] = normalize_class_weight(weights[class_weight])
+        return HeadOptions(**choices, C=C, calibration=calibration)
+
+
+@dataclass(frozen=True, config=SECTION)
+class Screen:
+    """The sweep's ``screen:`` section: rank every (task, C) by the closed-form ridge screen
+    (harness.method.ridge_screen, one Gram matrix for all tasks and penalties) on val AUC, then run the
+    trials only for the ``top`` C values of each task."""
+
+    top: PositiveInt = 2
 
 
 @dataclass(frozen=True, config=SECTION)
@@ -140,6 +181,11 @@ class SweepJob:
     max_concurrent_trials: NonNegativeInt = 0  # 0: as many as the cluster's resources allow
     cv_folds: NonNegativeInt = 0  # >= 2: select by stratified k-fold CV on train (no val split needed); 0: on val
     ray_storage: str = ""  # "" -> <out_dir>/ray; on a multi-node cluster a shared folder or cloud URI
+    ray_address: str = ""  # "" -> a local Ray (or $RAY_ADDRESS); host:port of a running cluster's head to join it
+    max_failures: NonNegativeInt = 2  # a trial whose worker or node dies is retried this many times (Tune)
+    uncertain: Literal["ignore", "positive", "negative"] | None = None  # -1 labels of detection tasks; None: as is
+    max_rows_quadratic: PositiveInt = MAX_ROWS_QUADRATIC  # svc_linear on a CPU: refused above this many train rows
+    screen: Screen | None = None  # rank C per task with the ridge screen first, then run the top C values only
     splits: Splits = dataclasses.field(default_factory=Splits)
     search: SearchSpace = dataclasses.field(default_factory=SearchSpace)
     track: TrackConfig = dataclasses.field(default_factory=lambda: TrackConfig(registered_model=None))
@@ -156,6 +202,10 @@ class SweepJob:
             problems.append(("resources.gpu", "> 0 with backend sklearn: the GPU would be reserved but unused"))
         if self.cv_folds == 1:
             problems.append(("cv_folds", "0 (select on the val split) or k >= 2, got 1"))
+        if self.screen is not None and not isinstance(self.search.C, tuple):
+            problems.append(("screen", "screens a grid of C; give search.C as a list, not a log_uniform search"))
+        if self.screen is not None and self.cv_folds:
+            problems.append(("screen", "ranks C on the val split; drop screen or cv_folds"))
         require(problems)
         return self
 
@@ -183,12 +233,27 @@ def labels_used(table: LatentsTable, fitted: Task, split: str) -> int:
     return int(used.sum())
 
 
+def apply_uncertain(table: LatentsTable, job: SweepJob) -> LatentsTable:
+    """The table with the job's uncertain-label policy applied to the -1 labels of its detection tasks' columns
+    (ignore -> missing, positive -> 1, negative -> 0); graded columns (a task with a grade_range) are left alone."""
+    if job.uncertain is None:
+        return table
+    graded = {task.column for task in job.tasks if task.grade_range is not None}
+    labels = dict(table.labels)
+    for column in sorted({task.column for task in job.tasks} - graded):
+        values = np.asarray(labels[column], dtype=np.float64).copy()  # (N,)
+        values[values == -1] = UNCERTAIN_POLICIES[job.uncertain]
+        labels[column] = values
+    return dataclasses.replace(table, labels=labels)
+
+
 def fit_config(table: LatentsTable, task: SweepTask, params: dict[str, Any], job: SweepJob) -> TaskResult:
     """Fit one configuration on the train split; the result's ``task`` is the task's own definition."""
     calibration = "lstsq" if params["calibration"] == NO_CALIBRATION else params["calibration"]
+    options = job.search.options(float(params["C"]), calibration, params.get("class_weight", JOB_CLASS_WEIGHT))
     result = fit_task(table, task.fitted_on(task.rule(params["rule"])), kind=params["kind"],
                       backend=job.trial_backend, train_split=job.splits.train, random_state=job.search.seed,
-                      options=job.search.options(float(params["C"]), calibration))
+                      options=options, max_rows_quadratic=job.max_rows_quadratic)
     return dataclasses.replace(result, task=task.definition())  # head.task keeps the fitting rule
 
 
@@ -209,7 +274,7 @@ def cv_tables(table: LatentsTable, task: SweepTask, job: SweepJob) -> list[Laten
 
     train = table.select(job.splits.train)
     labels = np.asarray(train.labels[task.column], dtype=np.float64)  # (N,)
-    strata = np.where(np.isfinite(labels), labels, -1e300)
+    strata = np.unique(np.where(np.isfinite(labels), labels, np.inf), return_inverse=True)[1]  # (N,) class codes
     folds = StratifiedKFold(n_splits=job.cv_folds, shuffle=True, random_state=job.search.seed)
     tables = []
     for _, held_out in folds.split(np.zeros(len(train)), strata):
@@ -296,11 +361,12 @@ def selection_key(metrics: dict[str, Any], task: SweepTask) -> tuple[float, ...]
 
 
 def grid_position(params: dict[str, Any], task: SweepTask, job: SweepJob) -> tuple[float, ...]:
-    """Where a configuration sits in the job file's grid order (kinds x C x rules x calibration)."""
+    """Where a configuration sits in the job file's grid order (kinds x C x class weights x rules x calibration)."""
     c_rank = job.search.C.index(params["C"]) if isinstance(job.search.C, tuple) and params["C"] in job.search.C \
         else float(params["C"])
-    return (job.search.kinds.index(params["kind"]), c_rank, [r.name for r in task.rules].index(params["rule"]),
-            job.calibrations(task).index(params["calibration"]))
+    weight = params.get("class_weight", JOB_CLASS_WEIGHT)
+    return (job.search.kinds.index(params["kind"]), c_rank, job.search.class_weight_grid.index(weight),
+            [r.name for r in task.rules].index(params["rule"]), job.calibrations(task).index(params["calibration"]))
 
 
 def select_best(trials: list[dict[str, Any]], task: SweepTask, job: SweepJob) -> int:
@@ -319,4 +385,6 @@ def select_best(trials: list[dict[str, Any]], task: SweepTask, job: SweepJob) ->
 def describe(params: dict[str, Any]) -> str:
     """A short human-readable configuration, e.g. ``svm C=0.1 rule=2,3 vs 0 cal=poly2``."""
     text = f"{params['kind']} C={float(params['C']):.4g} rule={params['rule']}"
+    if params.get("class_weight", JOB_CLASS_WEIGHT) != JOB_CLASS_WEIGHT:
+        text += f" cw={params['class_weight']}"
     return text if params["calibration"] == NO_CALIBRATION else f"{text} cal={params['calibration']}"

@@ -147,10 +147,19 @@ class Tracker:
         try:
             client.get_registered_model(name)
         except MlflowException as error:
-            if getattr(error, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
-                raise  # e.g. not permitted to read it: creating it anew would only fail less clearly
-            client.create_registered_model(
-                name, description=description or "Diffusion autoencoder (EMA weights, safetensors)")
+            # An auth server answers 403, not 404, for a model that does not exist (so that names do not leak):
+            # creating it tells the two apart. If it exists, the user may not read it: the 403 stands.
+            if getattr(error, "error_code", None) not in ("RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED"):
+                raise
+            try:
+                client.create_registered_model(
+                    name, description=description or "Diffusion autoencoder (EMA weights, safetensors)")
+            except MlflowException as create_error:
+                if getattr(create_error, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                if error.error_code == "PERMISSION_DENIED":
+                    raise error from None
+                # else a concurrent registration created it between the lookup and here: add to it
         else:  # the same weights registered again (e.g. a rerun of a finished run): reuse their version
             digest = all_tags.get("weights_sha256")
             same = client.search_model_versions(f"name = '{name}' and tag.weights_sha256 = '{digest}'") if digest \

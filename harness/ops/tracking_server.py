@@ -9,7 +9,6 @@ module of ``harness.ops``, so both can.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +27,9 @@ class TrackingAccessError(ConfigError):
 
 
 def _who() -> str:
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    from mlflow.utils.credentials import read_mlflow_creds  # the environment, else ~/.mlflow/credentials
+
+    user = read_mlflow_creds().username
     return f"user '{user}'" if user else "an anonymous client (MLFLOW_TRACKING_USERNAME is not set)"
 
 
@@ -39,8 +40,9 @@ def _refusal(uri: str, status: int, action: str | None) -> TrackingAccessError:
             f"the tracking server {uri} refused the credentials of {_who()} (HTTP 401){when}: "
             "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account on that server")
     return TrackingAccessError(
-        f"{_who()} is not permitted to {action} on the tracking server {uri} (HTTP 403): ask its admin for the "
-        "permission (mlflow/README.md, 'Users and permissions')")
+        f"{_who()} is not permitted to {action} on the tracking server {uri} (HTTP 403, also its answer when the "
+        "model or experiment does not exist): check the name, or ask its admin for the permission (mlflow/README.md, "
+        "'Users and permissions')")
 
 
 def check_tracking_server(uri: str, timeout: float = SERVER_CHECK_TIMEOUT_S) -> None:

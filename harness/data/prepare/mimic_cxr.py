@@ -10,8 +10,9 @@ pulmonary edema severity table (``dicom_id`` or ``subject_id, study_id`` and ``e
 
 Images: views in ``views`` only (default AP, the portable bedside projection), decoded by PIL at a reduced JPEG
 scale (DCT scaling, several times faster than a full decode of a ~3000 px image), gray, brought to ``size``
-(default 256) by ``fit`` (default ``pad``: aspect ratio kept, black borders). Labels: ``lung_opacity``,
-``pneumonia``, ``cardiomegaly``, ``edema``, each 1/0 with uncertain (-1) mapped by ``uncertain`` ("keep" -1,
+(default 256) by ``fit`` (default ``pad``: aspect ratio kept, black borders). Labels: ``findings`` (default
+``lung_opacity``, ``pneumonia``, ``cardiomegaly``, ``edema``; ``all``: the 14 CheXpert columns, named in snake
+case as in :data:`ALL_FINDINGS`), each 1/0 with uncertain (-1) mapped by ``uncertain`` ("keep" -1,
 "positive" 1, "negative" 0, "ignore" null) and blank by ``blank`` ("negative" 0, "ignore" null); with a
 severity table also ``edema_severity`` (0-3, -1 for images without a severity grade, so the column stays
 numeric in every batch). Metadata: ``patient_id``, ``study_id``, ``view``, ``source_file``.
@@ -55,7 +56,7 @@ from harness.data.prepare.imaging import FIT_METHODS, fit_square, to_channels
 from harness.data.prepare.runner import run_plan
 
 FINDINGS = {"lung_opacity": "Lung Opacity", "pneumonia": "Pneumonia", "cardiomegaly": "Cardiomegaly",
-            "edema": "Edema"}  # label column -> column of the CheXbert/CheXpert table
+            "edema": "Edema"}  # the default label columns -> column of the CheXbert/CheXpert table
 UNCERTAIN_POLICIES = {"keep": -1, "positive": 1, "negative": 0, "ignore": None}
 BLANK_POLICIES = {"negative": 0, "ignore": None}
 SPLIT_NAMES = {"train": "train", "validate": "val", "val": "val", "test": "test"}
@@ -63,6 +64,30 @@ SEVERITY_COLUMNS = ("edema_severity", "edeme_severity")  # the PhysioNet release
 CHEXPERT_COLUMNS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
                     "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
                     "Pneumonia", "Pneumothorax", "Support Devices")  # the label tables' finding columns
+ALL_FINDINGS = {column.lower().replace(" ", "_"): column for column in CHEXPERT_COLUMNS}  # snake_case -> column
+
+
+def resolve_findings(findings: str | Sequence[str] | None) -> dict[str, str]:
+    """The label columns to write: ``None`` -> the default four, ``"all"`` -> the 14 CheXpert findings, or a list
+    of names (snake_case ``pleural_effusion`` or the table's ``Pleural Effusion``); ``ValueError`` (one line) for a
+    name that is not a CheXpert finding."""
+    if findings is None:
+        return dict(FINDINGS)
+    names = [findings] if isinstance(findings, str) else list(findings)
+    names = [n.strip() for name in names for n in str(name).split(",") if n.strip()]
+    if [n.lower() for n in names] == ["all"]:
+        return dict(ALL_FINDINGS)
+    by_column = {column: name for name, column in ALL_FINDINGS.items()}
+    chosen: dict[str, str] = {}
+    for name in names:
+        key = name if name in ALL_FINDINGS else by_column.get(name, name.lower().replace(" ", "_"))
+        if key not in ALL_FINDINGS:
+            raise ValueError(f"error: --findings {name!r} is not a CheXpert finding; use 'all' or names from "
+                             f"{list(ALL_FINDINGS)}")
+        chosen[key] = ALL_FINDINGS[key]
+    if not chosen:
+        raise ValueError(f"error: --findings is empty; use 'all' or names from {list(ALL_FINDINGS)}")
+    return chosen
 
 
 def image_path(root: Path, subject_id: int, study_id: int, dicom_id: str) -> Path:
@@ -175,9 +200,11 @@ def mimic_plan(root: str | Path, metadata_csv: str | Path, labels_csv: str | Pat
                split_csv: str | Path | None = None, severity_csv: str | Path | None = None, *,
                views: Sequence[str] | None = ("AP",), size: int = 256, fit: str = "pad", channels: int = 1,
                uncertain: str = "keep", blank: str = "negative", fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
-               seed: int = 0) -> Plan:
-    """Join the MIMIC-CXR-JPG tables and describe the preparation (one work item per image)."""
+               seed: int = 0, findings: str | Sequence[str] | None = None) -> Plan:
+    """Join the MIMIC-CXR-JPG tables and describe the preparation (one work item per image); ``findings`` as in
+    :func:`resolve_findings`."""
     root = Path(root)
+    chosen = resolve_findings(findings)  # a bad name is refused before any table is read
     if not (root / "files").is_dir():
         raise PrepareError(f"{root}: no files/ folder; pass the MIMIC-CXR-JPG folder that holds files/p10 ...")
     if uncertain not in UNCERTAIN_POLICIES or blank not in BLANK_POLICIES or fit not in FIT_METHODS or size < 8:
@@ -194,9 +221,9 @@ def mimic_plan(root: str | Path, metadata_csv: str | Path, labels_csv: str | Pat
             filtered[f"view not in {list(views)}"] = int((~keep).sum())
         meta = meta[keep]
     labels = read_table(labels_csv)
-    require_columns(labels, ("subject_id", "study_id", *FINDINGS.values()), labels_csv)
+    require_columns(labels, ("subject_id", "study_id", *chosen.values()), labels_csv)
     _check_labels(labels, labels_csv)
-    table = meta.merge(labels[["subject_id", "study_id", *FINDINGS.values()]].drop_duplicates(["subject_id",
+    table = meta.merge(labels[["subject_id", "study_id", *chosen.values()]].drop_duplicates(["subject_id",
                        "study_id"]), on=["subject_id", "study_id"], how="left", indicator="_labels")
     inputs = {Path(p).name: sha256_file(p) for p in (metadata_csv, labels_csv, split_csv, severity_csv) if p}
     if split_csv is not None:
@@ -218,7 +245,7 @@ def mimic_plan(root: str | Path, metadata_csv: str | Path, labels_csv: str | Pat
         if row["_labels"] != "both":
             skipped.append(Skip(name, "missing_label", f"study {row['study_id']} has no row in {labels_csv}"))
             continue
-        sample_labels = {column: map_finding(row[source], uncertain, blank) for column, source in FINDINGS.items()}
+        sample_labels = {column: map_finding(row[source], uncertain, blank) for column, source in chosen.items()}
         if severity_csv is not None:
             grade = row["edema_severity"]
             sample_labels["edema_severity"] = -1 if isinstance(grade, float) and math.isnan(grade) else int(grade)
@@ -239,9 +266,10 @@ def mimic_plan(root: str | Path, metadata_csv: str | Path, labels_csv: str | Pat
     if split_csv is None:
         items = split_items_by_patient(items["all"], fractions, seed)
     load = functools.partial(_load_jpg, size=size, fit=fit, channels=channels)
-    label_columns = (*FINDINGS, *(("edema_severity",) if severity_csv is not None else ()))
+    label_columns = (*chosen, *(("edema_severity",) if severity_csv is not None else ()))
     config = {"views": list(views) if views is not None else None, "size": size, "fit": fit, "channels": channels,
               "uncertain": uncertain, "blank": blank, "official_split": split_csv is not None,
+              **({} if chosen == FINDINGS else {"findings": list(chosen)}),  # the default keeps older fingerprints
               **({} if split_csv is not None else {"fractions": dict(fractions), "seed": seed})}
     return Plan("mimic-cxr-jpg", items, load, label_columns, config, inputs=inputs, skipped=skipped,
                 filtered=filtered)
@@ -267,6 +295,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, choices=(1, 3), default=1)
     parser.add_argument("--uncertain", choices=sorted(UNCERTAIN_POLICIES), default="keep")
     parser.add_argument("--blank", choices=sorted(BLANK_POLICIES), default="negative")
+    parser.add_argument("--findings", nargs="+", default=None,
+                        help="label columns: 'all' (the 14 CheXpert findings, snake_case) or names such as "
+                             "pleural_effusion 'Support Devices' (default: lung_opacity pneumonia cardiomegaly edema)")
     add_split_arguments(parser)
 
 
@@ -276,4 +307,4 @@ def run_from_args(args: argparse.Namespace, options: RunOptions) -> PrepareResul
     return prepare_mimic_cxr(args.root, args.out, args.metadata, args.labels, args.split, args.severity,
                              options=options, views=views, size=args.size, fit=args.fit, channels=args.channels,
                              uncertain=args.uncertain, blank=args.blank, fractions=args.split_fractions,
-                             seed=args.split_seed)
+                             seed=args.split_seed, findings=args.findings)
