@@ -138,7 +138,7 @@ def _pair(row: dict[str, Any], *keys: str, digits: int = 3) -> str:
 
 
 def ce_recipes_section(rows: list[dict[str, Any]]) -> list[str]:
-    """``benchmarks/ce_recipes.py``: one row per training run, then one per CE setting and move of each run."""
+    """``experiments/ce_recipes.py``: one row per training run, then one per CE setting and move of each run."""
     out = ["Each run trains on the demo's phantoms with the named recipe and `--extra` overrides, then measures on "
            "the test split. Floors: raw-pixel logistic regression / the same SVM on a random encoder.", ""]
     runs = []
@@ -181,7 +181,7 @@ def ce_recipes_section(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def ce_solvers_section(rows: list[dict[str, Any]]) -> list[str]:
-    """``benchmarks/ce_solvers.py``: one row per inversion setting (depth T = the full walk)."""
+    """``experiments/ce_solvers.py``: one row per inversion setting (depth T = the full walk)."""
     body = []
     for r in rows:
         solver = r["inversion"] + (f" x{r['iters']}{' Anderson' if r.get('anderson') else ''}" if r.get("iters")
@@ -199,7 +199,7 @@ def ce_solvers_section(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def ce_oracle_section(rows: list[dict[str, Any]]) -> list[str]:
-    """``benchmarks/ce_oracle.py``: per model, depth and rendering, one row per decoded latent."""
+    """``experiments/ce_oracle.py``: per model, depth and rendering, one row per decoded latent."""
     body = []
     for r in rows:
         for latent, m in r["rows"].items():
@@ -240,9 +240,9 @@ def generic_section(rows: list[dict[str, Any]]) -> list[str]:
 
 # File stem (without the machine suffix) -> the script that writes it and its tables.
 JSONL_LAYOUTS: dict[str, tuple[str, Callable[[list[dict[str, Any]]], list[str]]]] = {
-    "ce_recipes": ("benchmarks/ce_recipes.py", ce_recipes_section),
-    "ce_solvers": ("benchmarks/ce_solvers.py", ce_solvers_section),
-    "ce_oracle": ("benchmarks/ce_oracle.py", ce_oracle_section),
+    "ce_recipes": ("experiments/ce_recipes.py", ce_recipes_section),
+    "ce_solvers": ("experiments/ce_solvers.py", ce_solvers_section),
+    "ce_oracle": ("experiments/ce_oracle.py", ce_oracle_section),
     "ce_speed": ("benchmarks/ce_speed.py", flat_rows_section),
 }
 

@@ -164,7 +164,7 @@ def test_reference_needs_a_diffae_checkout(tmp_path):
 
 
 def test_the_oracle_experiment_scores_every_latent_against_the_truth(tmp_path):
-    from benchmarks import ce_oracle
+    from experiments import ce_oracle
 
     results = tmp_path / "oracle.jsonl"
     result = ce_oracle.main(["--model", str(REPO / "tests" / "fixtures" / "model_v1"), "--n-train", "12",
@@ -194,7 +194,7 @@ def test_ce_speed_times_each_solver_variant_and_batch(tmp_path):
 
 
 def test_the_recipe_table_names_the_gain_and_the_solver_of_each_ce_row(tmp_path):
-    from benchmarks import ce_recipes
+    from experiments import ce_recipes
 
     row = {"recipe": "eps", "samples": 120000, "raw pixels/logistic": 0.99, "random encoder/svm": 0.93,
            "auc_svm": 0.996, "random_xT_own_source": 0.5, "inversion": "fixed_point", "invert_steps": 10,

@@ -1,6 +1,6 @@
 """Which training recipe makes the demo's counterfactuals valid and faithful? One recipe x budget per call.
 
-    python benchmarks/ce_recipes.py --recipe v_jitter --samples 30000 [60000 ...] [--ce pattern:decode,...]
+    python -m experiments.ce_recipes --recipe v_jitter --samples 30000 [60000 ...] [--ce pattern:decode,...]
 
 Each recipe is a set of run-config overrides on ``jobs/phantoms_demo.yaml``. The DAE is trained (resumed) to each
 budget in ``--out/<recipe>``, then measured on the phantoms, where the true counterfactual is known:
@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from harness.checkpoint import checkpoint_name  # noqa: E402
 from harness.cli import run_main  # noqa: E402

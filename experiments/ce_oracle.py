@@ -1,6 +1,6 @@
 """Is the direction or the decoder what keeps phantom counterfactuals from the truth? An oracle experiment.
 
-    python benchmarks/ce_oracle.py --model runs/recipes/eps/final [--n-train 256] [--n-test 32]
+    python -m experiments.ce_oracle --model runs/recipes/eps/final [--n-train 256] [--n-test 32]
 
 On phantoms the true counterfactual of every image is known (the same phantom re-rendered at another grade), so
 the latent move that *should* be made is known too: ``delta_i = E(truth_i) - E(x_i)``. Decoding (residual
@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from harness.data.phantoms import PhantomParams, generate_phantoms, render, to_uint8  # noqa: E402
 from harness.data.transforms import to_model_range  # noqa: E402

@@ -1,6 +1,6 @@
 """Do fast inversion settings keep the counterfactuals? CE validity and CE-vs-truth error per solver x steps.
 
-    python benchmarks/ce_solvers.py --model runs/recipes/eps/final \
+    python -m experiments.ce_solvers --model runs/recipes/eps/final \
         --latents runs/recipes/eps/eval-60000/latents.parquet \
         --settings ddim:250:100 ddim:100:50 fixed_point:10:10:4a fixed_point:30:30:2 --depth 500 T
 
@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from harness.config import load_config  # noqa: E402
 from harness.diffusion import counterfactual_nfe  # noqa: E402
