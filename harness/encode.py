@@ -23,11 +23,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from harness.cli import run_main
 from harness.config import ConfigError
 from harness.data import eval_loader
+from harness.data.shards import ShardError, read_manifest
 from harness.data.sources import check_shard_geometry
 from harness.fileio import refuse_existing, write_json_atomic
 from harness.fingerprint import differences, manifest_hash, weights_sha256
@@ -168,6 +170,41 @@ def merge_chunks(parts_dir: str | Path, splits: list[str], meta: dict | None = N
                         labels={k: v[order] for k, v in table.labels.items()}, x_T=x_T, meta=meta or {})
 
 
+def _rows_in(chunks: list[Path]) -> int:
+    """Rows of this rank's chunk files, resumed ones included."""
+    total = 0
+    for path in chunks:
+        with np.load(path, allow_pickle=False) as data:
+            total += len(data["id"])
+    return total
+
+
+def check_every_image_encoded(shard_dir: str | Path, local_rows: dict[str, int],
+                              world_size: int = 1) -> dict[str, int] | None:
+    """Each split's rows summed over the processes, checked against the shard manifest's count.
+
+    The sum is torchmetrics' ``SumMetric``: an all-reduce across the ranks when ``torch.distributed`` runs (the
+    launcher's processes). Every rank gets the totals, so every rank stops alike when an image was encoded twice or
+    not at all (a rank split that lost or doubled samples). Ranks called one after another in one process (no
+    process group) cannot be summed: None, unchecked."""
+    from torchmetrics.aggregation import SumMetric
+
+    if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    manifest = read_manifest(shard_dir)
+    totals = {}
+    for split, rows in local_rows.items():
+        metric = SumMetric()
+        metric.update(torch.tensor(float(rows), dtype=torch.float64))
+        totals[split] = int(metric.compute().item())
+        expected = int(manifest["splits"][split]["count"])
+        if totals[split] != expected:
+            raise ShardError(f"error: {shard_dir}: encoded {totals[split]} images of split {split!r} over "
+                             f"{world_size} process(es), the manifest holds {expected}: every image must be encoded "
+                             "exactly once; rerun without a changed --batch-size or process count, or with --overwrite")
+    return totals
+
+
 def encode_to_table(ae: DiffusionAutoencoder, shard_dir: str | Path, splits: list[str], out_path: str | Path, *,
                     rank: int = 0, world_size: int = 1, barrier=lambda: None, meta: dict | None = None,
                     **kwargs) -> Path | None:
@@ -190,8 +227,11 @@ def encode_to_table(ae: DiffusionAutoencoder, shard_dir: str | Path, splits: lis
     barrier()
     if not (parts_dir / PARTS_FINGERPRINT).is_file():  # every rank writes the same bytes; the rename is atomic
         write_json_atomic(parts_dir / PARTS_FINGERPRINT, chunk_fingerprint)
+    local_rows = {}
     for split in splits:
-        encode_split(ae, shard_dir, split, parts_dir, rank=rank, world_size=world_size, **kwargs)
+        written = encode_split(ae, shard_dir, split, parts_dir, rank=rank, world_size=world_size, **kwargs)
+        local_rows[split] = _rows_in(written)
+    check_every_image_encoded(shard_dir, local_rows, world_size)
     barrier()
     if rank != 0:
         return None

@@ -132,3 +132,35 @@ def test_chunks_of_the_same_table_under_another_suffix_are_reused_or_discarded(s
     assert "discarding the chunks in" in err and "latents.csv.parts" in err
     assert sum(calls) == 8 and len(table) == 16  # rank 1's half came from the .npz run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latents.parquet", "latents.v2.npz.parts"]
+
+
+def test_the_row_count_check_refuses_a_split_encoded_short_or_twice(shards):
+    from harness.data.shards import ShardError
+    from harness.encode import check_every_image_encoded
+
+    assert check_every_image_encoded(shards, {"test": 16, "train": 8}) == {"test": 16, "train": 8}
+    for rows in (15, 32):
+        with pytest.raises(ShardError, match=f"encoded {rows} images of split 'test' over 1 process"):
+            check_every_image_encoded(shards, {"test": rows})
+    assert check_every_image_encoded(shards, {"test": 8}, world_size=2) is None  # ranks in one process: unsummed
+
+
+@pytest.mark.slow
+def test_two_processes_sum_their_rows_across_ranks_and_write_every_image_once(shards, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from helpers.serving import free_port
+
+    out = tmp_path / "latents.parquet"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "launch" / "accelerate" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+               "-m", "harness.encode", "--model", str(MODEL), "--shards", str(shards), "--splits", "train", "test",
+               "--out", str(out), "--batch-size", "4"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    table = load_latents(out)
+    assert sorted(np.unique(table.splits, return_counts=True)[1].tolist()) == [8, 16]
+    assert len(set(table.ids.tolist())) == 24  # every image once, none twice

@@ -70,11 +70,24 @@ class Tracker:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.uri = resolve_tracking_uri(track, out_dir)
         check_tracking_server(self.uri)
+        # MLflow's set_tracking_uri also writes MLFLOW_TRACKING_URI into this process's environment, where every
+        # later Tracker would find it (a test server long gone, another job's store): end() puts it back.
+        self._environment_uri = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
-        with tracking_errors(self.uri, f"start a run in experiment '{track.experiment}'"):
-            experiment_id = self._experiment_id_of(track.experiment, out_dir)
-            run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name, tags=tags)
+        try:
+            with tracking_errors(self.uri, f"start a run in experiment '{track.experiment}'"):
+                experiment_id = self._experiment_id_of(track.experiment, out_dir)
+                run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name, tags=tags)
+        except BaseException:
+            self._restore_environment()
+            raise
         self.run_id = run.info.run_id
+
+    def _restore_environment(self) -> None:
+        if self._environment_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = self._environment_uri
 
     def _experiment_id_of(self, name: str, out_dir: Path) -> str:
         """The experiment's id, created when absent (by whichever of several concurrent trials comes first)."""
@@ -211,3 +224,5 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self._mlflow.active_run() is not None:
             self._mlflow.end_run(status=status)
+        if self.enabled:
+            self._restore_environment()
