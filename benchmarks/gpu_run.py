@@ -36,7 +36,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from benchmarks.records import TIMING, Metric, SuiteResult, make_record, save_record  # noqa: E402
+from benchmarks.records import TIMING, Metric, SuiteResult, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PNEUMONIA_NPZ = REPO.parent / "shared" / "data" / "pneumoniamnist.npz"
@@ -251,10 +251,8 @@ def main(argv: list[str] | None = None) -> Path:
             result.notes.append(f"{name}: failed: {error}")
             print(f"[{name}] failed: {error}", file=sys.stderr, flush=True)
         result.rows.append({"stage": name, "wall_s": round(time.monotonic() - stage_start, 1)})
-    record = make_record({"gpu_run": result}, small=args.smoke, wall_s=time.monotonic() - started, argv=argv)
-    path = save_record(record, ctx.out)
-    print(f"record: {path}" + "".join(f"\nnote: {note}" for note in result.notes), flush=True)
-    return path
+    return write_record("gpu_run", result, small=args.smoke, wall_s=time.monotonic() - started, argv=argv,
+                        out_dir=ctx.out)
 
 
 if __name__ == "__main__":

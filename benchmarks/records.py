@@ -160,6 +160,14 @@ def save_record(record: dict[str, Any], out_dir: str | Path) -> Path:
     return path
 
 
+def write_record(suite: str, result: SuiteResult, *, small: bool, wall_s: float, argv: list[str] | None,
+                 out_dir: str | Path) -> Path:
+    """The record of one suite's ``result``, saved under ``out_dir``; its path and notes are printed."""
+    path = save_record(make_record({suite: result}, small=small, wall_s=wall_s, argv=argv), out_dir)
+    print(f"record: {path}" + "".join(f"\nnote: {note}" for note in result.notes), flush=True)
+    return path
+
+
 def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):  # numpy and torch scalars
         return value.item()

@@ -43,7 +43,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from benchmarks.records import TIMING, Metric, SuiteResult, make_record, save_record  # noqa: E402
+from benchmarks.records import TIMING, Metric, SuiteResult, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM, dense bf16 tensor-core peak
@@ -243,10 +243,8 @@ def main(argv: list[str] | None = None) -> Path:
                             "mfu_source": source, **row})
     result.notes.append(f"projection (not a measurement): paper-64 at {gflop:.1f} GFLOP per training image, {source}, "
                         "linear scaling over GPUs")
-    record = make_record({"scale": result}, small=args.small, wall_s=time.perf_counter() - started, argv=argv)
-    path = save_record(record, args.out)
-    print(f"record: {path}\n" + "\n".join(f"note: {note}" for note in result.notes), flush=True)
-    return path
+    return write_record("scale", result, small=args.small, wall_s=time.perf_counter() - started, argv=argv,
+                        out_dir=args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -244,24 +244,59 @@ class EarlyStopping:
 Reporter = Callable[[dict[str, Any], dict[str, torch.Tensor] | None], None]
 
 
+def training_stream(data: DataShape, job: BaselineJob) -> tuple[Iterator[dict[str, Any]], int]:
+    """The trials' endless, seeded training stream (with the job's augmentation) and the steps of one epoch."""
+    from harness.data.loaders import train_loader
+
+    search = job.search
+    loader = train_loader(data.shards, search.batch_size, split=job.splits.train, image_size=data.image_size,
+                          channels=data.channels, augment=AugmentSpec.from_config(job.augment),
+                          num_workers=job.num_workers, seed=search.seed)
+    return iter(loader), math.ceil(data.train_count / search.batch_size)
+
+
+def end_epoch(epoch: int, epochs: int, losses: list[float], val: dict[str, float], stopper: EarlyStopping,
+              improved: bool, model: torch.nn.Module, clock: Stopwatch, report: Reporter) -> dict[str, Any]:
+    """One epoch's metrics (``stopped_early`` set when the stopper ends the trial before its budget), reported with
+    the weights when the validation score improved; shared by the single-task and the multi-label trials."""
+    metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else math.nan, **val,
+               "best_score": stopper.best, "best_epoch": stopper.best_epoch,
+               "stopped_early": int(stopper.stop and epoch < epochs), "cpu_s": clock.cpu(), "wall_s": clock.wall()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()} if improved else None
+    report(metrics, weights)
+    return metrics
+
+
+def tune_reporter() -> Reporter:
+    """A trial's ``report`` inside Ray Tune: metrics every epoch, plus the weights as a checkpoint when given."""
+    import tempfile
+
+    from ray import tune
+    from safetensors.torch import save_file
+
+    def report(metrics: dict[str, Any], weights: dict[str, torch.Tensor] | None) -> None:
+        if weights is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:  # Ray copies it into the run's storage before returning
+            save_file(weights, str(Path(folder) / WEIGHTS_FILE))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    return report
+
+
 def train_trial(params: dict[str, Any], data: DataShape, task: BaselineTask, objective: str, job: BaselineJob,
                 report: Reporter) -> dict[str, Any]:
     """Train one (lr, epochs) configuration with early stopping; ``report(metrics, weights_or_None)`` per epoch.
 
     Returns the last reported metrics (``best_score`` is the best validation selection score, larger = better).
     """
-    from harness.data.loaders import train_loader
-
     clock, search = Stopwatch(), job.search
     torch.manual_seed(search.seed)
     device = trial_device(job)
     model = build_densenet(job.model, data.channels).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(params["lr"]), weight_decay=search.weight_decay)
-    loader = train_loader(data.shards, search.batch_size, split=job.splits.train, image_size=data.image_size,
-                          channels=data.channels, augment=AugmentSpec.from_config(job.augment),
-                          num_workers=job.num_workers, seed=search.seed)
-    stream = iter(loader)
-    steps_per_epoch = math.ceil(data.train_count / search.batch_size)
+    stream, steps_per_epoch = training_stream(data, job)
     selection = job.selection(objective)
     key, sign = SELECT[selection]
     stopper = EarlyStopping(search.patience)
@@ -288,13 +323,7 @@ def train_trial(params: dict[str, Any], data: DataShape, task: BaselineTask, obj
                                       job.num_workers)
             val = _scalars(score(outputs, labels, task, objective), "val_")
             improved = stopper.update(sign * val.get(key, math.nan), epoch)
-            metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else math.nan, **val,
-                       "best_score": stopper.best, "best_epoch": stopper.best_epoch, "stopped_early": 0,
-                       "cpu_s": clock.cpu(), "wall_s": clock.wall()}
-            if stopper.stop and epoch < int(params["epochs"]):
-                metrics["stopped_early"] = 1
-            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()} if improved else None
-            report(metrics, weights)
+            metrics = end_epoch(epoch, int(params["epochs"]), losses, val, stopper, improved, model, clock, report)
             if metrics["stopped_early"]:
                 break
     finally:
@@ -305,20 +334,7 @@ def train_trial(params: dict[str, Any], data: DataShape, task: BaselineTask, obj
 def ray_trial(config: dict[str, Any], data: DataShape, task: BaselineTask, job: BaselineJob) -> None:
     """Ray Tune function trainable (config: objective, lr, epochs): :func:`train_trial` reporting each epoch,
     with a checkpoint when the validation score improved."""
-    import tempfile
-
-    from ray import tune
-    from safetensors.torch import save_file
-
-    def report(metrics: dict[str, Any], weights: dict[str, torch.Tensor] | None) -> None:
-        if weights is None:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as folder:  # Ray copies it into the run's storage before returning
-            save_file(weights, str(Path(folder) / WEIGHTS_FILE))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-
-    train_trial(config, data, task, config["objective"], job, report)
+    train_trial(config, data, task, config["objective"], job, tune_reporter())
 
 
 def evaluate_weights(weights_dir: str | Path, data: DataShape, task: BaselineTask, objective: str,
@@ -420,19 +436,13 @@ def train_multilabel_trial(params: dict[str, Any], data: DataShape, job: Baselin
                            report: Reporter) -> dict[str, Any]:
     """Train one (lr, epochs) configuration of the multi-label network with early stopping on the mean val AUC;
     ``report(metrics, weights_or_None)`` per epoch (metrics: ``val_mean_auc`` and ``val_auc/<task>``)."""
-    from harness.data.loaders import train_loader
-
     clock, search, tasks = Stopwatch(), job.search, job.tasks
     columns = tuple(task.column for task in tasks)
     torch.manual_seed(search.seed)
     device = trial_device(job)
     model = build_densenet(job.model, data.channels, len(tasks)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(params["lr"]), weight_decay=search.weight_decay)
-    loader = train_loader(data.shards, search.batch_size, split=job.splits.train, image_size=data.image_size,
-                          channels=data.channels, augment=AugmentSpec.from_config(job.augment),
-                          num_workers=job.num_workers, seed=search.seed)
-    stream = iter(loader)
-    steps_per_epoch = math.ceil(data.train_count / search.batch_size)
+    stream, steps_per_epoch = training_stream(data, job)
     stopper = EarlyStopping(search.patience)
     pos_weight = torch.tensor(data.pos_weights, dtype=torch.float32, device=device)  # (T,)
     metrics: dict[str, Any] = {}
@@ -458,14 +468,8 @@ def train_multilabel_trial(params: dict[str, Any], data: DataShape, job: Baselin
             scores = score_multilabel(outputs, labels, tasks)
             val_mean = mean_auc(scores)
             improved = stopper.update(val_mean, epoch)
-            metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else math.nan,
-                       "val_mean_auc": val_mean, **{f"val_auc/{name}": float(m["auc"]) for name, m in scores.items()},
-                       "best_score": stopper.best, "best_epoch": stopper.best_epoch, "stopped_early": 0,
-                       "cpu_s": clock.cpu(), "wall_s": clock.wall()}
-            if stopper.stop and epoch < int(params["epochs"]):
-                metrics["stopped_early"] = 1
-            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()} if improved else None
-            report(metrics, weights)
+            val = {"val_mean_auc": val_mean, **{f"val_auc/{name}": float(m["auc"]) for name, m in scores.items()}}
+            metrics = end_epoch(epoch, int(params["epochs"]), losses, val, stopper, improved, model, clock, report)
             if metrics["stopped_early"]:
                 break
     finally:
@@ -476,20 +480,7 @@ def train_multilabel_trial(params: dict[str, Any], data: DataShape, job: Baselin
 def ray_multilabel_trial(config: dict[str, Any], data: DataShape, job: BaselineJob) -> None:
     """Ray Tune function trainable (config: lr, epochs) of :func:`train_multilabel_trial`, checkpointing the best
     epoch as :func:`ray_trial` does."""
-    import tempfile
-
-    from ray import tune
-    from safetensors.torch import save_file
-
-    def report(metrics: dict[str, Any], weights: dict[str, torch.Tensor] | None) -> None:
-        if weights is None:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            save_file(weights, str(Path(folder) / WEIGHTS_FILE))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-
-    train_multilabel_trial(config, data, job, report)
+    train_multilabel_trial(config, data, job, tune_reporter())
 
 
 def evaluate_multilabel_checkpoint(checkpoint: Any, data: DataShape, job: BaselineJob) -> dict[str, Any]:
