@@ -34,17 +34,17 @@ DEMO_JOB = REPO / "jobs" / "phantoms_demo.yaml"
 ERROR_RATIO_LIMIT = 0.98  # a CE no closer to the truth than its input fails the check
 
 
-def _overrides(work_dir: Path) -> list[str]:
-    settings = {"data.shard_dir": work_dir / "quality-phantoms", "train.out_dir": work_dir / "quality-model",
-                "eval.out_dir": work_dir / "quality-eval", "track.enabled": "false"}
+def _overrides(work_dir: Path, name: str = "quality") -> list[str]:
+    settings = {"data.shard_dir": work_dir / f"{name}-shards", "train.out_dir": work_dir / f"{name}-model",
+                "eval.out_dir": work_dir / f"{name}-eval", "track.enabled": "false"}
     if os.environ.get("QUALITY_SAMPLES"):
         settings["train.total_samples"] = os.environ["QUALITY_SAMPLES"]
     return [f"--{key}={value}" for key, value in settings.items()]
 
 
-def _train_as_the_demo_does(overrides: list[str], device: torch.device) -> None:
-    """``make demo``'s training command: two DDP processes of one thread on a CPU, one process on a GPU."""
-    script = [str(REPO / "harness" / "train_dae.py"), "--config", str(DEMO_JOB), *overrides, "--resume"]
+def train_as_the_demo_does(job: Path, overrides: list[str], device: torch.device) -> None:
+    """``make demo``'s training command for ``job``: two DDP processes of one thread on a CPU, one on a GPU."""
+    script = [str(REPO / "harness" / "train_dae.py"), "--config", str(job), *overrides, "--resume"]
     if device.type == "cuda":
         command = [sys.executable, *script]
     else:
@@ -53,7 +53,7 @@ def _train_as_the_demo_does(overrides: list[str], device: torch.device) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1" if device.type == "cpu" else os.environ.get("OMP_NUM_THREADS", "")}
     done = subprocess.run(command, cwd=REPO, env={k: v for k, v in env.items() if v}, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"demo training failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
+        raise RuntimeError(f"training of {job.name} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
                            f"{done.stderr[-3000:]}")
 
 
@@ -64,20 +64,27 @@ def _slug(kind: str) -> str:
 
 def quality_suite(ctx: SuiteContext) -> SuiteResult:
     """The demo's detection, grading, reconstruction and CE results, with the CE goals as guarded metrics."""
+    return measure_job(DEMO_JOB, ctx, "quality", _overrides(ctx.work_dir))
+
+
+def measure_job(job: Path, ctx: SuiteContext, prefix: str, overrides: list[str],
+                floors: bool = False) -> SuiteResult:
+    """Train ``job`` as the demo is trained, run the pipeline's stages up to the CEs (judged by the oracle and,
+    on phantoms, the readout) and return its figures as metrics named ``<prefix>/...``; with ``floors`` the
+    detection floors (raw pixels, random encoder, C chosen on val) stand beside the head."""
     from harness import pipeline
     from harness.config import load_config
     from harness.evaluation.evaluate import build_judges
 
-    overrides = _overrides(ctx.work_dir)
-    config = load_config(str(DEMO_JOB), overrides)
-    result = SuiteResult(notes=[f"recipe: {DEMO_JOB.relative_to(REPO)} with {overrides}"])
-    _train_as_the_demo_does(overrides, ctx.device)
+    config = load_config(str(job), overrides)
+    result = SuiteResult(notes=[f"recipe: {job.relative_to(REPO)} with {overrides}"])
+    train_as_the_demo_does(job, overrides, ctx.device)
     trained = pipeline.train_model(config)  # finds the finished run: nothing is trained here
     torch.manual_seed(config.train.seed)
     latents = pipeline.encode_latents(config, trained)
     heads = pipeline.fit_heads(config, latents)
     checks = pipeline.check_autoencoder(config, latents)
-    judges = build_judges(config)  # the oracle CNN and the phantoms' grade readout: judges that never saw a CE
+    judges = build_judges(config)  # the oracle CNN (and the phantoms' grade readout): judges that never saw a CE
     ces = pipeline.make_counterfactuals(config, latents, heads, checks.images, judges=judges)
 
     task, kind = config.heads.tasks[0].name, config.heads.kinds[0]
@@ -87,34 +94,45 @@ def quality_suite(ctx: SuiteContext) -> SuiteResult:
     result.rows += [{"kind": "detection", **detection}, {"kind": "reconstruction", **recon},
                     *({"kind": "counterfactual", **r} for r in ces.rows)]
     m = result.metrics
-    m["quality/detection/auc"] = Metric(detection["auc"], "AUC", tolerance=0.05, abs_tolerance=0.03)
+    m[f"{prefix}/detection/auc"] = Metric(detection["auc"], "AUC", tolerance=0.05, abs_tolerance=0.03)
+    if floors:
+        pipeline.add_floors(config, heads)
+        result.rows += [{**r, "head_kind": r["kind"], "kind": "floor"} for r in heads.floors]
+        for verdict in heads.floor_verdict:
+            result.rows.append({**verdict, "head_kind": verdict["kind"], "kind": "floor verdict"})
+            if (verdict["task"], verdict["kind"]) == (task, kind):
+                m[f"{prefix}/detection/best_floor_auc"] = Metric(verdict["best_floor_auc"], "AUC", tolerance=None)
+                m[f"{prefix}/detection/margin_over_floors"] = Metric(verdict["margin"], "AUC", tolerance=None)
+                if not verdict["beats_floors"]:
+                    result.notes.append(f"{task} ({kind}): AUC {verdict['dae_auc']:.3f} does not beat the best "
+                                        f"floor, {verdict['best_floor']} at {verdict['best_floor_auc']:.3f}")
     if grading is not None:
         result.rows.append({"kind": "grading", **grading})
-        m["quality/grading/mae"] = Metric(grading["grade_mae"], "grades", False, tolerance=0.15, abs_tolerance=0.05)
-        m["quality/grading/macro_f1"] = Metric(grading["grade_macro_f1"], "F1", tolerance=0.15, abs_tolerance=0.05)
-    m["quality/recon/mse"] = Metric(recon["mse"], "MSE in [-1, 1]", False, tolerance=0.25, abs_tolerance=0.002)
-    m["quality/oracle/test_auc"] = Metric(judges.oracle.test_auc, "AUC", tolerance=None)
+        m[f"{prefix}/grading/mae"] = Metric(grading["grade_mae"], "grades", False, tolerance=0.15, abs_tolerance=0.05)
+        m[f"{prefix}/grading/macro_f1"] = Metric(grading["grade_macro_f1"], "F1", tolerance=0.15, abs_tolerance=0.05)
+    m[f"{prefix}/recon/mse"] = Metric(recon["mse"], "MSE in [-1, 1]", False, tolerance=0.25, abs_tolerance=0.002)
+    m[f"{prefix}/oracle/test_auc"] = Metric(judges.oracle.test_auc, "AUC", tolerance=None)
     # The binary CEs at 1x ("1x") and the grade-targeted ones ("-") of the job's direction, with its gain.
     headline = [r for r in ces.rows if r["direction"] == ces.primary and r["move"] in ("1x", "-")]
     if not headline:
-        raise RuntimeError(f"no CE rows of {ces.primary!r} at 1x: the demo job no longer measures its headline")
+        raise RuntimeError(f"no CE rows of {ces.primary!r} at 1x: {job.name} no longer measures its headline")
     for row in headline:
         slug = _slug(row["kind"])
         # One image of 16 is 0.0625: a drop of 0.15 is two to three images, and 0.6 fails from any baseline >= 0.8.
-        m[f"quality/ce/{slug}/validity"] = Metric(row["validity"], "fraction", tolerance=0.0, abs_tolerance=0.15)
+        m[f"{prefix}/ce/{slug}/validity"] = Metric(row["validity"], "fraction", tolerance=0.0, abs_tolerance=0.15)
         for judge in ("oracle_flip", "readout_flip"):  # the same CEs judged by classifiers that never saw one
             if row.get(judge) is not None:
-                m[f"quality/ce/{slug}/{judge}"] = Metric(row[judge], "fraction", tolerance=0.0, abs_tolerance=0.15)
+                m[f"{prefix}/ce/{slug}/{judge}"] = Metric(row[judge], "fraction", tolerance=0.0, abs_tolerance=0.15)
         if row.get("mae_input_vs_true"):
             ratio = row["mae_true"] / row["mae_input_vs_true"]
             # Below the limit the check fails as soon as the ratio reaches it; a baseline that does not meet the goal
             # (the CE no closer to the truth than its input) still fails on a further 0.02.
-            m[f"quality/ce/{slug}/error_ratio"] = Metric(ratio, "CE error / input error", False, tolerance=0.0,
-                                                         abs_tolerance=max(0.02, ERROR_RATIO_LIMIT - ratio))
+            m[f"{prefix}/ce/{slug}/error_ratio"] = Metric(ratio, "CE error / input error", False, tolerance=0.0,
+                                                          abs_tolerance=max(0.02, ERROR_RATIO_LIMIT - ratio))
             if ratio >= 1.0:
                 result.notes.append(f"{row['kind']}: the CE is not closer to the true CE than its input "
                                     f"(error ratio {ratio:.3f}, {row.get('n', '?')} images)")
-            m[f"quality/ce/{slug}/mae_vs_truth"] = Metric(row["mae_true"], "MAE in [-1, 1]", False, tolerance=None)
+            m[f"{prefix}/ce/{slug}/mae_vs_truth"] = Metric(row["mae_true"], "MAE in [-1, 1]", False, tolerance=None)
     for name, metric in m.items():
-        print(f"[quality] {name}: {metric.value:.4f}", flush=True)
+        print(f"[{prefix}] {name}: {metric.value:.4f}", flush=True)
     return result

@@ -9,7 +9,9 @@
 Suites: ``train`` (images/s, FLOPs, MFU, memory per size / precision / compile / layout; 1 vs 2 process trainer),
 ``encode`` (invert + decode images/s and reconstruction error per step count; batch sweep), ``heads`` (fit time
 per head kind and backend), ``data`` (shard reader images/s vs workers) and ``quality`` (the phantom method end
-to end: AUC, grading MAE / macro-F1, CE validity, CE-vs-truth error, reconstruction error); ``all`` runs each.
+to end: AUC, grading MAE / macro-F1, CE validity, CE-vs-truth error, reconstruction error), ``pneumonia`` (the
+real-data job at a reduced budget) and ``transfer`` (the default recipe on sets that did not choose it); ``all``
+runs each.
 The record goes to ``benchmarks/results/<suite>-<timestamp>.json`` (``all`` when several suites ran); ``--track``
 also logs it to MLflow; ``--check`` exits with status 1 when a metric is worse than the baseline by more than its
 tolerance (see ``benchmarks/records.py`` and ``benchmarks/README.md``).
@@ -48,7 +50,7 @@ from benchmarks.records import (  # noqa: E402
 )
 from benchmarks.suites import SuiteContext  # noqa: E402
 
-SUITE_NAMES = ("train", "encode", "heads", "data", "quality", "pneumonia")
+SUITE_NAMES = ("train", "encode", "heads", "data", "quality", "pneumonia", "transfer")
 
 
 def suite_functions() -> dict[str, Callable[[SuiteContext], SuiteResult]]:
@@ -57,9 +59,11 @@ def suite_functions() -> dict[str, Callable[[SuiteContext], SuiteResult]]:
     from benchmarks.pneumonia_suite import pneumonia_suite
     from benchmarks.quality_suite import quality_suite
     from benchmarks.suites import data_suite, heads_suite, train_suite
+    from benchmarks.transfer_suite import transfer_suite
 
     return {"train": train_suite, "encode": encode_suite, "heads": heads_suite, "data": data_suite,
-            "quality": quality_suite, "pneumonia": pneumonia_suite}
+            "quality": quality_suite, "pneumonia": pneumonia_suite,
+            "transfer": transfer_suite}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

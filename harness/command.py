@@ -67,6 +67,8 @@ VERBS: dict[str, Verb] = {
                      "harness.ops.baseline_job:main"),
     "compare": Verb("per task, DAE + linear head vs the baseline: metrics, labels used, compute",
                     "harness.ops.compare_job:main"),
+    "findings": Verb("one job file for every finding: head sweep, floors, DenseNet121 baseline, comparison",
+                     "harness.ops.findings_job:main"),
     "serve": Verb("build the served explainer (MLflow pyfunc) of one task; serve it: mlflow models serve -m OUT",
                   "harness.ops.serving:main", _serve_argv),
     "promote": Verb("make a registered DAE version champion unless a benchmark metric is worse (also: promote "

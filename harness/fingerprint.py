@@ -22,6 +22,7 @@ from harness.fileio import canonical_sha256
 # and how long it runs (a longer total_samples extends a run with --resume, it does not change the run).
 _RUN_NEUTRAL_TRAIN = {"out_dir", "total_samples", "checkpoint_every", "preview_every", "log_every",
                       "keep_checkpoints", "preview_images", "probe_images", "probe_counterfactuals", "record_keys",
+                      "readiness",  # when to stop early within total_samples: like total_samples itself
                       "compile", "channels_last"}  # the last two change speed and memory layout, not the arithmetic
 # Diffusion fields that only matter when encoding and decoding, never during training.
 _RUN_NEUTRAL_DIFFUSION = {"invert_steps", "decode_steps", "clip_x0", "invert_to", "inversion", "fixed_point_iters",

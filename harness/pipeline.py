@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from harness.cli import run_main
-from harness.config import RunConfig, dump_yaml, load_config, load_yaml
+from harness.config import ConfigError, RunConfig, dump_yaml, load_config, load_yaml
 from harness.data import eval_loader
 from harness.encode import encode_to_table
+from harness.evaluation.cxr_judging import CxrJudgement, is_cxr_phantoms, judge_cxr_counterfactuals
 from harness.evaluation.evaluate import (
     HeadEvaluation,
     Judges,
@@ -44,14 +45,16 @@ from harness.evaluation.evaluate import (
     save_heads,
     write_heads,
 )
-from harness.evaluation.figures import save_image_grid, save_latent_map
+from harness.evaluation.figures import marked_figures, save_image_grid, save_latent_map
 from harness.evaluation.floors import beats_floor
+from harness.evaluation.oracle import Oracle, module_oracle, save_oracle
+from harness.evaluation.readiness import not_ready_text, read_readiness, readiness_tag
 from harness.evaluation.report import Report, check_report
 from harness.method.autoencoder import DiffusionAutoencoder
-from harness.method.heads import TaskResult
+from harness.method.heads import TaskResult, check_quadratic_tasks, resolve_backend
 from harness.method.latents import LatentsTable, load_latents
 from harness.method.metrics import FIDMetric, LPIPSMetric, MissingWeightsError
-from harness.ops.baseline import BaselineJob
+from harness.ops.baseline import BaselineJob, load_detection_model
 from harness.ops.baseline_job import run_baselines
 from harness.ops.tracking import Tracker
 from harness.trainer import Trainer
@@ -98,6 +101,48 @@ def run_baseline(config: RunConfig, out_dir: Path) -> list[dict]:
                      **{k: record["test"].get(k) for k in ("auc", "f1", "accuracy")}, "wall_s": wall,
                      "selected": record["selected"]})
     return rows
+
+
+def check_oracle_source(config: RunConfig) -> None:
+    """With the baseline as the CEs' oracle (``eval.oracle``), its job must train detection of the first task of
+    ``heads.tasks`` with the same label column and positives; ConfigError before any work otherwise."""
+    if config.eval.oracle_source != "baseline":
+        return
+    job = load_yaml(config.eval.baseline_job, BaselineJob, what="baseline job file")
+    task = config.heads.tasks[0]
+    where = f"eval.baseline_job {config.eval.baseline_job}"
+    match = next((t for t in job.tasks if t.name == task.name), None)
+    if match is None:
+        raise ConfigError(f"{where}: no task {task.name!r} (the first of heads.tasks, which the oracle judges); "
+                          f"add it to the baseline job or set eval.oracle: cnn")
+    if not job.multilabel and "detection" not in match.run_objectives:
+        raise ConfigError(f"{where}: task {task.name!r} trains no detection model to serve as the oracle; add "
+                          "detection to its objectives or set eval.oracle: cnn")
+    if match.column != task.column or tuple(match.positives) != tuple(task.positives):
+        raise ConfigError(f"{where}: task {task.name!r} is {match.column} {list(match.positives)} positive, "
+                          f"heads.tasks has {task.column} {list(task.positives)}; make them one task or set "
+                          "eval.oracle: cnn")
+
+
+def baseline_oracle(config: RunConfig, out_dir: Path) -> Oracle:
+    """The baseline's selected detection network of the first task (read from ``<out_dir>/baseline`` with its
+    safetensors weights) as the CEs' oracle, with its test AUC from the baseline's own record."""
+    task = config.heads.tasks[0]
+    model, found = load_detection_model(out_dir / "baseline", task.name)
+    record = found["record"]
+    return module_oracle(model, f"{record['model']} baseline", task, found["test_auc"],
+                         output_index=found["spec"]["output_index"], spec=found["spec"], selected=record["selected"],
+                         weights=found["folder"])
+
+
+def choose_judges(config: RunConfig) -> Judges:
+    """The CEs' judges with the oracle ``eval.oracle`` names, saved to ``<eval.out_dir>/oracle/`` (safetensors
+    + spec) for the served explainer to package."""
+    out_dir = Path(config.eval.out_dir)
+    oracle = baseline_oracle(config, out_dir) if config.eval.oracle_source == "baseline" else None
+    judges = build_judges(config, fid=_fid_or_none(), oracle=oracle)
+    save_oracle(judges.oracle, out_dir / "oracle")
+    return judges
 
 
 def _lpips_or_reason() -> tuple[object | None, str | None]:
@@ -215,6 +260,7 @@ class Counterfactuals:
     primary: str
     gain_text: str
     judges: Judges | None = None
+    findings: CxrJudgement | None = None  # on chest X-ray phantoms: the multi-finding measures
 
 
 def train_model(config: RunConfig) -> TrainedModel:
@@ -238,9 +284,12 @@ def fit_heads(config: RunConfig, latents: Latents) -> Heads:
     """Every head kind for every task, fitted on train and scored on test; written to ``heads.json`` with the
     configured CE direction."""
     tasks = list(config.heads.tasks)
+    check_quadratic_tasks(latents.table, tasks, config.heads.kinds, config.heads.svm_solver,
+                          resolve_backend(config.heads.backend), config.heads.max_rows_quadratic)
     started = time.perf_counter()
     evaluation = evaluate_heads(latents.table, tasks, config.heads.kinds, options=config.heads.options(),
-                                backend=config.heads.backend, split="test")
+                                backend=config.heads.backend, split="test",
+                                max_rows_quadratic=config.heads.max_rows_quadratic)
     seconds = (time.perf_counter() - started) / max(1, len(evaluation.detection_rows))
     save_heads(Path(config.eval.out_dir) / "heads.json", evaluation, latents.table, config.counterfactual)
     return Heads(evaluation, evaluation.results[(tasks[0].name, config.heads.kinds[0])], seconds)
@@ -289,6 +338,8 @@ def make_counterfactuals(config: RunConfig, latents: Latents, heads: Heads, imag
                                                 class_names=task.class_names or tuple(config.eval.class_names),
                                                 oracle=judges and judges.oracle, readout=judges and judges.readout,
                                                 fid=judges and judges.fid)
+    if judges is not None:  # every CE row names who judged it (the report, benchmarks and MLflow read the rows)
+        rows = [{**row, "oracle": judges.oracle.name} if "oracle_flip" in row else row for row in rows]
     return Counterfactuals(rows, outputs, directions, primary, gain_text, judges)
 
 
@@ -296,6 +347,7 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     """The whole method on one job file; returns the report's index.html."""
     started = time.perf_counter()
     config = load_config(config_path, overrides)  # every value checked before anything runs
+    check_oracle_source(config)
     clock = StageClock()
     clock.next("train")
     trained = train_model(config)
@@ -310,14 +362,18 @@ def run(config_path: str | None, overrides: list[str]) -> Path:
     clock.next("floors")
     if config.eval.floors:
         add_floors(config, heads)
+    baseline_rows = []
+    if config.eval.baseline_job:  # before the CEs: its selected DenseNet may be their oracle (eval.oracle)
+        clock.next("baseline")
+        baseline_rows = run_baseline(config, Path(config.eval.out_dir))
     clock.next("oracle")
-    judges = build_judges(config, fid=_fid_or_none())
+    judges = choose_judges(config)
     clock.next("counterfactuals")
     ces = make_counterfactuals(config, latents, heads, checks.images, lpips, judges)
-    clock.next("baseline" if config.eval.baseline_job else "report")
-    baseline_rows = run_baseline(config, Path(config.eval.out_dir)) if config.eval.baseline_job else []
-    if config.eval.baseline_job:
-        clock.next("report")
+    if is_cxr_phantoms(checks.images["meta"]):  # chest X-ray phantoms: MNAC-like, COUT-like, true-CE error
+        clock.next("finding measures")
+        ces.findings = judge_cxr_counterfactuals(config, checks.images, heads.main, ces.outputs["binary"], ces.primary)
+    clock.next("report")
     index = write_report(config, config_path, trained, latents, heads, checks, ces, baseline_rows, clock, started,
                          lpips_reason)
     minutes = (time.perf_counter() - started) / 60
@@ -345,6 +401,9 @@ def write_report(config: RunConfig, config_path: str | None, trained: TrainedMod
                    **{k: r[k] for k in ("auc", "f1", "accuracy")}, "wall_s": heads.seconds_per_head,
                    "selected": f"C={config.heads.C}"} for r in heads_eval.detection_rows] + baseline_rows
     report = Report(report_dir, f"dae-cf evaluation: {Path(config_path or 'defaults').stem}")
+    readiness = read_readiness(trained.model_dir)  # None: the run did not assess readiness (train.readiness off)
+    if not_ready_text(readiness):
+        report.add_banner(not_ready_text(readiness))
     report.add_text("Run", f"DAE `{config.model.size}` trained on `{config.data.shard_dir}` for "
                            f"{trained.samples_seen:,} samples; latents from `{latents_path}`; "
                            f"DDIM {d.invert_steps} inversion / {d.decode_steps} decoding steps.")
@@ -381,6 +440,10 @@ def write_report(config: RunConfig, config_path: str | None, trained: TrainedMod
         report.add_table("oracles", ces.judges.rows(), "The judges of the CEs that never saw one, with their "
                          "accuracy on real test images (test_auc: the oracle's AUC)", section="Counterfactuals")
         report.add_text("Counterfactuals", ce_verdicts(ce_rows))
+    if ces.findings is not None:
+        report.add_table("finding_measures", ces.findings.rows, ces.findings.caption, section="Counterfactuals")
+        report.add_table("finding_oracle", ces.findings.oracle.rows(), "The multi-finding oracle's AUC per finding "
+                         "on the real test images", section="Counterfactuals")
     if lpips_reason:
         report.add_not_computed("LPIPS", lpips_reason)
     recon = ae.reconstruct(batch["image"])  # (B, C, H, W): measured by FID here, shown as a figure below
@@ -393,9 +456,11 @@ def write_report(config: RunConfig, config_path: str | None, trained: TrainedMod
                          "only between runs with the same number of images", section="Autoencoder")
     for path in save_head_figures(heads_eval, table, fig_dir):
         report.add_figure(path, path.stem.replace("_", " "), section="Heads")
-    for path in save_counterfactual_figures(ae, batch, main_result, ce_outputs, fig_dir, n_strips=ev.strip_images,
-                                            invert_steps=d.invert_steps, decode_steps=d.decode_steps,
-                                            direction=directions[primary]):
+    with marked_figures(not_ready_text(readiness, prefix="NOT READY")):  # CEs of a model that is not ready
+        ce_figures = save_counterfactual_figures(ae, batch, main_result, ce_outputs, fig_dir,
+                                                 n_strips=ev.strip_images, invert_steps=d.invert_steps,
+                                                 decode_steps=d.decode_steps, direction=directions[primary])
+    for path in ce_figures:
         report.add_figure(path, path.stem.replace("_", " "), section="Counterfactuals")
     test = table.select("test")
     n_map = min(ev.latent_map_points, len(test))
@@ -424,7 +489,8 @@ def write_report(config: RunConfig, config_path: str | None, trained: TrainedMod
 
     # Track: one evaluation run, tagged with the DAE run, holding the report and headline metrics.
     tracker = Tracker(config.track, config.train.out_dir, run_name=f"eval-{out_dir.name}",
-                      tags={"dae_run_id": str(trained.mlflow_run_id), "kind": "evaluation"})
+                      tags={"dae_run_id": str(trained.mlflow_run_id), "kind": "evaluation",
+                            "readiness": readiness_tag(readiness)})
     headline = {f"{r['task']}/{r['kind']}/auc": r["auc"] for r in heads_eval.detection_rows}
     headline.update({f"{r['task']}/{r['kind']}/{k}": r[k] for r in heads_eval.grading_rows
                      for k in ("grade_macro_f1", "grade_mae", "grade_mae_continuous", "grade_kappa_quadratic")})
@@ -435,6 +501,8 @@ def write_report(config: RunConfig, config_path: str | None, trained: TrainedMod
                          if k in r})
     if ces.judges is not None:
         headline["oracle/test_auc"] = ces.judges.oracle.test_auc
+    if ces.findings is not None:
+        headline.update(ces.findings.metrics())
     headline["recon/mse"] = recon_rows[0]["mse"]
     if fid_row is not None:
         headline["recon/fid"] = fid_row["fid"]

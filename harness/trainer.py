@@ -7,6 +7,10 @@
         trainer.step()  # one optimizer step, the EMA, and the logs / previews / checkpoints it crosses
     result = trainer.export()  # the EMA model in <out_dir>/final, registered in MLflow when asked
 
+With ``train.readiness`` on, the training probe's verdict (``harness.evaluation.readiness``) may end the loop before
+the budget: the main process decides, every rank follows (:func:`share_from_main`), and the run checkpoints and
+exports as at a normal end, with ``readiness.json`` in the model folder.
+
 ``harness/train_dae.py`` is the thin entry point (``accelerate launch harness/train_dae.py ...``) that parses the
 command line and calls :meth:`Trainer.fit`. Loss (paper Eq. 1): L = E || eps_theta(x_t, t, z_sem) - eps ||^2 with
 z_sem = Enc(x_0), both networks trained jointly; optionally a v target, Min-SNR weights and an intensity-jittered
@@ -27,19 +31,20 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
 from accelerate.utils import load as accelerate_load
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from harness import checkpoint as ckpt
-from harness.config import RunConfig, dump_yaml, flatten
+from harness.config import ConfigError, RunConfig, dump_yaml, flatten
 from harness.data import AugmentSpec, eval_loader, photometric_jitter, train_loader
 from harness.data.sources import check_shards_match, ensure_shards
 from harness.diffusion import alphas_cumprod, diffusion_loss, linear_betas
 from harness.distributed import deepspeed_plugin
 from harness.evaluation.figures import save_image_grid
+from harness.evaluation.readiness import BUDGET_SPENT, READINESS_FILE, ReadinessVerdict, assess_readiness
 from harness.evaluation.training_probe import probe_from_config
-from harness.fileio import write_json_atomic
+from harness.fileio import finite, write_json_atomic
 from harness.fingerprint import RUN_RECORD, check_run_folder, clear_run_folder, manifest_hash, run_fingerprint
 from harness.method.autoencoder import DiffusionAutoencoder
 from harness.model_spec import write_model_spec
@@ -79,6 +84,13 @@ def preview(ema: DAE, config: RunConfig, images: torch.Tensor, path: Path) -> fl
     return torch.mean((recon - images) ** 2).item()
 
 
+def share_from_main(accelerator: Accelerator, value: Any) -> Any:
+    """The main process's ``value`` on every rank (a collective: every rank must call it at the same point)."""
+    if accelerator.num_processes == 1:
+        return value
+    return broadcast_object_list([value if accelerator.is_main_process else None], from_process=0)[0]
+
+
 def arithmetic() -> dict[str, Any]:
     """What decides the last bits of a CPU run's floats: the same job on another machine (another instruction set,
     another thread count) trains a slightly different model. Recorded in ``model.json`` so results can be compared."""
@@ -102,11 +114,17 @@ class Trainer:
         self.loss_count, self.window_samples = 0, 0
         self.window_start = time.perf_counter()
         self.images_per_s, self.last_loss, self.recon_mse = 0.0, float("nan"), float("nan")
+        # Train until ready: the probes so far, the latest verdict, and why the run stops early (None: it does not).
+        self.readiness = config.train.readiness
+        self.readiness_history: list[dict[str, Any]] = []
+        self.verdict: ReadinessVerdict | None = None
+        self.stop_reason: str | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         """Processes, model, data and run folder (checked before anything is written), optimizer."""
         config, tc = self.config, self.tc
+        self._check_readiness()
         # cpu=True without CUDA: processes started by a launcher then join over gloo instead of silently running
         # alone.
         accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=tc.mixed_precision,
@@ -159,6 +177,22 @@ class Trainer:
         self.total_steps = math.ceil(tc.total_samples / tc.batch_size)
         self.loss_sum = torch.zeros((), device=self.device)
 
+    def _check_readiness(self) -> None:
+        """What ``train.readiness`` needs from the other sections, refused before any work."""
+        r, config = self.readiness, self.config
+        if not r.enabled:
+            return
+        if not config.heads.tasks:
+            raise ConfigError("train.readiness.enabled: the training probe needs a task: set heads.tasks, or "
+                              "turn readiness off")
+        if r.z_usage_t >= config.diffusion.num_timesteps:
+            raise ConfigError(f"train.readiness.z_usage_t={r.z_usage_t}: must be below diffusion.num_timesteps "
+                              f"({config.diffusion.num_timesteps})")
+
+    def _assess(self, samples_seen: int) -> ReadinessVerdict:
+        return assess_readiness(self.readiness_history, self.readiness, samples_seen=samples_seen,
+                                total_samples=self.tc.total_samples)
+
     # ------------------------------------------------------------------ resume
     def resume(self) -> None:
         """Weights, optimizer, RNG (Accelerate), EMA and counters (ours) from the verified checkpoint, then the
@@ -181,6 +215,13 @@ class Trainer:
             self.ema.load_state_dict(ckpt.load_state_dict(folder / "ema.safetensors"))
             self.step_index, self.run_id = state["step"], state.get("mlflow_run_id")
             accelerator.print(f"resumed from {folder} at {state['samples_seen']:,} samples")
+            # Every rank re-judges the saved probes by the current thresholds: a run that stopped as ready (or not
+            # improving) stays stopped, one resumed with other thresholds or a larger budget may go on.
+            self.readiness_history = list(state.get("readiness_history", []))
+            if self.readiness.enabled and self.readiness_history:
+                self.verdict = self._assess(state["samples_seen"])
+                if self.verdict.should_stop and self.verdict.stopped_because != BUDGET_SPENT:
+                    self.stop_reason = self.verdict.stopped_because
 
         is_main = self.is_main
         self.tracker = Tracker(config.track if is_main else dataclasses.replace(config.track, enabled=False),
@@ -223,7 +264,7 @@ class Trainer:
     # ------------------------------------------------------------------ step
     @property
     def done(self) -> bool:
-        return self.step_index >= self.total_steps
+        return self.step_index >= self.total_steps or self.stop_reason is not None
 
     def step(self) -> None:
         """One optimizer step over ``grad_accum`` micro-batches, the EMA update, and what the step crosses."""
@@ -262,15 +303,11 @@ class Trainer:
         def crossed(every: int) -> bool:
             return samples_seen // every != (samples_seen - tc.batch_size) // every
 
-        if crossed(tc.log_every) or last:
-            self.last_loss = self.accelerator.reduce(self.loss_sum / self.loss_count, "mean").item()
-            self.images_per_s = self.window_samples / (time.perf_counter() - self.window_start)
-            self.loss_sum.zero_()
-            self.loss_count, self.window_start, self.window_samples = 0, time.perf_counter(), 0
-            self.tracker.log_metrics({"train/loss": self.last_loss, "train/images_per_s": self.images_per_s},
-                                     step=samples_seen)
-            self.bar.set_postfix(loss=f"{self.last_loss:.4f}", img_s=f"{self.images_per_s:.1f}")
-        if self.is_main and (crossed(tc.preview_every) or last):
+        logged = crossed(tc.log_every) or last
+        if logged:
+            self._log(samples_seen)
+        probed = crossed(tc.preview_every) or last
+        if self.is_main and probed:
             grid = self.out_dir / "previews" / f"{ckpt.checkpoint_name(samples_seen)}.png"
             self.recon_mse = preview(self.ema, self.config, self.preview_images, grid)
             self.tracker.log_metrics({"val/recon_mse": self.recon_mse}, step=samples_seen)
@@ -279,9 +316,38 @@ class Trainer:
                 self.tracker.log_metrics({f"probe/{k}": v for k, v in probe.items() if v == v}, step=samples_seen)
                 self.bar.write(f"probe at {samples_seen:,} samples: "
                                + ", ".join(f"{k} {v:.3f}" for k, v in probe.items()))
+                if self.readiness.enabled:
+                    self._judge(probe, samples_seen)
             self.tracker.log_artifact(grid, "previews")
-        if crossed(tc.checkpoint_every) or last:
+        if probed and self.readiness.enabled:
+            # The probe ran on the main process only: its decision reaches every rank, so all stop at this step.
+            reason = share_from_main(self.accelerator, self.verdict.stopped_because if self.verdict else None)
+            if reason is not None and reason != BUDGET_SPENT:
+                self.stop_reason = reason
+            if self.done and not logged:  # stopped early between two logs: the last window still counts
+                self._log(samples_seen)
+        if crossed(tc.checkpoint_every) or self.done:
             self.save_checkpoint(samples_seen)
+
+    def _log(self, samples_seen: int) -> None:
+        """The mean loss since the last log over every rank (a collective), and the throughput."""
+        self.last_loss = self.accelerator.reduce(self.loss_sum / self.loss_count, "mean").item()
+        self.images_per_s = self.window_samples / (time.perf_counter() - self.window_start)
+        self.loss_sum.zero_()
+        self.loss_count, self.window_start, self.window_samples = 0, time.perf_counter(), 0
+        self.tracker.log_metrics({"train/loss": self.last_loss, "train/images_per_s": self.images_per_s},
+                                 step=samples_seen)
+        self.bar.set_postfix(loss=f"{self.last_loss:.4f}", img_s=f"{self.images_per_s:.1f}")
+
+    def _judge(self, probe: dict[str, float], samples_seen: int) -> None:
+        """Main process: add the probe to the history and judge readiness (``harness.evaluation.readiness``)."""
+        self.readiness_history.append(finite({"samples_seen": samples_seen, **probe}))
+        self.verdict = verdict = self._assess(samples_seen)
+        self.tracker.log_metrics({"readiness/score": verdict.score, "readiness/ready": float(verdict.ready)},
+                                 step=samples_seen)
+        self.bar.write(f"readiness at {samples_seen:,} samples: "
+                       + ("ready" if verdict.ready else "not ready: " + "; ".join(verdict.missing))
+                       + (f"; stopping: {verdict.stopped_because}" if verdict.should_stop else ""))
 
     def save_checkpoint(self, samples_seen: int) -> Path:
         """Write the whole training state under a temporary name, record its checksums, publish it, prune."""
@@ -297,7 +363,7 @@ class Trainer:
                 write_model_spec(tmp, config)  # the folder loads on its own (harness.model_spec)
                 (tmp / "trainer_state.json").write_text(json.dumps(
                     {"step": self.step_index, "samples_seen": samples_seen, "mlflow_run_id": self.tracker.run_id,
-                     "world_size": self.world}))
+                     "world_size": self.world, "readiness_history": self.readiness_history}))
                 ckpt.write_checksums(tmp)  # last: what a resume verifies every file against
                 ckpt.publish(tmp, final)
                 ckpt.prune(self.ckpt_root, self.tc.keep_checkpoints)
@@ -315,7 +381,8 @@ class Trainer:
         """The EMA model in ``<out_dir>/final`` (written beside, then renamed), registered when asked."""
         self.bar.close()
         config, out_dir = self.config, self.out_dir
-        result: dict[str, Any] = {"out_dir": str(out_dir), "samples_seen": self.total_steps * self.tc.batch_size}
+        samples_seen = self.step_index * self.tc.batch_size  # below the budget when readiness stopped the run
+        result: dict[str, Any] = {"out_dir": str(out_dir), "samples_seen": samples_seen}
         if self.is_main:
             # A crash leaves the previous final model or the new one, never half of one.
             final_dir = out_dir / "final"
@@ -328,13 +395,20 @@ class Trainer:
             summary = {"size": config.model.size, "parameters": self.dae.num_parameters(),
                        "recon_mse": self.recon_mse, "final_loss": self.last_loss,
                        "images_per_s": self.images_per_s, "arithmetic": arithmetic(), **result}
+            if self.readiness.enabled:  # the verdict of the exported weights (the last probe ran on them)
+                verdict = self.verdict or self._assess(samples_seen)
+                summary["readiness"] = finite(verdict.record(self.readiness_history))
+                write_json_atomic(staging / READINESS_FILE, summary["readiness"])
             (staging / "model.json").write_text(json.dumps(summary, indent=2))
             ckpt.publish(staging, final_dir)
             tracker, version = self.tracker, None
+            ready_tag = {"ready": str(summary["readiness"]["ready"]).lower()} if "readiness" in summary else {}
+            if ready_tag:
+                tracker.set_tags(ready_tag)
             if config.track.registered_model:
                 version = tracker.register_model(final_dir, config.track.registered_model,
                                                  tags={"recon_mse": f"{self.recon_mse:.6f}",
-                                                       "size": config.model.size})
+                                                       "size": config.model.size, **ready_tag})
             tracker.end()
             result.update(summary, model_dir=str(final_dir), mlflow_uri=tracker.uri, mlflow_run_id=tracker.run_id,
                           registered_version=version, previews=str(out_dir / "previews"))

@@ -11,8 +11,8 @@ import pytest
 from harness.command import VERBS, _promote_argv, _serve_argv, main
 
 # The verbs the README and the issue name, in order: a verb dropped or renamed must fail here.
-EXPECTED_VERBS = ["prepare", "train", "encode", "heads", "sweep", "baseline", "compare", "serve", "promote", "report",
-                  "pipeline"]
+EXPECTED_VERBS = ["prepare", "train", "encode", "heads", "sweep", "baseline", "compare", "findings", "serve", "promote",
+                  "report", "pipeline"]
 
 # verb -> (the start of its usage line, options only that step's parser has)
 STEP_HELP = {
@@ -23,6 +23,7 @@ STEP_HELP = {
     "sweep": ("usage: dae-cf sweep", ["--latents", "--num-cpus", "--tracking-uri"]),
     "baseline": ("usage: dae-cf baseline", ["--shards", "--task", "--num-cpus"]),
     "compare": ("usage: dae-cf compare", ["--heads", "--baseline"]),
+    "findings": ("usage: dae-cf findings", ["--config", "--skip-baseline", "--overwrite"]),
     "serve": ("usage: dae-cf serve build", ["--heads", "--task", "--register"]),
     "promote": ("usage: dae-cf promote [-h]", ["--name", "--version"]),  # the verb named once
     "pipeline": ("usage: dae-cf pipeline", ["--config"]),

@@ -53,3 +53,20 @@ def test_an_unknown_set_without_label_columns_says_what_to_set(npz, tmp_path):
                                "--data.label_columns=[]", "--data.num_classes=null"])
     with pytest.raises(PrepareError, match="unknown MedMNIST data set 'colour'"):
         ensure_shards(config.data, progress=False)
+
+
+def test_five_grades_bin_the_height_loss_and_refine_the_four(tmp_path):
+    from harness.data.phantom_npz import FIVE_GRADE_EDGES, grade_of
+
+    path = write_phantom_npz(tmp_path / "five.npz", size=16, counts=(200, 4, 4), rgb=True, grades=5)
+    with np.load(path) as data:
+        labels = data["train_labels"][:, 0]
+    assert set(np.unique(labels)) == {0, 1, 2, 3, 4}
+    # Each of the five grades lies inside one of the four (grade 2 and 3 split, 0 and 1 kept).
+    for four, loss in ((0, 0.05), (1, 0.22), (2, 0.30), (2, 0.35), (3, 0.42), (3, 0.55)):
+        five = grade_of({"grade": four, "height_loss": loss}, 5)
+        assert five == int(np.searchsorted(FIVE_GRADE_EDGES, loss, side="right"))
+        assert grade_of({"grade": four, "height_loss": loss}, 4) == four
+    with pytest.raises(ValueError, match="grades=3"):
+        write_phantom_npz(tmp_path / "bad.npz", counts=(2, 2, 2), grades=3)
+    assert not (tmp_path / "bad.npz").exists()

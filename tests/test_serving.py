@@ -356,6 +356,7 @@ def test_evaluation_and_the_served_model_make_the_same_counterfactual(built, mon
     evaluated = outputs["binary"].x_ce.numpy()  # (4, 1, 32, 32)
     for i, row in enumerate(served):
         assert row["ce_binary_png"] == explainer.encode_png(evaluated[i]), f"image {i} differs"
+        assert row["oracle"] == "no oracle packaged" and row["oracle_target_probability"] is None  # none beside
     assert len({row["ce_binary_png"] for row in served}) == len(served)  # four different images were compared
 
 

@@ -34,7 +34,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 from pydantic.dataclasses import dataclass
 
 from harness.config.errors import require
-from harness.config.fields import SECTION, Flag, Int, PositiveFloat
+from harness.config.fields import SECTION, Flag, Int, PositiveFloat, PositiveInt
 from harness.config.task import Task
 
 HEAD_KINDS = ("svm", "logistic", "linear")
@@ -44,6 +44,10 @@ BACKENDS = ("auto", "sklearn", "cuml")
 NO_ITERATION_CAP = -1  # libsvm's own convention; LinearSVC / LogisticRegression need a number: UNCAPPED_ITER
 UNCAPPED_ITER = 1_000_000
 UNSET = "protocol"  # class_weight left to the protocol (null means "no class weights")
+# svm_solver svc_linear (libsvm, SVC(kernel="linear")) on a CPU is refused above this many training rows: its time
+# grows with the square of the rows (2 cores, 512-d: 12 s at 5k rows, 50 s at 10k, hours at 166k). The heads section
+# and the sweep's job file set their own (max_rows_quadratic); harness.method.heads.check_quadratic_solver applies it.
+MAX_ROWS_QUADRATIC = 20_000
 
 _CALIBRATION = re.compile(r"^(extremes|lstsq|poly([1-9]))$")
 
@@ -189,11 +193,14 @@ class HeadsConfig(HeadOptions):
     """A run file's ``heads:`` section: linear heads fitted on z_sem and the distance-to-grade calibration.
 
     ``protocol`` gives the fitting choices left out (see this module's docstring); ``jobs/fit_heads.py`` infers
-    the tasks from the labels when the job file names none."""
+    the tasks from the labels when the job file names none. ``max_rows_quadratic``: the quadratic-time SVM solver
+    (``svm_solver: svc_linear``, the paper protocol's) is refused on a CPU above this many training rows of a task,
+    before any head is fitted (:data:`MAX_ROWS_QUADRATIC`, the head sweep's default too)."""
 
     kinds: Annotated[tuple[HeadKind, ...], Field(min_length=1)] = HEAD_KINDS
     backend: Literal[BACKENDS] = "auto"
     tasks: Annotated[tuple[Task, ...], Field(min_length=1)] = (DEFAULT_TASK,)
+    max_rows_quadratic: PositiveInt = MAX_ROWS_QUADRATIC  # svm_solver svc_linear on a CPU: refused above this
 
     @model_validator(mode="before")
     @classmethod

@@ -56,9 +56,11 @@ class AugmentConfig:
 @dataclass(frozen=True, config=SECTION)
 class DataConfig:
     """Where images come from. ``phantoms`` generates the embedded default shards on first use; ``medmnist``
-    prepares shards from a MedMNIST .npz (``raw_path``) on first use; ``shards`` reads prepared shards."""
+    prepares shards from a MedMNIST .npz (``raw_path``) on first use; ``shards`` reads prepared shards;
+    ``cxr_phantoms`` renders frontal chest X-ray phantoms with their true grades (``phantom_counts`` images per
+    split, ``harness.data.cxr_shards``) on first use."""
 
-    source: Literal["phantoms", "medmnist", "shards"] = "phantoms"
+    source: Literal["phantoms", "cxr_phantoms", "medmnist", "shards"] = "phantoms"
     shard_dir: Name = "runs/data/phantoms-32"
     raw_path: str | None = None  # source file for "medmnist" (e.g. ../shared/data/pneumoniamnist.npz)
     fit: Literal["pad", "resize"] = "pad"  # how "medmnist" reaches image_size: keep pixels (black border) | resize
@@ -75,8 +77,10 @@ class DataConfig:
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        require([] if self.source != "medmnist" or self.raw_path else
-                [("raw_path", "is required for data.source=medmnist")])
+        require(([] if self.source != "medmnist" or self.raw_path else
+                 [("raw_path", "is required for data.source=medmnist")])
+                + ([] if self.source != "cxr_phantoms" or self.channels == 1 else
+                   [("channels", "must be 1 for data.source=cxr_phantoms (greyscale radiographs)")]))
         return self
 
 
@@ -158,6 +162,29 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True, config=SECTION)
+class ReadinessConfig:
+    """Train until ready: the training probe (``harness.evaluation.training_probe``) decides the budget.
+
+    When ``enabled``, every probe (one per preview) is judged against the thresholds set here (null: not
+    required) by ``harness.evaluation.readiness.assess_readiness``; training stops, checkpoints and exports as at a
+    normal end when the model is ready (``stop_when_ready``) or when the readiness score has not improved by
+    ``min_delta`` for ``patience`` probes, never before ``min_samples``; ``train.total_samples`` stays the upper
+    budget. Off by default: a job that does not ask trains for its whole budget and writes no verdict.
+    """
+
+    enabled: Flag = False
+    z_usage_min: Float | None = None  # z-usage (relative error increase with a shuffled z_sem) at z_usage_t
+    z_usage_t: NonNegativeInt = 250  # the timestep z-usage is read at (< diffusion.num_timesteps)
+    ce_validity_min: Fraction | None = None  # the probe's CE validity (with the realisation gain when calibrated)
+    # held-out AUC of a logistic head on z_sem minus that of the same head on raw pixels (2-fold cross-fitting)
+    floor_margin_min: Annotated[Float, Field(ge=-1, le=1)] | None = None
+    patience: PositiveInt | None = 3  # probes without improvement before stopping as "not improving"; null: never
+    min_delta: NonNegativeFloat = 0.01  # how much the readiness score must rise to count as an improvement
+    stop_when_ready: Flag = True  # false: assess (and report) only; train for the whole budget
+    min_samples: NonNegativeInt = 0  # no stop before this many samples (above total_samples: none before the budget)
+
+
+@dataclass(frozen=True, config=SECTION)
 class TrainConfig:
     """Optimisation, budget (in samples, as the paper's 12M) and checkpointing.
 
@@ -186,6 +213,15 @@ class TrainConfig:
     probe_counterfactuals: Annotated[Int, Field(ge=2)] = 8  # of which this many get a counterfactual (one per class)
     record_keys: Flag = False  # write the sample keys each rank consumed (checks data sharding)
     encoder_jitter: Fraction = 0.0  # > 0: the encoder sees a brightness/contrast-jittered x_0 of this strength
+    readiness: ReadinessConfig = dataclasses.field(default_factory=ReadinessConfig)  # stop when the probe says so
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        r, problems = self.readiness, []
+        if r.enabled and self.probe_images == 0:
+            problems.append(("readiness.enabled", "needs the training probe: set train.probe_images > 0"))
+        require(problems)
+        return self
 
     def per_process_batch(self, num_processes: int) -> int:
         """Batch of one process and one micro-step; the global batch must split evenly."""
@@ -251,6 +287,22 @@ class EvalConfig:
     baseline_job: Name | None = None  # a jobs/baseline_*.yaml: also train DenseNet121 and compare (Table 3 form)
     baseline_cpus: PositiveInt | None = None  # Ray CPUs for the baseline (default: all)
     floors: Flag = True  # also fit the heads on raw pixels and on a random encoder (the floors of Table 3)
+    # Who judges the CEs (never saw one): the baseline's selected DenseNet, or a small CNN trained on the real
+    # training images; auto = the baseline when baseline_job is set.
+    oracle: Literal["auto", "cnn", "baseline"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        require([("oracle", "'baseline' needs eval.baseline_job (a jobs/baseline_*.yaml); set it, or use auto "
+                  "or cnn")] if self.oracle == "baseline" and not self.baseline_job else [])
+        return self
+
+    @property
+    def oracle_source(self) -> Literal["cnn", "baseline"]:
+        """The oracle ``oracle`` resolves to."""
+        if self.oracle == "auto":
+            return "baseline" if self.baseline_job else "cnn"
+        return self.oracle
 
 
 @dataclass(frozen=True, config=SECTION)

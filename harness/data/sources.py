@@ -1,5 +1,6 @@
-"""Make sure a run's shards exist and are the ones its job asks for: generate the phantoms or prepare a MedMNIST
-file on first use, and refuse a folder made from other settings or inputs.
+"""Make sure a run's shards exist and are the ones its job asks for: generate the phantoms (vertebra or chest
+X-ray: :mod:`harness.data.cxr_shards`) or prepare a MedMNIST file on first use, and refuse a folder made from other
+settings or inputs.
 
 Called by entry points on the main process only (others wait at a barrier). A folder that already holds shards
 is reused only when its recorded recipe (phantoms: size, counts, seed; MedMNIST: the input's checksum, size, fit,
@@ -25,6 +26,11 @@ def ensure_shards(data: DataConfig, progress: bool = True) -> Path:
         n_train, n_val, n_test = data.phantom_counts
         write_phantom_shards(shard_dir, size=data.image_size, n_train=n_train, n_val=n_val, n_test=n_test,
                              seed=data.seed, samples_per_shard=data.samples_per_shard)
+    elif data.source == "cxr_phantoms":
+        from harness.data.cxr_shards import write_cxr_phantom_shards
+
+        write_cxr_phantom_shards(shard_dir, image_size=data.image_size, counts=data.phantom_counts, seed=data.seed,
+                                 samples_per_shard=data.samples_per_shard)
     elif data.source == "medmnist":
         from harness.data.prepare.common import RunOptions
         from harness.data.prepare.medmnist import prepare_medmnist
@@ -38,7 +44,8 @@ def ensure_shards(data: DataConfig, progress: bool = True) -> Path:
                          options=RunOptions(items_per_shard=data.samples_per_shard, progress=progress))
     elif not (shard_dir / MANIFEST_NAME).is_file():
         raise FileNotFoundError(f"error: {shard_dir / MANIFEST_NAME} not found: prepare the shards first "
-                                f"(python -m harness.data.prepare ...) or set data.source to phantoms or medmnist")
+                                "(python -m harness.data.prepare ...) or set data.source to phantoms, cxr_phantoms or "
+                                "medmnist")
     return shard_dir
 
 

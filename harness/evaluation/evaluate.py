@@ -394,13 +394,19 @@ class Judges:
         return rows
 
 
-def build_judges(config: Any, images: Any = None, fid: Any = None, fid_reason: str | None = None) -> Judges:
-    """Train the run's oracle once (:func:`train_cnn_oracle` on the real training images of the first task) and,
-    on phantoms, calibrate the grade readout and measure its accuracy on the test images' true grades.
+def build_judges(config: Any, images: Any = None, fid: Any = None, fid_reason: str | None = None,
+                 oracle: Oracle | None = None) -> Judges:
+    """The run's judges: ``oracle`` when given (on real data the DenseNet121 baseline, ``eval.oracle``), else the
+    small CNN trained once (:func:`train_cnn_oracle` on the real training images of the first task); on phantoms
+    also the grade readout, calibrated, with its accuracy on the test images' true grades.
     ``images``: the shards' splits already read (:func:`shard_images`)."""
     task = config.heads.tasks[0]
-    images = images if images is not None else shard_images(config, ("train", "test"))
-    oracle = train_cnn_oracle(images, task, seed=config.train.seed)
+    if oracle is None:
+        images = images if images is not None else shard_images(config, ("train", "test"))
+        oracle = train_cnn_oracle(images, task, seed=config.train.seed)
+    elif oracle.task.column != task.column or tuple(oracle.task.positives) != tuple(task.positives):
+        raise ValueError(f"oracle {oracle.name!r} judges task {oracle.task.name!r} ({oracle.task.column}: "
+                         f"{oracle.task.rule}), the CEs are of {task.name!r} ({task.column}: {task.rule})")
     judges = Judges(oracle, fid=fid, fid_reason=fid_reason)
     from harness.data import eval_loader  # lazily: keeps webdataset out of importers that never read shards
 
@@ -429,7 +435,8 @@ def judged_caption(judges: Judges | None) -> str:
                "readout_grade_validity: how often it reads the target grade." if judges.readout else "")
     return (f"oracle_flip: the fraction of CEs that the oracle ({judges.oracle.name}, test AUC "
             f"{judges.oracle.test_auc:.3f}), which never saw a CE, assigns to the target class; "
-            "oracle_flip_agreed: the same where it agreed with the head on the input. fd_oracle: Fréchet "
+            "oracle_flip_agreed: the same where it agreed with the head on the input; oracle: which oracle "
+            "judged the row. fd_oracle: Fréchet "
             "distance (oracle features) of the CEs to the batch's real images of the target class, beside "
             "fd_oracle_input, the unchanged inputs' (a CE should come closer)." + readout
             + " *_ci: 95 % percentile-bootstrap intervals over images (1000 resamples, seed 0); "

@@ -4,13 +4,19 @@ calibration, confusion matrices, latent maps (paper Fig. 7) and loss curves.
 Every function renders with matplotlib's Agg backend (no display needed), writes its file atomically (a
 temporary file in the same folder, then ``os.replace``) and returns the final ``Path``. Images are taken as
 (N, C, H, W) or (C, H, W) arrays or tensors in [-1, 1]; C = 1 is shown with a grayscale colormap.
+
+Inside ``with marked_figures("NOT READY: ...")`` every figure saved carries that line in red above it and every
+GIF frame a red border: counterfactuals of a model that is not ready (``harness.evaluation.readiness``) are
+marked as such wherever they are shown.
 """
 
 from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +26,23 @@ matplotlib.use("Agg")  # before pyplot: figures are written to files only, never
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 DPI = 100
 MAX_LATENT_POINTS = 2000  # t-SNE is O(N log N) but slow on 2 cores beyond a few thousand points
+MARK_COLOUR = "#c00000"
+_MARK: ContextVar[str | None] = ContextVar("figure_mark", default=None)
+
+
+@contextmanager
+def marked_figures(text: str | None) -> Iterator[None]:
+    """Mark every figure saved inside the block with ``text`` (red, above the figure; GIFs: a red border).
+    ``None`` leaves them unmarked, so a caller can pass its verdict through unconditionally."""
+    token = _MARK.set(text)
+    try:
+        yield
+    finally:
+        _MARK.reset(token)
 
 
 def _as_numpy(array: Any) -> np.ndarray:
@@ -53,8 +72,12 @@ def _show(ax: plt.Axes, image_hw: np.ndarray, title: str | None = None) -> None:
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
-    """Write ``fig`` as PNG atomically and close it."""
+    """Write ``fig`` as PNG atomically and close it (with the active mark of :func:`marked_figures`)."""
     path = Path(path)
+    mark = _MARK.get()
+    if mark:  # above everything else, suptitle included; bbox_inches="tight" grows the canvas to hold it
+        fig.text(0.5, 1.0, textwrap.fill(mark, 70), color=MARK_COLOUR, fontsize=11, fontweight="bold",
+                 ha="center", va="bottom")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
     try:
@@ -145,6 +168,11 @@ def save_gif(frames: Any, path: str | Path, duration_ms: int = 400, min_size: in
     for image in images:
         pil = Image.fromarray(image, mode="L" if image.ndim == 2 else "RGB")
         pil_frames.append(pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST))
+    if _MARK.get():  # a GIF holds no text line: a red border marks each frame
+        pil_frames = [frame.convert("RGB") for frame in pil_frames]
+        for frame in pil_frames:
+            ImageDraw.Draw(frame).rectangle([0, 0, frame.width - 1, frame.height - 1], outline=MARK_COLOUR,
+                                            width=max(2, frame.width // 40))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")

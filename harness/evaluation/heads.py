@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.config import HeadOptions, Task
+from harness.config.heads import MAX_ROWS_QUADRATIC
 from harness.method.head_tasks import check_task_labels
 from harness.method.heads import TaskResult, evaluate_task, fit_task
 from harness.method.latents import LatentsTable
@@ -32,17 +33,20 @@ class HeadEvaluation:
 
 def evaluate_heads(table: LatentsTable, tasks: list[Task], kinds: tuple[str, ...], *, C: float = 1.0,
                    calibration: str = "lstsq", backend: str = "auto",
-                   split: str = "test", options: HeadOptions | None = None) -> HeadEvaluation:
+                   split: str = "test", options: HeadOptions | None = None,
+                   max_rows_quadratic: int | None = MAX_ROWS_QUADRATIC) -> HeadEvaluation:
     """Fit each head kind for each task on the train split; score detection (AUC from distances) and grading.
 
     ``options`` (e.g. ``config.heads.options()``) carries every fitting choice and replaces C, calibration
-    . Labels outside a task's grade range are refused before anything is fitted."""
+    . Labels outside a task's grade range are refused before anything is fitted. ``max_rows_quadratic``: the
+    quadratic SVM solver's row limit on a CPU (``config.heads.max_rows_quadratic``; harness.method.heads)."""
     options = options or HeadOptions(C=C, calibration=calibration)
     check_task_labels(table, tasks)
     results, detection, grading, raw = {}, [], [], []
     for task in tasks:
         for kind in kinds:
-            result = fit_task(table, task, kind=kind, backend=backend, options=options)
+            result = fit_task(table, task, kind=kind, backend=backend, options=options,
+                              max_rows_quadratic=max_rows_quadratic)
             row = evaluate_task(result, table, split)
             results[(task.name, kind)] = result
             raw.append(row)

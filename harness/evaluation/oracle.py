@@ -3,8 +3,11 @@
 A CE is made to cross its own head, so the head's validity says little about the image. Two judges here:
 
 - :class:`Oracle`: a small CNN trained on the real (non-CE) training images of the run's shards for one task,
-  with its test AUC (:func:`train_cnn_oracle`); any other classifier (e.g. the DenseNet121 baseline) can be
-  wrapped the same way. Its pooled penultimate features give the Fréchet distance "FD (oracle features)".
+  with its test AUC (:func:`train_cnn_oracle`); any other classifier (on real data the DenseNet121 baseline
+  trained on the real labels, :func:`module_oracle`) is wrapped the same way. Its pooled penultimate features
+  give the Fréchet distance "FD (oracle features)". :func:`save_oracle` / :func:`load_oracle` keep an oracle as
+  safetensors weights beside a small JSON spec (``oracle/`` of the pipeline's eval folder; the served explainer
+  packages it), so nothing is unpickled.
 - :class:`PhantomReadout`: on vertebra phantoms, the renderer's own grade readout: the central body's height
   measured on the image from intensity profiles along the spine axis (the stored geometry says where to look),
   relative to the neighbouring bodies, mapped to a Genant grade.
@@ -12,16 +15,19 @@ A CE is made to cross its own head, so the head's validity says little about the
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from harness.config import Task
+from harness.checkpoint import load_state_dict, save_state_dict
+from harness.config import ConfigError, Task
 from harness.data.phantoms import (
     GRADE_HEIGHT_LOSS,
     NEIGHBOUR_OFFSETS,
@@ -29,10 +35,14 @@ from harness.data.phantoms import (
     _body_centres,
     generate_phantoms,
 )
+from harness.fileio import write_json_atomic
 from harness.method.metrics import detection_metrics, frechet_distance
 
 ORACLE_EPOCHS = 6
 ORACLE_BATCH = 64
+ORACLE_WEIGHTS = "oracle.safetensors"
+ORACLE_SPEC = "oracle.json"
+ORACLE_FORMAT = 1
 
 
 class SmallCNN(nn.Module):
@@ -56,7 +66,8 @@ class SmallCNN(nn.Module):
 @dataclass
 class Oracle:
     """A classifier of one task that never saw a CE: ``logits`` (B, C, H, W) -> (B,) positive-class logits and
-    ``features`` (B, C, H, W) -> (B, F); ``test_auc`` is its AUC on the real test images."""
+    ``features`` (B, C, H, W) -> (B, F); ``test_auc`` is its AUC on the real test images. ``module`` and ``spec``
+    (how to rebuild the network: ``architecture`` and its arguments) let :func:`save_oracle` store it."""
 
     name: str
     task: Task
@@ -65,6 +76,8 @@ class Oracle:
     test_auc: float = float("nan")
     info: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 256
+    module: nn.Module | None = None
+    spec: dict[str, Any] = field(default_factory=dict)
 
     @torch.no_grad()
     def _apply(self, function: Callable[[Tensor], Tensor], images: Tensor) -> np.ndarray:
@@ -119,7 +132,8 @@ def train_cnn_oracle(images_by_split: Mapping[str, tuple[Tensor, dict[str, np.nd
                 optimizer.step()
     network.eval()
     oracle = Oracle(f"small CNN on real training images ({epochs} epochs, seed {seed})", task, network,
-                    network.features, info={"n_train": int(len(y))})
+                    network.features, info={"n_train": int(len(y))}, module=network,
+                    spec={"architecture": "small_cnn", "in_channels": int(x.shape[1]), "width": width})
     test_images, test_labels, _ = images_by_split["test"]
     test_mask, test_y = task.binary_targets(test_labels[task.column])
     scores = oracle._apply(oracle.logits, test_images[torch.from_numpy(test_mask)])
@@ -130,10 +144,12 @@ def train_cnn_oracle(images_by_split: Mapping[str, tuple[Tensor, dict[str, np.nd
 
 
 def module_oracle(module: nn.Module, name: str, task: Task, test_auc: float = float("nan"),
-                  features: Callable[[Tensor], Tensor] | None = None, **info: Any) -> Oracle:
-    """Any trained one-logit classifier as an oracle, e.g. the DenseNet121 baseline loaded from its safetensors
-    weights by the caller. ``features`` (B, C, H, W) -> (B, F) defaults to the globally pooled output of the
-    module's ``features`` block (torchvision's and MONAI's DenseNets have one)."""
+                  features: Callable[[Tensor], Tensor] | None = None, *, output_index: int = -1,
+                  spec: dict[str, Any] | None = None, **info: Any) -> Oracle:
+    """Any trained classifier as an oracle, e.g. the DenseNet121 baseline loaded from its safetensors weights by
+    the caller: its output ``output_index`` (B, K) -> (B,) is the task's positive-class logit. ``features``
+    (B, C, H, W) -> (B, F) defaults to the globally pooled, rectified output of the module's ``features`` block
+    (torchvision's and MONAI's DenseNets have one; MONAI's classifier applies the same ReLU and pooling)."""
     module = module.eval()
     if features is None:
         if not hasattr(module, "features"):
@@ -143,9 +159,74 @@ def module_oracle(module: nn.Module, name: str, task: Task, test_auc: float = fl
             return torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(module.features(x)), 1), 1)
 
     def logits(x: Tensor) -> Tensor:
-        return module(x).reshape(x.shape[0], -1)[:, -1]  # (B,) the positive class's logit
+        return module(x).reshape(x.shape[0], -1)[:, output_index]  # (B,) the positive class's logit
 
-    return Oracle(name, task, logits, features, test_auc, info=dict(info))
+    spec = None if spec is None else {**spec, "output_index": output_index}
+    return Oracle(name, task, logits, features, test_auc, info=dict(info), module=module, spec=spec or {})
+
+
+def save_oracle(oracle: Oracle, folder: str | Path) -> Path:
+    """Write ``oracle`` to ``folder``: its weights (``oracle.safetensors``) and ``oracle.json`` (name, task, test
+    AUC, how to rebuild the network), each atomically. Only an oracle that carries its module and spec can be
+    stored (the trained CNN and a :func:`module_oracle` given a ``spec``)."""
+    if oracle.module is None or "architecture" not in oracle.spec:
+        raise ValueError(f"oracle {oracle.name!r} carries no module and spec to save")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_state_dict(oracle.module.state_dict(), folder / ORACLE_WEIGHTS)
+    write_json_atomic(folder / ORACLE_SPEC, {"format_version": ORACLE_FORMAT, "name": oracle.name,
+                                             "task": oracle.task.to_dict(), "test_auc": oracle.test_auc,
+                                             "info": oracle.info, "spec": oracle.spec})
+    return folder
+
+
+def read_oracle_spec(folder: str | Path) -> dict[str, Any]:
+    """The ``oracle.json`` of a saved oracle; ConfigError naming the folder when it is missing or not one."""
+    path = Path(folder) / ORACLE_SPEC
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{folder}: no {ORACLE_SPEC}; pass the oracle/ folder written by dae-cf pipeline") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{path}: not a JSON file; pass the oracle/ folder written by dae-cf pipeline") from None
+    if not isinstance(record, dict) or record.get("format_version") != ORACLE_FORMAT \
+            or not isinstance(record.get("spec"), dict) or "architecture" not in record["spec"]:
+        raise ConfigError(f"{path}: not an oracle spec of format {ORACLE_FORMAT}; rerun dae-cf pipeline")
+    if not (Path(folder) / ORACLE_WEIGHTS).is_file():
+        raise ConfigError(f"{folder}: no {ORACLE_WEIGHTS} beside {ORACLE_SPEC}; rerun dae-cf pipeline")
+    return record
+
+
+def load_oracle(folder: str | Path,
+                builders: Mapping[str, Callable[[dict[str, Any]], nn.Module]] | None = None) -> Oracle:
+    """An oracle saved by :func:`save_oracle`, rebuilt from its spec and safetensors weights (never unpickled).
+
+    The small CNN is built here; other architectures come from ``builders`` (architecture -> spec -> module;
+    e.g. the DenseNet builder of :mod:`harness.ops.baseline`, which this layer does not import)."""
+    record = read_oracle_spec(folder)
+    spec = record["spec"]
+    architecture = spec["architecture"]
+    if architecture == "small_cnn":
+        module = SmallCNN(int(spec["in_channels"]), int(spec["width"]))
+    elif builders and architecture in builders:
+        module = builders[architecture](spec)
+    else:
+        raise ConfigError(f"{folder}: oracle architecture {architecture!r} has no builder here "
+                          f"(known: {sorted({'small_cnn', *(builders or {})})})")
+    weights = load_state_dict(Path(folder) / ORACLE_WEIGHTS)  # safetensors; CheckpointError names a bad file
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as error:  # missing, extra or reshaped tensors: weights and spec are not one network
+        raise ConfigError(f"{folder}: {ORACLE_WEIGHTS} does not fit the network of {ORACLE_SPEC} "
+                          f"({str(error).splitlines()[0]}); rerun dae-cf pipeline") from None
+    task = Task.from_dict(record["task"], where=f"{folder}/{ORACLE_SPEC}: task")
+    test_auc = float("nan") if record.get("test_auc") is None else float(record["test_auc"])
+    info = dict(record.get("info") or {})
+    if architecture == "small_cnn":
+        module.eval()
+        return Oracle(record["name"], task, module, module.features, test_auc, info=info, module=module, spec=spec)
+    return module_oracle(module, record["name"], task, test_auc, output_index=int(spec.get("output_index", -1)),
+                         spec={k: v for k, v in spec.items() if k != "output_index"}, **info)
 
 
 def oracle_frechet(oracle: Oracle, generated: Tensor, real: Tensor) -> float:

@@ -8,8 +8,10 @@ produces, under ``root``:
 - ``tables/<name>.csv|.json|.md`` for every table (written as soon as it is added).
 
 Metrics that could not be computed (e.g. LPIPS or FID without their backbone weights) are listed in a visible
-note rather than silently left out. ``check_report`` re-parses the HTML and lists referenced files that are
-missing. Every file is written atomically (temporary file in the same folder, then ``os.replace``).
+note rather than silently left out. A banner (``add_banner``, e.g. "Model not ready: ..." from the model folder's
+readiness verdict) stands in red at the top of every page and in ``results.json``. ``check_report`` re-parses
+the HTML and lists referenced files that are missing. Every file is written atomically (temporary file in the
+same folder, then ``os.replace``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ caption { caption-side: top; text-align: left; font-weight: bold; padding-bottom
 figure { display: inline-block; margin: 0.5em 1em 1em 0; vertical-align: top; max-width: 100%; }
 figure img { max-width: 100%; border: 1px solid #ddd; } figcaption { font-size: 0.85em; color: #444; }
 .note { background: #fff6e0; border-left: 4px solid #e0a000; padding: 0.5em 1em; margin: 1em 0; }
+.banner { background: #fde8e8; border: 2px solid #c00000; color: #900000; font-weight: bold; padding: 0.6em 1em; }
 code { background: #f4f4f4; padding: 0 3px; } .meta { color: #666; font-size: 0.85em; }
 """
 
@@ -159,6 +162,7 @@ class Report:
         self.tables: dict[str, list[dict[str, Any]]] = {}
         self.metrics: dict[str, Any] = {}
         self.not_computed: dict[str, str] = {}
+        self.banners: list[str] = []
 
     def _section(self, name: str) -> list[_Block]:
         return self.sections.setdefault(name, [])
@@ -207,6 +211,10 @@ class Report:
         """Scalar metrics (shown in a 'Metrics' table and saved in results.json); ``prefix`` namespaces them."""
         self.metrics.update({f"{prefix}{key}": _plain(value) for key, value in metrics.items()})
 
+    def add_banner(self, text: str) -> None:
+        """A warning that stands above everything else (e.g. ``Model not ready: <what is missing>``)."""
+        self.banners.append(text)
+
     def add_not_computed(self, metric: str, reason: str) -> None:
         """Record that ``metric`` was not computed and why (e.g. its backbone weights are absent)."""
         self.not_computed[metric] = reason
@@ -233,6 +241,7 @@ class Report:
         parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
                  f"<title>{html.escape(self.title)}</title><style>{_STYLE}</style></head><body>",
                  f"<h1>{html.escape(self.title)}</h1>", f'<p class="meta">written {created}</p>']
+        parts += [f'<div class="banner" role="alert">{html.escape(text)}</div>' for text in self.banners]
         if self.not_computed:
             parts.append(self._not_computed_note())
         if self.metrics:
@@ -246,6 +255,7 @@ class Report:
     def render_markdown(self) -> str:
         """``results.md``: metrics, notes and tables (figures as links)."""
         lines = [f"# {self.title}", ""]
+        lines += [line for text in self.banners for line in (f"> **{text}**", "")]
         if self.not_computed:
             lines += ["**Metrics not computed:**", ""]
             lines += [f"- {m}: {r}" for m, r in self.not_computed.items()] + [""]
@@ -266,7 +276,8 @@ class Report:
         """Write ``index.html``, ``results.md`` and ``results.json``; returns the path of ``index.html``."""
         figures = [dict(block.payload, section=section) for section, blocks in self.sections.items()
                    for block in blocks if block.kind == "figure"]
-        results = {"title": self.title, "metrics": self.metrics, "not_computed": self.not_computed,
+        results = {"title": self.title, "banners": self.banners, "metrics": self.metrics,
+                   "not_computed": self.not_computed,
                    "tables": self.tables, "figures": figures}
         _atomic_write_text(self.root / "results.json", json.dumps(_plain(results), indent=2))
         _atomic_write_text(self.root / "results.md", self.render_markdown())

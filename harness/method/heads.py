@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from harness.config import HEAD_KINDS, HeadOptions, Task, normalize_class_weight
+from harness.config.heads import MAX_ROWS_QUADRATIC
 from harness.errors import UserError
 from harness.method.calibration import Calibration, fit_calibration  # noqa: F401 (re-exported)
 from harness.method.directions import Direction, DirectionError, direction_name, fit_direction, normal_direction
@@ -124,9 +125,6 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-MAX_ROWS_QUADRATIC = 20_000  # SVC(kernel="linear") on a CPU: 12 s at 5k rows, 50 s at 10k, hours at 166k
-
-
 def check_quadratic_solver(rows: int, kind: str, svm_solver: str, backend: str,
                            max_rows: int | None = MAX_ROWS_QUADRATIC) -> None:
     """Refuse the quadratic-time solver (``svm_solver: svc_linear``, libsvm) on a CPU above ``max_rows`` rows.
@@ -140,6 +138,18 @@ def check_quadratic_solver(rows: int, kind: str, svm_solver: str, backend: str,
                        f"training rows on a CPU: its time grows quadratically (hours at this size), the limit is "
                        f"max_rows_quadratic={max_rows}; use svm_solver: linear_svc, the logistic head, or "
                        f"backend: cuml on a GPU node (or raise max_rows_quadratic)")
+
+
+def check_quadratic_tasks(table: LatentsTable, tasks: list[Task], kinds: tuple[str, ...], svm_solver: str,
+                          backend: str, max_rows: int | None = MAX_ROWS_QUADRATIC, train_split: str = "train") -> None:
+    """:func:`check_quadratic_solver` for every task of a job at once, before any head is fitted: the largest
+    number of ``train_split`` rows a task's rule selects (``backend`` resolved: :func:`resolve_backend`)."""
+    if "svm" not in kinds or not tasks:
+        return
+    train = table.select(train_split)
+    rows = max((int(task.binary_targets(np.asarray(train.labels[task.column], np.float64))[0].sum())
+                for task in tasks if task.column in train.labels), default=0)  # a missing column: refused elsewhere
+    check_quadratic_solver(rows, "svm", svm_solver, backend, max_rows)
 
 
 def _check_training_data(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:

@@ -500,3 +500,58 @@ def evaluate_multilabel_checkpoint(checkpoint: Any, data: DataShape, job: Baseli
                                              job.num_workers)
         out[name] = score_multilabel(outputs, labels, job.tasks)
     return {**out, "cpu_s": clock.cpu(), "wall_s": clock.wall()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The selected detection network as the CEs' oracle.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def densenet_from_oracle_spec(spec: dict[str, Any]) -> torch.nn.Module:
+    """The network an oracle spec describes (``architecture: densenet``), randomly initialised: the builder
+    :func:`harness.evaluation.oracle.load_oracle` is handed for the baseline's DenseNet."""
+    return build_densenet(DenseNetSpec(**spec["densenet"]), int(spec["in_channels"]), int(spec["out_channels"]))
+
+
+ORACLE_BUILDERS = {"densenet": densenet_from_oracle_spec}
+
+
+def load_detection_model(baseline_out: str | Path, task_name: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The selected detection network of ``task_name`` from a baseline's output folder (``best/<task>-detection``,
+    or ``best/multilabel`` holding the task), loaded from its safetensors weights, in eval mode, with what
+    describes it: ``record`` (its record.json), ``spec`` (an oracle spec: architecture, DenseNet settings,
+    channels, outputs, the task's output index) and ``test_auc``. ConfigError when the folder has no such model."""
+    from safetensors.torch import load_file
+
+    out = Path(baseline_out)
+    single, multi = out / "best" / f"{task_name}-detection", out / "best" / "multilabel"
+    if (single / WEIGHTS_FILE).is_file():
+        folder, record = single, _read_record(single)
+        output_index, test = 0, record.get("test", {})
+    elif (multi / WEIGHTS_FILE).is_file() and task_name in [t.get("name") for t in _read_record(multi)["tasks"]]:
+        folder, record = multi, _read_record(multi)
+        output_index = [t["name"] for t in record["tasks"]].index(task_name)
+        test = record.get("test", {}).get(task_name, {})
+    else:
+        raise ConfigError(f"{out}: no selected detection model of task {task_name!r} (looked for {single} and "
+                          f"{multi}); the baseline job must train detection for the first task of heads.tasks")
+    job = _read_record(out, "job.json")
+    weights = load_file(str(folder / WEIGHTS_FILE))
+    in_channels = int(weights["features.conv0.weight"].shape[1])  # (features, C, 7, 7)
+    out_channels = int(weights["class_layers.out.weight"].shape[0])  # (K, features)
+    spec = {"architecture": "densenet", "densenet": dict(job["model"]), "in_channels": in_channels,
+            "out_channels": out_channels, "output_index": output_index}
+    model = densenet_from_oracle_spec(spec)
+    model.load_state_dict(weights)
+    return model.eval(), {"record": record, "spec": spec, "test_auc": float(test.get("auc", math.nan)),
+                          "folder": str(folder)}
+
+
+def _read_record(folder: Path, name: str = "record.json") -> dict[str, Any]:
+    import json
+
+    path = folder / name
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot be read ({error.__class__.__name__}); rerun the baseline job") from None

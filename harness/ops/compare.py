@@ -6,6 +6,11 @@ configuration selected on validation, the number of training labels it used, and
 the search plus the final test pass; CPU seconds of every trial process; GPU seconds = trial wall time x the GPU
 share it reserved).
 :func:`write_comparison` turns them into a report (HTML, Markdown, CSV, JSON) through :mod:`harness.evaluation.report`.
+
+With floors (``floors.json`` of ``dae-cf findings``: rows of :func:`harness.evaluation.floors.floor_rows`, each floor
+tuned by a C search on val) every row gets the task's best floor: ``floor_auc`` (the highest finite test AUC of any
+floor row of the task), ``floor`` (which one) and ``beats_floor`` (the row's AUC strictly above it; False when
+either is missing), so a detection figure never stands without what is reachable without a trained DAE.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from harness.evaluation.report import Report
 ROW_COLUMNS = ("task", "method", "auc", "f1", "macro_f1", "mae", "labels_used", "wall_s", "cpu_s", "gpu_s",
                "trials", "selected")
 METRIC_COLUMNS = ("auc", "f1", "macro_f1", "mae")
+FLOOR_RESULT_COLUMNS = ("floor_auc", "floor", "beats_floor")  # added to every row when floors are given
 NAN = float("nan")
 
 
@@ -39,6 +45,48 @@ def method_row(task: str, method: str, detection: dict[str, Any] | None, grading
             "macro_f1": pick(grading, "macro_f1"), "mae": pick(grading, "mae"), "labels_used": int(labels_used),
             "wall_s": float(wall_s), "cpu_s": float(cpu_s), "gpu_s": float(gpu_s), "trials": int(trials),
             "selected": selected}
+
+
+def load_floors(path: str | os.PathLike) -> tuple[list[dict[str, Any]], str]:
+    """The floor rows and their caption from ``floors.json`` (a folder holding one is accepted too)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "floors.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"floors file not found: {path} (written by dae-cf findings into <out>/floors)")
+    data = json.loads(path.read_text())
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"task", "floor", "auc"} <= set(r) for r in rows):
+        raise ValueError(f"{path}: expected an object with a 'rows' list of floor rows (task, floor, auc, ...)")
+    return rows, str(data.get("caption", ""))
+
+
+def best_floors(floor_rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """task -> its floor row with the highest finite AUC (every floor and head kind of the task competes)."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in floor_rows:
+        auc = row.get("auc")
+        if auc is None or not math.isfinite(float(auc)):
+            continue
+        task = str(row["task"])
+        if task not in best or float(auc) > float(best[task]["auc"]):
+            best[task] = row
+    return best
+
+
+def with_floors(rows: list[dict[str, Any]], floor_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with :data:`FLOOR_RESULT_COLUMNS` added: the task's best floor AUC, its name and whether the row
+    beats it (its AUC finite and strictly above a finite floor; a task without a floor gets NaN and False)."""
+    best = best_floors(floor_rows)
+    out = []
+    for row in rows:
+        floor = best.get(str(row["task"]))
+        floor_auc = NAN if floor is None else float(floor["auc"])
+        auc = NAN if row.get("auc") is None else float(row["auc"])
+        name = "" if floor is None else f"{floor['floor']} ({floor.get('kind', '')}, C={floor.get('C')})"
+        out.append({**row, "floor_auc": floor_auc, "floor": name,
+                    "beats_floor": bool(math.isfinite(auc) and math.isfinite(floor_auc) and auc > floor_auc)})
+    return out
 
 
 def load_summary(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -88,11 +136,17 @@ def cost_ratios(task_rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def write_comparison(head_rows: list[dict[str, Any]], baseline_rows: list[dict[str, Any]],
-                     out_dir: str | os.PathLike, title: str = "DAE + linear head vs DenseNet121") -> Path:
-    """Write the comparison report into ``out_dir``; returns the path of its ``index.html``."""
+                     out_dir: str | os.PathLike, title: str = "DAE + linear head vs DenseNet121", *,
+                     floor_rows: list[dict[str, Any]] | None = None, floors_caption: str = "") -> Path:
+    """Write the comparison report into ``out_dir``; returns the path of its ``index.html``.
+
+    ``floor_rows`` (:func:`harness.evaluation.floors.floor_rows`): add the floor columns (:func:`with_floors`) and
+    a table of the floors themselves, captioned ``floors_caption`` (how they were fitted: rows, image size)."""
     if not head_rows and not baseline_rows:
         raise ValueError("nothing to compare: both summaries are empty")
     grouped = comparison_rows([*head_rows, *baseline_rows])
+    if floor_rows is not None:
+        grouped = {task: with_floors(rows, floor_rows) for task, rows in grouped.items()}
     report = Report(out_dir, title)
     report.add_text("About", (
         "Test-split metrics of the configuration each method selected on the validation split. "
@@ -103,6 +157,11 @@ def write_comparison(head_rows: list[dict[str, Any]], baseline_rows: list[dict[s
         "process; `gpu_s`: trial wall seconds x the GPU share each trial reserved\n"
         "- the DAE's own training and encoding are shared by every task and need no labels, so they are not "
         "counted in the head rows"))
+    if floor_rows is not None:
+        report.add_text("Floors", (
+            "`floor_auc`: the highest test AUC any floor reaches on the task (raw-pixel logistic regression, and a "
+            "head on a randomly initialised encoder when the DAE's folder was at hand), each floor with its C chosen "
+            "on the validation split as the heads' was; `beats_floor`: the row's AUC is strictly above it."))
     everything, ratios = [], []
     for task, rows in grouped.items():
         methods = {str(r["method"]) for r in rows}
@@ -113,7 +172,13 @@ def write_comparison(head_rows: list[dict[str, Any]], baseline_rows: list[dict[s
         everything.extend(rows)
         if task_ratios := cost_ratios(rows):
             ratios.append({"task": task, **task_ratios})
-    report.add_table("comparison", everything, caption="All tasks", section="All tasks")
+    caption = "All tasks"
+    if floor_rows is not None:
+        caption += "; floor_auc: the best floor per task" + (f" ({floors_caption})" if floors_caption else "")
+    report.add_table("comparison", everything, caption=caption, section="All tasks")
+    if floor_rows is not None:
+        report.add_table("floors", floor_rows, caption=f"Floors, test split: {floors_caption}" if floors_caption
+                         else "Floors, test split", section="Floors")
     if ratios:
         report.add_table("cost_ratios", ratios, caption="DAE + head cost / DenseNet121 cost", section="All tasks")
     return report.write()

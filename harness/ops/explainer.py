@@ -13,7 +13,11 @@ for 3-channel ones) or a nested array in [0, 1] of shape (H, W) or (C, H, W) at 
 ``target_grade`` (per row, or in ``params`` for every row without one) asks for a grade counterfactual. Answer
 per image: ``predicted_class`` (side of the hyperplane), ``predicted_grade`` (calibrated; the class for tasks
 without grades), ``distance`` (signed distance to the hyperplane, paper Eq. 3), ``probability``,
-``ce_binary_png`` (the reflection of Eq. 4) and ``ce_grade_png`` (the image moved to ``target_grade``). A
+``ce_binary_png`` (the reflection of Eq. 4) and ``ce_grade_png`` (the image moved to ``target_grade``); with an
+oracle packaged (a classifier that never saw a CE: the pipeline's DenseNet121 baseline or small CNN), ``oracle``
+names it and ``oracle_target_probability`` / ``oracle_flipped`` give its probability of the binary CE's target
+class and whether it puts the binary CE there (``oracle`` says "no oracle packaged" otherwise); a DAE whose
+training judged it not ready (``readiness.json``) adds ``model_ready: false`` and ``model_missing``. A
 malformed request is answered with HTTP 400 and a message naming the row and the problem, never the request's
 own data; the server keeps serving. (A body that is not JSON at all never reaches the model: MLflow's scoring
 server answers it and quotes it.)
@@ -264,6 +268,17 @@ class DAEExplainer(mlflow.pyfunc.PythonModel):
         self.engine = CounterfactualEngine(ae, self.result.head, self.result.calibration, self.result.direction,
                                            s["invert_steps"], s["decode_steps"], s.get("render", "decode"),
                                            s.get("local_threshold", LOCAL_THRESHOLD))
+        self.oracle = None
+        if "oracle" in context.artifacts:  # safetensors + spec, rebuilt here like the DAE
+            from harness.evaluation.oracle import load_oracle
+            from harness.ops.baseline import ORACLE_BUILDERS
+
+            self.oracle = load_oracle(context.artifacts["oracle"], ORACLE_BUILDERS)
+        from harness.evaluation.readiness import read_readiness  # the training's verdict, when it assessed one
+
+        verdict = read_readiness(context.artifacts["dae"])
+        self.not_ready = ({"model_ready": False, "model_missing": list(verdict["missing"])}
+                          if verdict is not None and verdict["ready"] is False else {})
         self._lock = threading.Lock()  # one batch at a time on the network; requests queue here
 
     # ``model_input`` stays unannotated on purpose: MLflow reads a type hint there as the model's input schema.
@@ -327,11 +342,27 @@ class DAEExplainer(mlflow.pyfunc.PythonModel):
         grades = calibration.grade(dist) if calibration is not None else predicted
         probability = head.probability(z_np)
         grade_ce = grade_ce or {}
+        verdicts = self._oracle_verdicts(binary_ce, 1 - predicted, len(x))
         return [{
             "row": i, "task": self.result.task.name, "predicted_class": int(predicted[i]),
             "predicted_grade": int(grades[i]), "distance": float(dist[i]), "probability": float(probability[i]),
             "ce_binary_class": int(1 - predicted[i]) if binary else None,
             "ce_binary_png": encode_png(binary_ce[i]) if binary else None,
             "target_grade": targets[i],
-            "ce_grade_png": encode_png(grade_ce[i]) if i in grade_ce else None,
+            "ce_grade_png": encode_png(grade_ce[i]) if i in grade_ce else None, **verdicts[i],
+            **getattr(self, "not_ready", {}),  # a model trained short of its readiness thresholds says so
         } for i in range(len(x))]
+
+    def _oracle_verdicts(self, binary_ce: np.ndarray | None, target_class: np.ndarray, n: int) -> list[dict]:
+        """Per image, the packaged oracle's verdict on its binary CE (B, C, S, S) aimed at ``target_class`` (B,):
+        the oracle's name, its probability of the target class and whether it assigns the CE to it."""
+        if self.oracle is None:
+            return [{"oracle": "no oracle packaged", "oracle_target_probability": None, "oracle_flipped": None}] * n
+        if binary_ce is None:
+            return [{"oracle": self.oracle.name, "oracle_target_probability": None, "oracle_flipped": None}] * n
+        import torch
+
+        positive = self.oracle.probabilities(torch.from_numpy(binary_ce))  # (B,) P(positive class)
+        target = np.where(target_class == 1, positive, 1.0 - positive)
+        return [{"oracle": self.oracle.name, "oracle_target_probability": float(target[i]),
+                 "oracle_flipped": bool(target[i] > 0.5)} for i in range(n)]

@@ -13,7 +13,8 @@ Latents: .parquet, .npz, .safetensors, .pt/.pth (a dict of tensors) or a Hugging
 labels and printed (``harness.method.head_tasks.infer_tasks``); a label outside a given task's ``grade_range`` stops
 the job. Writes heads.json (hyperplanes, fitting choices, calibrations and CE directions in raw z_sem space),
 the detection/grading tables and ROC/calibration/confusion figures, and a t-SNE latent map, as an HTML report.
-Nothing is written when the input is refused: a missing split, a label outside a task's range, or an ``--out``
+Nothing is written when the input is refused: a missing split, a label outside a task's range, the quadratic SVM
+solver (``heads.svm_solver: svc_linear``) on a CPU above ``heads.max_rows_quadratic`` training rows, or an ``--out``
 folder that already holds heads.json or a report (``--overwrite`` replaces them) stop the job before any head is
 fitted.
 
@@ -33,6 +34,7 @@ from harness.evaluation.evaluate import evaluate_heads, save_head_figures, save_
 from harness.evaluation.figures import save_latent_map
 from harness.evaluation.report import Report
 from harness.method.head_tasks import check_task_labels, describe_mappings, infer_tasks, numeric_labels
+from harness.method.heads import check_quadratic_tasks, resolve_backend
 from harness.method.latents import LatentsError, LatentsTable, load_latents
 
 OUTPUTS = ("heads.json", "index.html", "results.json", "results.md")  # what a previous run leaves in --out
@@ -106,10 +108,13 @@ def fit_heads(latents: str | Path, config: RunConfig, out: str | Path, *, tasks_
                            f"(splits: {table.split_counts()})")
     tasks = resolve_tasks(table, list(config.heads.tasks), tasks_given, str(latents))
     options = config.heads.options()
+    # the quadratic SVM solver on a CPU above the section's row limit: refused before the first head is fitted
+    check_quadratic_tasks(table, tasks, config.heads.kinds, options.svm_solver, resolve_backend(config.heads.backend),
+                          config.heads.max_rows_quadratic)
     print(f"heads: {', '.join(config.heads.kinds)}; protocol {options.protocol}: " + ", ".join(
         f"{k}={v}" for k, v in options.to_dict().items() if k != "protocol") + f"; evaluated on {split}")
     heads = evaluate_heads(table, tasks, config.heads.kinds, options=options, backend=config.heads.backend,
-                           split=split)
+                           split=split, max_rows_quadratic=config.heads.max_rows_quadratic)
     report = Report(out, f"Linear heads on {Path(latents).name}")
     report.add_table("detection", heads.detection_rows, f"Detection on {split} ({options.protocol} protocol)",
                      section="Heads")

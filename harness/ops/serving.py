@@ -2,11 +2,14 @@
 
     dae-cf serve --model runs/dae-demo/final --heads runs/eval-demo/heads.json \\
         --task fracture --kind svm --out runs/explainer-fracture [--register dae-cf-explainer]
+        [--oracle runs/eval-demo/oracle | --no-oracle]
     mlflow models serve -m runs/explainer-fracture --env-manager local -h 127.0.0.1 -p 5001
 
 The model folder bundles, as plain artifacts, the DAE (``ema.safetensors`` + ``config.yaml`` exported by
-training), one task's head and calibration (``TaskResult.to_dict()`` JSON) and the serving settings. Nothing
-of torch is pickled: the model (``harness.ops.explainer``) rebuilds the network from the artifacts and answers
+training), one task's head and calibration (``TaskResult.to_dict()`` JSON), the serving settings and, when the
+pipeline saved one for the task, the CEs' oracle (``<eval.out_dir>/oracle/``: safetensors weights and their spec;
+by default the ``oracle/`` folder beside ``--heads``), whose verdict on each counterfactual joins the answer.
+Nothing of torch is pickled: the model (``harness.ops.explainer``) rebuilds the network from the artifacts and answers
 each request with the counterfactual engine (``harness.method.counterfactual``), as evaluation does.
 
 Every setting is checked here, when the explainer is built (task and kind present in the heads file, a heads
@@ -60,8 +63,12 @@ def signature() -> Any:
 
 def _requirements() -> list[str]:
     """Pinned from this environment, so MLflow does not load the model to infer them."""
+    return _pins(_REQUIREMENTS)
+
+
+def _pins(names: tuple[str, ...]) -> list[str]:
     pins = []
-    for name in _REQUIREMENTS:
+    for name in names:
         try:
             pins.append(f"{name}=={metadata.version(name)}")
         except metadata.PackageNotFoundError:
@@ -111,10 +118,38 @@ def load_task_result(heads_path: str | Path, task: str, kind: str) -> Any:
                           f"{error}); refit it with dae-cf heads") from None
 
 
+def find_oracle(heads_path: str | Path, task: str, oracle_dir: str | Path | None, channels: int) -> Path | None:
+    """The oracle folder to package: ``oracle_dir`` when given (it must hold an oracle of ``task`` taking
+    ``channels`` channels, else ConfigError), else the pipeline's ``oracle/`` beside ``heads_path`` when it holds
+    one of ``task`` (None otherwise: the answer then says no oracle was packaged)."""
+    from harness.evaluation.oracle import load_oracle
+    from harness.ops.baseline import ORACLE_BUILDERS
+
+    explicit = oracle_dir is not None
+    folder = Path(oracle_dir) if explicit else Path(heads_path).parent / "oracle"
+    if not explicit and not folder.is_dir():
+        return None
+    if explicit and not folder.is_dir():
+        raise ConfigError(f"--oracle {folder}: no such folder; pass the oracle/ folder of the pipeline's "
+                          "eval.out_dir, or leave --oracle out")
+    oracle = load_oracle(folder, ORACLE_BUILDERS)  # ConfigError naming the folder when it is not an oracle
+    if oracle.task.name != task:
+        if not explicit:
+            return None  # the pipeline's oracle judges another task's CEs
+        raise ConfigError(f"--oracle {folder}: judges task {oracle.task.name!r}, the explainer is for {task!r}; "
+                          "pass that task's oracle or --no-oracle")
+    if int(oracle.spec.get("in_channels", channels)) != channels:
+        raise ConfigError(f"--oracle {folder}: takes {oracle.spec['in_channels']} channel(s), the DAE "
+                          f"{channels}; they come from different data sets")
+    return folder
+
+
 def build_explainer(model_dir: str | Path, heads_path: str | Path, task: str, kind: str, out_dir: str | Path, *,
                     dataset: str | None = None, invert_steps: int | None = None, decode_steps: int | None = None,
-                    batch_size: int = 16, max_images: int = 64, overwrite: bool = False) -> Path:
-    """Save the pyfunc explainer for one task's head to ``out_dir`` (written beside it, then renamed).
+                    batch_size: int = 16, max_images: int = 64, overwrite: bool = False,
+                    oracle_dir: str | Path | None = None, package_oracle: bool = True) -> Path:
+    """Save the pyfunc explainer for one task's head to ``out_dir`` (written beside it, then renamed), with the
+    CEs' oracle packaged when :func:`find_oracle` finds one (``package_oracle=False``: never).
 
     Everything a request would otherwise trip over is checked first, before the DAE is loaded."""
     from harness.method.autoencoder import load_dae
@@ -141,6 +176,8 @@ def build_explainer(model_dir: str | Path, heads_path: str | Path, task: str, ki
                               f"{len(result.head.hyperplane.normal)}, the DAE in {model_dir} has z_dim {z_dim}: "
                               "they come from different models")
         cf = config.counterfactual  # render and threshold were checked when the DAE's config loaded
+        oracle = find_oracle(heads_path, task, oracle_dir, config.data.channels) if package_oracle else None
+        oracle_record = None if oracle is None else json.loads((oracle / "oracle.json").read_text())
         settings = {
             "format_version": SETTINGS_VERSION, "dataset": dataset or Path(config.data.shard_dir).name,
             "task": task, "kind": kind, "image_size": config.data.image_size, "channels": config.data.channels,
@@ -148,7 +185,15 @@ def build_explainer(model_dir: str | Path, heads_path: str | Path, task: str, ki
             "decode_steps": config.diffusion.decode_steps if decode_steps is None else decode_steps,
             "batch_size": batch_size, "max_images": max_images, "dae": version_tags(model_dir),
             "render": cf.render, "local_threshold": cf.local_threshold, "direction": result.direction_name,
+            "oracle": None if oracle_record is None else {k: oracle_record[k] for k in ("name", "test_auc")},
         }
+        artifacts = {"dae": str(model_dir), "head": str(staging / "head.json"),
+                     "settings": str(staging / "serving.json")}
+        requirements = _requirements()
+        if oracle is not None:
+            artifacts["oracle"] = str(oracle)
+            if oracle_record["spec"]["architecture"] == "densenet":
+                requirements += _pins(("monai",))
         (staging / "head.json").write_text(json.dumps(result.to_dict(), indent=2, default=float))
         (staging / "serving.json").write_text(json.dumps(settings, indent=2))
         # Models from code: MLflow stores this script, not a pickled object, and runs it when loading.
@@ -160,9 +205,7 @@ def build_explainer(model_dir: str | Path, heads_path: str | Path, task: str, ki
             warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
             mlflow.pyfunc.save_model(
                 path=str(built), python_model=str(staging / "explainer.py"), signature=signature(),
-                pip_requirements=_requirements(),
-                artifacts={"dae": str(model_dir), "head": str(staging / "head.json"),
-                           "settings": str(staging / "serving.json")},
+                pip_requirements=requirements, artifacts=artifacts,
                 metadata={"task": task, "kind": kind, "dataset": settings["dataset"]})
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -209,6 +252,11 @@ def main(argv: list[str] | None = None) -> Path:
     build.add_argument("--batch-size", type=int, default=16)
     build.add_argument("--max-images", type=int, default=64, help="largest request accepted")
     build.add_argument("--overwrite", action="store_true")
+    judge = build.add_mutually_exclusive_group()
+    judge.add_argument("--oracle", default=None, metavar="DIR",
+                       help="the CEs' oracle to package (default: the oracle/ folder beside --heads, when it holds "
+                            "one of --task)")
+    judge.add_argument("--no-oracle", action="store_true", help="package no oracle")
     build.add_argument("--register", default=None, metavar="NAME", help="also log and register it as NAME")
     build.add_argument("--tracking-uri", default=None,
                        help="MLflow store for --register (default: $MLFLOW_TRACKING_URI, else the DAE run's sqlite)")
@@ -219,7 +267,8 @@ def main(argv: list[str] | None = None) -> Path:
         check_tracking_server(args.tracking_uri)
     out = build_explainer(args.model, args.heads, args.task, args.kind, args.out, dataset=args.dataset,
                           invert_steps=args.invert_steps, decode_steps=args.decode_steps, batch_size=args.batch_size,
-                          max_images=args.max_images, overwrite=args.overwrite)
+                          max_images=args.max_images, overwrite=args.overwrite, oracle_dir=args.oracle,
+                          package_oracle=not args.no_oracle)
     print(f"explainer: {out}\nserve:     mlflow models serve -m {out} --env-manager local -h 127.0.0.1 -p 5001")
     if args.register:
         model_dir = Path(args.model)

@@ -58,7 +58,7 @@ from harness.job_support import (
     write_json_atomic,
 )
 from harness.method.head_tasks import check_task_labels, describe_mappings, numeric_labels
-from harness.method.heads import check_quadratic_solver
+from harness.method.heads import check_quadratic_tasks
 from harness.method.latents import LatentsError, LatentsTable, load_latents
 from harness.method.ridge_screen import screen as ridge_screen
 from harness.ops.compare import method_row
@@ -112,11 +112,10 @@ def check_table(table: LatentsTable, job: SweepJob, path: Path) -> None:
                 if split == job.splits.val else ""
             raise LatentsError(f"{path}: split {split!r} has no rows (splits present: {counts}){hint}")
     check_task_labels(table, job.tasks, str(path))
-    if "svm" in job.search.kinds:  # the quadratic solver's limit, before any trial starts
-        train = table.select(job.splits.train)
-        rows = max(int(task.fitted_on(rule).binary_targets(np.asarray(train.labels[task.column], np.float64))[0]
-                       .sum()) for task in job.tasks for rule in task.rules)
-        check_quadratic_solver(rows, "svm", job.search.svm_solver, job.trial_backend, job.max_rows_quadratic)
+    # the quadratic solver's limit, before any trial starts: the rows of every task's every fitting rule
+    check_quadratic_tasks(table, [task.fitted_on(rule) for task in job.tasks for rule in task.rules],
+                          job.search.kinds, job.search.svm_solver, job.trial_backend, job.max_rows_quadratic,
+                          job.splits.train)
 
 
 def screen_tasks(table: LatentsTable, job: SweepJob) -> dict[str, Any]:
