@@ -10,8 +10,8 @@ Suites: ``train`` (images/s, FLOPs, MFU, memory per size / precision / compile /
 ``encode`` (invert + decode images/s and reconstruction error per step count; batch sweep), ``heads`` (fit time
 per head kind and backend), ``data`` (shard reader images/s vs workers) and ``quality`` (the phantom method end
 to end: AUC, grading MAE / macro-F1, CE validity, CE-vs-truth error, reconstruction error), ``pneumonia`` (the
-real-data job at a reduced budget) and ``transfer`` (the default recipe on sets that did not choose it); ``all``
-runs each.
+real-data job at a reduced budget); ``all`` runs each of these. ``transfer`` (the default recipe on sets that did
+not choose it) runs only when named.
 The record goes to ``benchmarks/results/<suite>-<timestamp>.json`` (``all`` when several suites ran); ``--track``
 also logs it to MLflow; ``--check`` exits with status 1 when a metric is worse than the baseline by more than its
 tolerance (see ``benchmarks/records.py`` and ``benchmarks/README.md``).
@@ -50,7 +50,9 @@ from benchmarks.records import (  # noqa: E402
 )
 from benchmarks.suites import SuiteContext  # noqa: E402
 
-SUITE_NAMES = ("train", "encode", "heads", "data", "quality", "pneumonia", "transfer")
+SUITE_NAMES = ("train", "encode", "heads", "data", "quality", "pneumonia")  # `all`: the nightly set
+# On demand only (each set trains at the demo budget; no committed baseline yet): not part of `all`.
+EXTRA_SUITES = ("transfer",)
 
 
 def suite_functions() -> dict[str, Callable[[SuiteContext], SuiteResult]]:
@@ -68,7 +70,7 @@ def suite_functions() -> dict[str, Callable[[SuiteContext], SuiteResult]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", nargs="+", choices=[*SUITE_NAMES, "all"], default=None,
+    parser.add_argument("--suite", nargs="+", choices=[*SUITE_NAMES, *EXTRA_SUITES, "all"], default=None,
                         help="suites to run (required unless --compare is given)")
     parser.add_argument("--small", action="store_true", help="the CPU, CI-sized form of each suite")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

@@ -32,6 +32,7 @@ def test_the_transfer_measurement_runs_on_colour_phantoms_with_five_grades(tmp_p
                  f"--train.out_dir={tmp_path / 'model'}", f"--eval.out_dir={tmp_path / 'eval'}",
                  "--track.enabled=false", "--train.total_samples=64", "--train.checkpoint_every=64",
                  "--train.preview_every=64", "--train.log_every=32", "--train.probe_images=0",
+                 "--train.readiness.enabled=false",
                  "--diffusion.invert_steps=2", "--diffusion.decode_steps=2", "--eval.counterfactual_images=8",
                  "--counterfactual.gain_images=8", "--counterfactual.evaluate_directions=[pattern]",
                  "--counterfactual.move_sizes=[1.0]", "--eval.batch_size=32"]
