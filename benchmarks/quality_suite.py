@@ -74,7 +74,9 @@ def measure_job(job: Path, ctx: SuiteContext, prefix: str, overrides: list[str],
     detection floors (raw pixels, random encoder, C chosen on val) stand beside the head."""
     from harness import pipeline
     from harness.config import load_config
+    from harness.evaluation.cxr_judging import is_cxr_phantoms, judge_cxr_counterfactuals
     from harness.evaluation.evaluate import build_judges
+    from harness.evaluation.readiness import read_readiness
 
     config = load_config(str(job), overrides)
     result = SuiteResult(notes=[f"recipe: {job.relative_to(REPO)} with {overrides}"])
@@ -86,6 +88,8 @@ def measure_job(job: Path, ctx: SuiteContext, prefix: str, overrides: list[str],
     checks = pipeline.check_autoencoder(config, latents)
     judges = build_judges(config)  # the oracle CNN (and the phantoms' grade readout): judges that never saw a CE
     ces = pipeline.make_counterfactuals(config, latents, heads, checks.images, judges=judges)
+    if is_cxr_phantoms(checks.images["meta"]):  # several graded findings: MNAC-like, COUT-like, true-CE error
+        ces.findings = judge_cxr_counterfactuals(config, checks.images, heads.main, ces.outputs["binary"], ces.primary)
 
     task, kind = config.heads.tasks[0].name, config.heads.kinds[0]
     detection = next(r for r in heads.evaluation.detection_rows if (r["task"], r["kind"]) == (task, kind))
@@ -133,6 +137,31 @@ def measure_job(job: Path, ctx: SuiteContext, prefix: str, overrides: list[str],
                 result.notes.append(f"{row['kind']}: the CE is not closer to the true CE than its input "
                                     f"(error ratio {ratio:.3f}, {row.get('n', '?')} images)")
             m[f"{prefix}/ce/{slug}/mae_vs_truth"] = Metric(row["mae_true"], "MAE in [-1, 1]", False, tolerance=None)
+    if ces.findings is not None:
+        result.rows += [{"kind": "finding measures", **row} for row in ces.findings.rows]
+        for name, value in ces.findings.metrics().items():
+            m[f"{prefix}/{name}"] = Metric(value, "", tolerance=None)
+    _add_readiness(result, prefix, read_readiness(trained.model_dir))
     for name, metric in m.items():
         print(f"[{prefix}] {name}: {metric.value:.4f}", flush=True)
     return result
+
+
+def _add_readiness(result: SuiteResult, prefix: str, verdict: dict | None) -> None:
+    """The training's readiness verdict (``train.readiness``) as metrics, a row and, when not ready, a note."""
+    if verdict is None or verdict.get("ready") is None:
+        return
+    probe = verdict.get("best_probe") or {}
+    result.rows.append({"kind": "readiness", "ready": verdict["ready"], "missing": verdict.get("missing", []),
+                        "stopped_because": verdict.get("stopped_because"), "samples_seen": verdict.get("samples_seen"),
+                        **{k: v for k, v in probe.items() if k != "samples_seen"}})
+    m = result.metrics
+    m[f"{prefix}/readiness/ready"] = Metric(float(verdict["ready"]), "1 = ready", tolerance=None)
+    m[f"{prefix}/readiness/samples_seen"] = Metric(float(verdict.get("samples_seen") or 0), "samples", False,
+                                                   tolerance=None)
+    for key in ("z_usage_t250", "ce_validity", "floor_margin"):
+        if isinstance(probe.get(key), int | float):
+            m[f"{prefix}/readiness/{key}"] = Metric(float(probe[key]), "", tolerance=None)
+    if not verdict["ready"]:
+        result.notes.append(f"model not ready after {verdict.get('samples_seen')} samples "
+                            f"({verdict.get('stopped_because')}): {'; '.join(verdict.get('missing', []))}")

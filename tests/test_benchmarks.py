@@ -213,3 +213,24 @@ def test_the_recipe_table_names_the_gain_and_the_solver_of_each_ce_row(tmp_path)
     assert "(gain 2.2 / 2.0 aimed at 90% valid), fixed_point" in ce_recipes.markdown_tables(results)
     results.write_text(json.dumps({**row, "model": "nano-32"}) + "\n")  # a size other than tiny-32 is named
     assert "| eps model.size=nano-32 | 120,000 |" in ce_recipes.markdown_tables(results)
+
+
+def test_a_measured_job_records_its_readiness_verdict_and_says_when_not_ready():
+    from benchmarks.quality_suite import _add_readiness
+
+    verdict = {"ready": False, "missing": ["z-usage at t=250 0.120 < 0.2"], "stopped_because": "budget spent",
+               "samples_seen": 55008, "best_probe": {"samples_seen": 55008, "z_usage_t250": 0.12, "ce_validity": 0.875,
+                                                     "floor_margin": 0.18}}
+    result = SuiteResult()
+    _add_readiness(result, "transfer/x", verdict)
+    assert result.metrics["transfer/x/readiness/ready"].value == 0.0
+    assert result.metrics["transfer/x/readiness/samples_seen"].value == 55008
+    assert result.metrics["transfer/x/readiness/z_usage_t250"].value == 0.12
+    assert result.rows[0]["kind"] == "readiness" and result.rows[0]["missing"] == verdict["missing"]
+    assert any("not ready after 55008 samples (budget spent): z-usage" in note for note in result.notes)
+    ready = SuiteResult()
+    _add_readiness(ready, "q", {**verdict, "ready": True, "missing": []})
+    assert ready.metrics["q/readiness/ready"].value == 1.0 and not ready.notes
+    unassessed = SuiteResult()
+    _add_readiness(unassessed, "q", None)  # train.readiness off: nothing is claimed
+    assert not unassessed.metrics and not unassessed.rows

@@ -77,6 +77,24 @@ def test_the_cnn_oracle_learns_the_task_reproducibly_and_gives_features(bright_i
         train_cnn_oracle({"train": bright_images["train"]}, task)
 
 
+def test_with_a_val_split_the_oracle_keeps_its_best_val_epoch_and_stops_early(bright_images: dict) -> None:
+    task = Task("bright", "bright", (1,))
+    rng = np.random.default_rng(1)
+    offset = rng.uniform(-0.4, 0.4, 96)
+    val = np.clip(rng.uniform(-0.5, 0.5, (96, 1, 16, 16)) + offset[:, None, None, None], -1, 1)
+    splits = {**bright_images, "val": (torch.from_numpy(val).float(), {"bright": (offset > 0).astype(np.int64)},
+                                       [f"val-{i}" for i in range(96)])}
+    oracle = train_cnn_oracle(splits, task, seed=3, epochs=40, patience=2)
+    kept = oracle.info["epochs"]
+    assert 1 <= kept <= 38 and oracle.info["val_auc"] > 0.9  # an easy task: it stops well before 40 epochs
+    assert f"epoch {kept} of at most 40, chosen on val AUC" in oracle.name and oracle.test_auc > 0.9
+    # The weights are the kept epoch's: training exactly that many epochs without val gives the same oracle.
+    fixed = train_cnn_oracle(bright_images, task, seed=3, epochs=kept)
+    test = bright_images["test"][0]
+    np.testing.assert_allclose(oracle.probabilities(test), fixed.probabilities(test), atol=1e-5)
+    assert fixed.info["val_auc"] is None and f"({kept} epochs, seed 3)" in fixed.name
+
+
 def test_mnac_and_cout_like_measures_on_hand_made_probabilities() -> None:
     p_input = np.array([[0.9, 0.2, 0.7], [0.1, 0.6, 0.4]])
     p_ce = np.array([[0.1, 0.8, 0.6], [0.8, 0.3, 0.9]])

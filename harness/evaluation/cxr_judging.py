@@ -28,10 +28,10 @@ from harness.data.cxr_shards import META_KEY, shard_image
 from harness.data.transforms import to_model_range
 from harness.evaluation.evaluate import shard_images
 from harness.evaluation.finding_measures import finding_rows
-from harness.evaluation.oracle import ORACLE_BATCH
+from harness.evaluation.oracle import ORACLE_PATIENCE, selection_text, train_selected
 from harness.method.metrics import detection_metrics
 
-FINDING_ORACLE_EPOCHS = 20  # on the job's 2,560 training phantoms: test AUC 0.76-0.99 per finding
+FINDING_ORACLE_EPOCHS = 40  # at most; with val the best epoch is kept (20 fixed: test AUC 0.76-0.99)
 FINDING_ORACLE_WIDTH = 16
 
 
@@ -98,10 +98,11 @@ def finding_targets(labels: Mapping[str, np.ndarray], findings: Sequence[str]) -
 
 def train_finding_oracle(images_by_split: Mapping[str, tuple[Tensor, dict[str, np.ndarray], list[str]]],
                          findings: Sequence[str] = FINDINGS, *, seed: int = 0,
-                         epochs: int = FINDING_ORACLE_EPOCHS, width: int = FINDING_ORACLE_WIDTH,
-                         lr: float = 1e-3) -> FindingOracle:
+                         epochs: int = FINDING_ORACLE_EPOCHS, patience: int = ORACLE_PATIENCE,
+                         width: int = FINDING_ORACLE_WIDTH, lr: float = 1e-3) -> FindingOracle:
     """A :class:`MultiFindingCNN` trained on the ``train`` split's real images (per-finding BCE, each finding's
     positives weighted to balance it; Adam; seeded) and scored on ``test`` (AUC per finding from its logits).
+    With a ``val`` split the epoch of the best mean val AUC is kept (see :func:`train_selected`).
 
     ``images_by_split`` as :func:`harness.evaluation.floors.images_from_shards` returns it."""
     if "train" not in images_by_split or "test" not in images_by_split:
@@ -113,23 +114,25 @@ def train_finding_oracle(images_by_split: Mapping[str, tuple[Tensor, dict[str, n
     if (positives == 0).any() or (positives == len(y)).any():
         one_class = [f for f, p in zip(findings, positives.tolist(), strict=True) if p in (0, len(y))]
         raise ValueError(f"findings {one_class}: the training images hold one class only")
+    val = None
+    if "val" in images_by_split:  # select the epoch on the mean val AUC of the findings with both classes there
+        val_images, val_labels, _ = images_by_split["val"]
+        val_y = finding_targets(val_labels, findings)
+        both = [k for k in range(len(findings)) if len(np.unique(val_y[:, k])) == 2]
+        val = (val_images.float(), val_y, both) if both else None
+
+    def mean_val_auc(net: nn.Module) -> float:
+        scores = net(val[0]).numpy()
+        return float(np.mean([detection_metrics(val[1][:, k], scores[:, k])["auc"] for k in val[2]]))
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         network = MultiFindingCNN(x.shape[1], len(findings), width)
-        optimizer = torch.optim.Adam(network.parameters(), lr=lr)
         loss_fn = nn.BCEWithLogitsLoss(pos_weight=(len(y) - positives) / positives)  # (K,): rare findings count
-        generator = torch.Generator().manual_seed(seed)
-        network.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(y), generator=generator)
-            for start in range(0, len(y), ORACLE_BATCH):
-                index = order[start:start + ORACLE_BATCH]
-                optimizer.zero_grad()
-                loss_fn(network(x[index]), y[index]).backward()
-                optimizer.step()
-    network.eval()
-    oracle = FindingOracle(f"multi-finding CNN on real training images ({epochs} epochs, seed {seed})", findings,
-                           network, info={"n_train": int(len(y))})
+        epoch, val_auc = train_selected(network, x, y, loss_fn, lr=lr, epochs=epochs, patience=patience, seed=seed,
+                                        val_score=mean_val_auc if val is not None else None)
+    oracle = FindingOracle(f"multi-finding CNN on real training images ({selection_text(epoch, val_auc, epochs)}, "
+                           f"seed {seed})", findings, network, info={"n_train": int(len(y)), "epochs": epoch})
     test_images, test_labels, _ = images_by_split["test"]
     test_y, scores = finding_targets(test_labels, findings), oracle.logits(test_images)
     for k, name in enumerate(findings):
@@ -218,7 +221,7 @@ def judge_cxr_counterfactuals(config: Any, batch: Mapping[str, Any], result: Any
     :class:`harness.method.counterfactual.CounterfactualBatch` of the first task's head ``result`` on ``batch``)."""
     if oracle is None:
         if images is None:
-            images = shard_images(config, ("train", "test"))
+            images = shard_images(config, ("train", "val", "test"))
         train_labels = images["train"][1]
         scored = [name for name in FINDINGS if name in train_labels  # both classes among the training images
                   and len(np.unique(np.asarray(train_labels[name]) >= 1)) == 2]

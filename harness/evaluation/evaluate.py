@@ -402,7 +402,7 @@ def build_judges(config: Any, images: Any = None, fid: Any = None, fid_reason: s
     ``images``: the shards' splits already read (:func:`shard_images`)."""
     task = config.heads.tasks[0]
     if oracle is None:
-        images = images if images is not None else shard_images(config, ("train", "test"))
+        images = images if images is not None else shard_images(config, ("train", "val", "test"))
         oracle = train_cnn_oracle(images, task, seed=config.train.seed)
     elif oracle.task.column != task.column or tuple(oracle.task.positives) != tuple(task.positives):
         raise ValueError(f"oracle {oracle.name!r} judges task {oracle.task.name!r} ({oracle.task.column}: "
