@@ -182,7 +182,9 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
                               "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<the cluster's auth_token> "
                               "(launch/ray/two_nodes_local.sh status prints them)") from None
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        # "local": a Ray of this driver's own. Without it ray.init joins the newest cluster `ray start` left on
+        # the host (another user's job, a test's cluster), whose shutdown then kills this job's trials.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     return True
 
 
